@@ -1,0 +1,60 @@
+"""The one error hierarchy of sandboxd: each error knows its HTTP status and title.
+
+Lower layers raise OSError, NetlinkError or SQLAlchemy errors; the daemon translates them at
+its boundary with `raise SandboxError(...) from exc`, and api/ maps SandboxError to
+problem+json in a single handler.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Base of every error the daemon reports to a client."""
+
+    status = 500
+    title = "Internal error"
+    slug = "internal"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(SandboxError):
+    status = 404
+    title = "Not found"
+    slug = "not-found"
+
+
+class Conflict(SandboxError):
+    status = 409
+    title = "Conflict"
+    slug = "conflict"
+
+
+class InvalidTransition(Conflict):
+    """A lifecycle transition the state machine does not allow."""
+
+    title = "Invalid state transition"
+    slug = "invalid-transition"
+
+
+class Invalid(SandboxError):
+    """Input that is well-formed JSON but breaks a rule the schema cannot express."""
+
+    status = 422
+    title = "Invalid request"
+    slug = "invalid"
+
+
+class LimitReached(SandboxError):
+    status = 503
+    title = "Sandbox limit reached"
+    slug = "limit-reached"
+
+
+class SetupFailed(SandboxError):
+    """The kernel refused a step of building a sandbox; the sandbox is left `failed`."""
+
+    title = "Sandbox setup failed"
+    slug = "setup-failed"

@@ -1,0 +1,324 @@
+"""The public shapes of sandboxd (what a client sends and gets back) and the service interface.
+
+These pydantic models are the contract of ../shared/spec/api.md in code. They are not the
+database rows (daemon/store.py holds those): the service converts rows to these before they
+leave the daemon. api/ imports this module and `SandboxService`, nothing deeper.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal as signal_module
+from datetime import datetime
+from typing import Annotated, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from daemon.lifecycle import ExecState, ExitReason, SandboxState
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_ENV_KEY = re.compile(r"^[^=\x00]+$")
+
+Namespace = Literal["pid", "mnt", "ipc", "uts", "net", "user"]
+ALL_NAMESPACES: list[Namespace] = ["pid", "mnt", "ipc", "uts", "net", "user"]
+
+
+class _Input(BaseModel):
+    """Request bodies: unknown fields are errors, so a misspelt option is never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _no_nul(value: str, what: str) -> str:
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL bytes")
+    return value
+
+
+def _absolute(path: str, what: str) -> str:
+    _no_nul(path, what)
+    if not path.startswith("/"):
+        raise ValueError(f"{what} must be an absolute path")
+    if any(part == ".." for part in path.split("/")):
+        raise ValueError(f"{what} must not contain '..'")
+    return path
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for key, value in env.items():
+        if not _ENV_KEY.match(key):
+            raise ValueError(f"environment name {key!r} must be non-empty, without '=' or NUL")
+        _no_nul(value, f"environment value of {key}")
+    return env
+
+
+def _check_argv(cmd: list[str]) -> list[str]:
+    for arg in cmd:
+        _no_nul(arg, "cmd arguments")
+    return cmd
+
+
+class MountSpec(_Input):
+    source: str = Field(description="An absolute host path, bound into the sandbox.")
+    target: str = Field(description="An absolute path inside the sandbox.")
+    read_only: bool = True
+
+    @field_validator("source", "target")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        return _absolute(value, "a mount path")
+
+    @field_validator("target")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value.rstrip("/") == "":
+            raise ValueError("a mount target cannot be /")
+        return value
+
+
+class PortSpec(_Input):
+    host_port: int = Field(ge=1, le=65535)
+    sandbox_port: int = Field(ge=1, le=65535)
+    protocol: Literal["tcp"] = "tcp"
+
+
+class NetworkSpec(_Input):
+    mode: Literal["none", "bridge", "host"] = "none"
+    ports: list[PortSpec] = Field(default_factory=list)
+
+
+class Limits(_Input):
+    memory_bytes: Annotated[int, Field(gt=0)] | None = None
+    pids: Annotated[int, Field(gt=0)] | None = None
+    cpus: Annotated[float, Field(gt=0)] | None = None
+
+
+class SandboxCreate(_Input):
+    """The body of POST /sandboxes; every field is optional."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    hostname: str | None = Field(default=None, description="Default: the name, else the id.")
+    namespaces: list[Namespace] = Field(default_factory=lambda: list(ALL_NAMESPACES))
+    rootfs: str | None = Field(
+        default=None,
+        description="null: the host's /usr and a copy of the world-readable part of its /etc; "
+        "else an absolute path of a directory tree used read-only under a writable layer.",
+    )
+    mounts: list[MountSpec] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cmd: Annotated[list[str], Field(min_length=1)] | None = None
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+    limits: Limits = Field(default_factory=Limits)
+    ttl_seconds: Annotated[float, Field(gt=0)] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("hostname")
+    @classmethod
+    def _valid_hostname(cls, value: str | None) -> str | None:
+        if value is not None and not valid_hostname(value):
+            raise ValueError("hostname must be a valid host name of at most 63 characters")
+        return value
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, value: list[Namespace]) -> list[Namespace]:
+        if "pid" not in value or "mnt" not in value:
+            raise ValueError("namespaces must contain 'pid' and 'mnt'")
+        if len(set(value)) != len(value):
+            raise ValueError("namespaces must not repeat")
+        return value
+
+    @field_validator("rootfs")
+    @classmethod
+    def _rootfs(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute(value, "rootfs")
+
+    @field_validator("env", "labels")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_env(value)
+
+    @field_validator("cmd")
+    @classmethod
+    def _cmd(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _check_argv(value)
+
+    @model_validator(mode="after")
+    def _network_matches_namespaces(self) -> SandboxCreate:
+        has_net = "net" in self.namespaces
+        if self.network.mode == "host" and has_net:
+            raise ValueError("network mode 'host' needs 'net' left out of namespaces")
+        if self.network.mode != "host" and not has_net:
+            raise ValueError(f"network mode '{self.network.mode}' needs 'net' in namespaces")
+        if self.network.ports and self.network.mode != "bridge":
+            raise ValueError("ports can only be published in network mode 'bridge'")
+        targets = [m.target.rstrip("/") for m in self.mounts]
+        if len(set(targets)) != len(targets):
+            raise ValueError("two mounts have the same target")
+        return self
+
+
+def valid_hostname(value: str) -> bool:
+    return 0 < len(value) <= 63 and all(_HOSTNAME_LABEL.match(p) for p in value.split("."))
+
+
+def hostname_from_name(name: str) -> str:
+    """A name made a host name: characters not valid in one become '-'."""
+    cleaned = re.sub(r"[^A-Za-z0-9.-]", "-", name).strip("-.")[:63].strip("-.")
+    return cleaned if valid_hostname(cleaned) else re.sub(r"[^A-Za-z0-9]", "-", cleaned) or "sandbox"
+
+
+class ExitInfo(BaseModel):
+    exit_code: int | None
+    signal: str | None
+    reason: ExitReason
+    message: str | None = None
+
+
+class NetworkView(BaseModel):
+    mode: Literal["none", "bridge", "host"]
+    ip: str | None = None
+    ports: list[PortSpec] = Field(default_factory=list)
+
+
+class Sandbox(BaseModel):
+    """A sandbox as clients see it."""
+
+    id: str
+    name: str | None
+    state: SandboxState
+    hostname: str
+    namespaces: list[Namespace]
+    rootfs: str | None
+    mounts: list[MountSpec]
+    cmd: list[str] | None
+    env: dict[str, str]
+    network: NetworkView
+    limits: Limits
+    labels: dict[str, str]
+    pid: int | None = Field(description="Host pid of the supervisor (the sandbox's PID 1).")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None
+    exit: ExitInfo | None
+
+
+class ExecCreate(_Input):
+    """The body of POST /sandboxes/{ref}/exec."""
+
+    cmd: Annotated[list[str], Field(min_length=1)]
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = "/"
+    user: Annotated[str, Field(pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$")] = "0"
+    stdin: str | None = None
+    timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    wait: bool = True
+
+    @field_validator("cmd")
+    @classmethod
+    def _cmd(cls, value: list[str]) -> list[str]:
+        return _check_argv(value)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_env(value)
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute(value, "cwd")
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if any(int(part) > 0xFFFFFFFE for part in value.split(":")):
+            raise ValueError("uid and gid must be below 4294967295")
+        return value
+
+
+class Exec(BaseModel):
+    """An exec as clients see it."""
+
+    id: str
+    sandbox_id: str
+    cmd: list[str]
+    state: ExecState
+    pid: int | None = Field(description="The process's pid inside the sandbox.")
+    exit_code: int | None
+    signal: str | None
+    timed_out: bool
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class SignalRequest(_Input):
+    signal: str | int = Field(description="A name such as 'SIGTERM' or 'TERM', or a number.")
+
+    def number(self) -> int:
+        """The signal's number; raises ValueError for a signal that does not exist."""
+        return signal_number(self.signal)
+
+
+def signal_number(sig: str | int) -> int:
+    valid = {int(s) for s in signal_module.valid_signals()}
+    if isinstance(sig, int) or (isinstance(sig, str) and sig.isdigit()):
+        number = int(sig)
+        if number in valid and number > 0:
+            return number
+        raise ValueError(f"no signal numbered {sig}")
+    name = sig.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    member = getattr(signal_module.Signals, name, None) if name.isidentifier() else None
+    if member is None:
+        raise ValueError(f"no signal named {sig}")
+    return int(member)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal_module.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+class SandboxCounts(BaseModel):
+    running: int
+    total: int
+
+
+class Info(BaseModel):
+    version: str
+    kernel: str
+    cgroup: Literal["v1", "v2"] | None
+    sandboxes: SandboxCounts
+    pid: int = Field(description="The daemon's own pid.")
+    state_dir: str
+    run_dir: str
+
+
+class SandboxService(Protocol):
+    """What api/ needs of the daemon. `daemon.service.SandboxManager` is the real one."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def info(self) -> Info: ...
+    async def create(self, spec: SandboxCreate) -> Sandbox: ...
+    async def list(self, states: list[SandboxState], labels: dict[str, str]) -> list[Sandbox]: ...
+    async def get(self, ref: str) -> Sandbox: ...
+    async def destroy(self, ref: str) -> None: ...
+    async def exec(self, ref: str, spec: ExecCreate) -> Exec: ...
+    async def list_execs(self, ref: str) -> list[Exec]: ...
+    async def get_exec(self, ref: str, exec_id: str) -> Exec: ...
+    async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec: ...
+
+
+def kernel_release() -> str:
+    return os.uname().release

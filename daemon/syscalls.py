@@ -1,0 +1,151 @@
+"""The Linux system calls Python's os module lacks, by ctypes: mounts, namespaces, pidfds.
+
+Python 3.11 has no unshare/setns, and no Python version has mount, pivot_root, open_tree,
+mount_setattr or move_mount. Each wrapper raises OSError with the errno, like os does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# The syscalls added since 5.x share one number on every architecture; the older ones do not.
+_ARCH_NUMBERS = {
+    "x86_64": {"pivot_root": 155, "unshare": 272, "setns": 308},
+    "aarch64": {"pivot_root": 41, "unshare": 97, "setns": 268},
+}
+_NR = {
+    **_ARCH_NUMBERS[platform.machine()],
+    "pidfd_send_signal": 424,
+    "open_tree": 428,
+    "move_mount": 429,
+    "close_range": 436,
+    "mount_setattr": 442,
+}
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+NAMESPACE_FLAGS = {
+    "mnt": CLONE_NEWNS,
+    "uts": CLONE_NEWUTS,
+    "ipc": CLONE_NEWIPC,
+    "user": CLONE_NEWUSER,
+    "pid": CLONE_NEWPID,
+    "net": CLONE_NEWNET,
+}
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_STRICTATIME = 1 << 24
+
+MNT_DETACH = 2
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x100000
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def _path(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    result = _libc.mount(_path(source), _path(target), _path(fstype), flags, _path(data))
+    _check(result, f"mount {fstype or source} on {target}")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_path(target), flags), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    result = _libc.syscall(_NR["pivot_root"], _path(new_root), _path(put_old))
+    _check(result, f"pivot_root {new_root}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.syscall(_NR["unshare"], flags), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.syscall(_NR["setns"], fd, nstype), "setns")
+
+
+def open_tree(path: str, flags: int, dirfd: int = AT_FDCWD) -> int:
+    result = _libc.syscall(_NR["open_tree"], dirfd, _path(path), flags)
+    return _check(result, f"open_tree {path}")
+
+
+def mount_setattr(fd: int, attr_set: int, userns_fd: int = 0, recursive: bool = False) -> None:
+    attr = _MountAttr(attr_set=attr_set, attr_clr=0, propagation=0, userns_fd=userns_fd)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    result = _libc.syscall(
+        _NR["mount_setattr"], fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    _check(result, "mount_setattr")
+
+
+def move_mount(fd: int, target: str) -> None:
+    result = _libc.syscall(
+        _NR["move_mount"], fd, b"", AT_FDCWD, _path(target), MOVE_MOUNT_F_EMPTY_PATH
+    )
+    _check(result, f"move_mount to {target}")
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
+    _check(_libc.syscall(_NR["close_range"], first, last, 0), "close_range")
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    _check(_libc.syscall(_NR["pidfd_send_signal"], pidfd, sig, None, 0), "pidfd_send_signal")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), "prctl")
