@@ -23,6 +23,9 @@ context.configure(
     target_metadata=Base.metadata,
     # SQLite alters a table by copying it; batch mode lets later migrations do that.
     render_as_batch=True,
+    # The store turns off sqlite3's own transaction handling and emits BEGIN itself, so DDL
+    # is transactional: a migration that fails half-way leaves the schema as it was.
+    transactional_ddl=True,
 )
 with context.begin_transaction():
     context.run_migrations()
