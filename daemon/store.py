@@ -11,32 +11,15 @@ from __future__ import annotations
 import enum
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import (
-    JSON,
-    DateTime,
-    Dialect,
-    Engine,
-    ForeignKey,
-    Integer,
-    MetaData,
-    String,
-    Text,
-    TypeDecorator,
-    case,
-    create_engine,
-    delete,
-    event,
-    func,
-    select,
-)
+from sqlalchemy import Dialect, Engine, TypeDecorator, event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -52,7 +35,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     """An aware UTC datetime. SQLite keeps no tzinfo, so it is stored naive in UTC and
     made aware again on the way out; a naive datetime is refused rather than guessed at."""
 
-    impl = DateTime
+    impl = sa.DateTime
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
@@ -69,7 +52,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 class StrEnumType(TypeDecorator[E]):
     """An enum stored as its string value, so rows read back as SandboxState, not str."""
 
-    impl = String
+    impl = sa.String
     cache_ok = True
 
     def __init__(self, enum_type: type[E]) -> None:
@@ -85,7 +68,7 @@ class StrEnumType(TypeDecorator[E]):
 
 class Base(DeclarativeBase):
     # Named constraints, so that a later migration can drop or alter them by name.
-    metadata = MetaData(
+    metadata = sa.MetaData(
         naming_convention={
             "ix": "ix_%(column_0_label)s",
             "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -99,48 +82,48 @@ class Base(DeclarativeBase):
 class SandboxRecord(Base):
     __tablename__ = "sandboxes"
 
-    id: Mapped[str] = mapped_column(String, primary_key=True)
+    id: Mapped[str] = mapped_column(sa.String, primary_key=True)
     # Order of creation, for "oldest first": max + 1, assigned under the write lock.
-    seq: Mapped[int] = mapped_column(Integer, unique=True)
-    name: Mapped[str | None] = mapped_column(String, unique=True)
+    seq: Mapped[int] = mapped_column(sa.Integer, unique=True)
+    name: Mapped[str | None] = mapped_column(sa.String, unique=True)
     state: Mapped[SandboxState] = mapped_column(StrEnumType(SandboxState))
-    hostname: Mapped[str] = mapped_column(String)
+    hostname: Mapped[str] = mapped_column(sa.String)
     # The SandboxCreate as a dict (namespaces, rootfs, mounts, env, cmd, network, limits, ...).
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
     # Which host uid range its user namespace maps; unique, so two sandboxes never share one.
-    uid_slot: Mapped[int | None] = mapped_column(Integer, unique=True)
-    pid: Mapped[int | None] = mapped_column(Integer)
+    uid_slot: Mapped[int | None] = mapped_column(sa.Integer, unique=True)
+    pid: Mapped[int | None] = mapped_column(sa.Integer)
     # The supervisor's start time (field 22 of /proc/PID/stat): a reused pid has another.
-    pid_start: Mapped[int | None] = mapped_column(Integer)
-    base_dir: Mapped[str | None] = mapped_column(String)
-    ip: Mapped[str | None] = mapped_column(String)
+    pid_start: Mapped[int | None] = mapped_column(sa.Integer)
+    base_dir: Mapped[str | None] = mapped_column(sa.String)
+    ip: Mapped[str | None] = mapped_column(sa.String)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    exit_code: Mapped[int | None] = mapped_column(Integer)
-    exit_signal: Mapped[str | None] = mapped_column(String)
+    exit_code: Mapped[int | None] = mapped_column(sa.Integer)
+    exit_signal: Mapped[str | None] = mapped_column(sa.String)
     exit_reason: Mapped[ExitReason | None] = mapped_column(StrEnumType(ExitReason))
-    exit_message: Mapped[str | None] = mapped_column(Text)
+    exit_message: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class ExecRecord(Base):
     __tablename__ = "execs"
 
-    id: Mapped[str] = mapped_column(String, primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    id: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    seq: Mapped[int] = mapped_column(sa.Integer, unique=True)
     # No ORM relationship: the database's ON DELETE CASCADE removes a sandbox's execs.
     sandbox_id: Mapped[str] = mapped_column(
-        ForeignKey("sandboxes.id", ondelete="CASCADE"), index=True
+        sa.ForeignKey("sandboxes.id", ondelete="CASCADE"), index=True
     )
-    cmd: Mapped[list[str]] = mapped_column(JSON)
+    cmd: Mapped[list[str]] = mapped_column(sa.JSON)
     state: Mapped[ExecState] = mapped_column(StrEnumType(ExecState))
-    pid: Mapped[int | None] = mapped_column(Integer)
-    exit_code: Mapped[int | None] = mapped_column(Integer)
-    signal: Mapped[str | None] = mapped_column(String)
+    pid: Mapped[int | None] = mapped_column(sa.Integer)
+    exit_code: Mapped[int | None] = mapped_column(sa.Integer)
+    signal: Mapped[str | None] = mapped_column(sa.String)
     timed_out: Mapped[bool] = mapped_column(default=False)
-    stdout: Mapped[str] = mapped_column(Text, default="")
-    stderr: Mapped[str] = mapped_column(Text, default="")
+    stdout: Mapped[str] = mapped_column(sa.Text, default="")
+    stderr: Mapped[str] = mapped_column(sa.Text, default="")
     stdout_truncated: Mapped[bool] = mapped_column(default=False)
     stderr_truncated: Mapped[bool] = mapped_column(default=False)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -176,7 +159,7 @@ def _engine(database: Path) -> Engine:
     database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
     os.chmod(database, 0o600)
-    engine = create_engine(f"sqlite:///{database}")
+    engine = sa.create_engine(f"sqlite:///{database}")
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
     return engine
@@ -202,23 +185,14 @@ class Store:
         migrate(database)
         self._engine = _engine(database)
         self._reader = sessionmaker(self._engine, expire_on_commit=False)
+        # `self._writer.begin()`: one write transaction, committed on leaving the block and
+        # rolled back, leaving the database unchanged, on an error.
         self._writer = sessionmaker(
             self._engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
         )
 
     def close(self) -> None:
         self._engine.dispose()
-
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._reader() as session:
-            yield session
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        """One write transaction: committed on leaving, rolled back (unchanged) on an error."""
-        with self._writer.begin() as session:
-            yield session
 
     # Sandboxes.
 
@@ -235,7 +209,7 @@ class Store:
     ) -> SandboxRecord:
         """Record a new sandbox in `creating`, with the lowest free uid slot."""
         try:
-            with self._write() as session:
+            with self._writer.begin() as session:
                 live = session.scalar(
                     select(func.count())
                     .select_from(SandboxRecord)
@@ -268,7 +242,7 @@ class Store:
 
     def get_sandbox(self, ref: str) -> SandboxRecord:
         """The sandbox whose id is `ref`, else whose name is `ref`."""
-        with self._read() as session:
+        with self._reader() as session:
             record = session.get(SandboxRecord, ref) or session.scalar(
                 select(SandboxRecord).where(SandboxRecord.name == ref)
             )
@@ -283,7 +257,7 @@ class Store:
         query = select(SandboxRecord).order_by(SandboxRecord.seq)
         if states:
             query = query.where(SandboxRecord.state.in_(states))
-        with self._read() as session:
+        with self._reader() as session:
             records = list(session.scalars(query))
         wanted = (labels or {}).items()
         return [r for r in records if wanted <= dict(r.spec.get("labels") or {}).items()]
@@ -297,13 +271,13 @@ class Store:
         query = (
             select(SandboxRecord).where(SandboxRecord.expires_at <= now).order_by(SandboxRecord.seq)
         )
-        with self._read() as session:
+        with self._reader() as session:
             return list(session.scalars(query))
 
     def count_sandboxes(self) -> tuple[int, int]:
         """(running, total)."""
-        running = func.sum(case((SandboxRecord.state == SandboxState.RUNNING, 1), else_=0))
-        with self._read() as session:
+        running = func.sum(sa.case((SandboxRecord.state == SandboxState.RUNNING, 1), else_=0))
+        with self._reader() as session:
             row = session.execute(select(running, func.count()).select_from(SandboxRecord)).one()
         return int(row[0] or 0), int(row[1])
 
@@ -311,7 +285,7 @@ class Store:
         """Move a sandbox to `target` if the lifecycle allows it (else InvalidTransition and
         nothing changes), setting `fields` (pid, exit_code, uid_slot=None, ...) in the same step."""
         _check_fields(fields)
-        with self._write() as session:
+        with self._writer.begin() as session:
             record = _load(session, sandbox_id)
             check_transition(record.state, target)
             record.state = target
@@ -322,7 +296,7 @@ class Store:
     def update_sandbox(self, sandbox_id: str, **fields: Any) -> SandboxRecord:
         """Set fields other than the state (pid, base_dir, ip, ...)."""
         _check_fields(fields)
-        with self._write() as session:
+        with self._writer.begin() as session:
             record = _load(session, sandbox_id)
             for key, value in fields.items():
                 setattr(record, key, value)
@@ -330,10 +304,8 @@ class Store:
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         """Forget a sandbox; its execs go with it (ON DELETE CASCADE)."""
-        with self._write() as session:
-            result = session.execute(delete(SandboxRecord).where(SandboxRecord.id == sandbox_id))
-            if getattr(result, "rowcount", 0) == 0:
-                raise NotFound(f"no sandbox {sandbox_id!r}")
+        with self._writer.begin() as session:
+            session.delete(_load(session, sandbox_id))
 
     # Execs.
 
@@ -341,7 +313,7 @@ class Store:
         self, *, id: str, sandbox_id: str, cmd: Sequence[str], now: datetime
     ) -> ExecRecord:
         """Record a new exec, `running`."""
-        with self._write() as session:
+        with self._writer.begin() as session:
             _load(session, sandbox_id)
             seq = session.scalar(select(func.max(ExecRecord.seq)))
             record = ExecRecord(
@@ -350,18 +322,13 @@ class Store:
                 sandbox_id=sandbox_id,
                 cmd=list(cmd),
                 state=ExecState.RUNNING,
-                timed_out=False,
-                stdout="",
-                stderr="",
-                stdout_truncated=False,
-                stderr_truncated=False,
                 started_at=now,
             )
             session.add(record)
         return record
 
     def set_exec_pid(self, exec_id: str, pid: int) -> None:
-        with self._write() as session:
+        with self._writer.begin() as session:
             _load_exec(session, exec_id).pid = pid
 
     def finish_exec(
@@ -379,7 +346,7 @@ class Store:
     ) -> ExecRecord:
         """Record how an exec ended. The first result stored wins: the supervisor may report
         the same exit twice around a daemon restart, and the second report is ignored."""
-        with self._write() as session:
+        with self._writer.begin() as session:
             record = _load_exec(session, exec_id)
             if record.state == ExecState.RUNNING:
                 record.state = ExecState.EXITED
@@ -394,7 +361,7 @@ class Store:
         return record
 
     def get_exec(self, sandbox_id: str, exec_id: str) -> ExecRecord:
-        with self._read() as session:
+        with self._reader() as session:
             record = session.get(ExecRecord, exec_id)
         if record is None or record.sandbox_id != sandbox_id:
             raise NotFound(f"no exec {exec_id!r} in sandbox {sandbox_id!r}")
@@ -411,7 +378,7 @@ class Store:
         query = select(ExecRecord).where(ExecRecord.sandbox_id == sandbox_id)
         if state is not None:
             query = query.where(ExecRecord.state == state)
-        with self._read() as session:
+        with self._reader() as session:
             return list(session.scalars(query.order_by(ExecRecord.seq)))
 
 
