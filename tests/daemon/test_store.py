@@ -1,0 +1,428 @@
+"""The store against a real SQLite file: pragmas, migration, constraints, lifecycle, execs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine
+from sqlalchemy.exc import IntegrityError
+
+import daemon.store
+from daemon.errors import Conflict, InvalidTransition, LimitReached, NotFound
+from daemon.lifecycle import ExecState, ExitReason, SandboxState
+from daemon.store import Base, Store, migrate
+
+T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "sandboxd.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[Store]:
+    store = Store(db)
+    yield store
+    store.close()
+
+
+def create(store: Store, id: str, name: str | None = None, **kwargs: Any) -> Any:
+    args: dict[str, Any] = {
+        "hostname": name or id,
+        "spec": {"labels": {}},
+        "max_live": 100,
+        "now": T0,
+        "expires_at": None,
+    }
+    args.update(kwargs)
+    return store.create_sandbox(id=id, name=name, **args)
+
+
+def raw(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Query the file directly with sqlite3, bypassing the store's engine."""
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+# The database file.
+
+
+def test_pragmas_are_on_for_every_connection(store: Store) -> None:
+    for _ in range(3):  # several pooled connections, not just the first
+        with store._engine.connect() as conn:
+            pragma = conn.exec_driver_sql
+            assert pragma("PRAGMA journal_mode").scalar() == "wal"
+            assert pragma("PRAGMA foreign_keys").scalar() == 1
+            assert pragma("PRAGMA synchronous").scalar() == 1  # NORMAL
+            assert pragma("PRAGMA busy_timeout").scalar() == 5000
+
+
+def test_database_file_is_private(db: Path) -> None:
+    old = os.umask(0)  # the mode must not depend on the daemon's umask
+    try:
+        store = Store(db)
+        create(store, "a")
+        files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_existing_database_file_is_made_private(db: Path) -> None:
+    db.parent.mkdir()
+    db.touch(mode=0o644)
+    os.chmod(db, 0o644)
+    Store(db).close()
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+# The schema.
+
+
+def test_migration_matches_the_models(db: Path) -> None:
+    migrate(db)
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+    engine.dispose()
+
+
+def test_migrate_twice_keeps_the_data(db: Path) -> None:
+    store = Store(db)
+    create(store, "a", "keep")
+    store.close()
+    migrate(db)
+    store = Store(db)
+    assert store.get_sandbox("keep").id == "a"
+    store.close()
+
+
+def test_migrate_leaves_logging_alone(db: Path) -> None:
+    logger = logging.getLogger("sandboxd.test.existing")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    migrate(db)
+    assert not logger.disabled  # fileConfig would disable existing loggers
+    assert root.handlers == handlers
+    assert root.level == level
+
+
+# Creating sandboxes.
+
+
+def test_create_records_a_creating_sandbox(store: Store, db: Path) -> None:
+    spec = {"labels": {"team": "ci"}, "cmd": ["sleep", "1"], "env": {"A": "b"}}
+    record = create(store, "a", "web-1", spec=spec, expires_at=T0 + timedelta(seconds=30))
+    assert record.state is SandboxState.CREATING
+    assert (record.name, record.hostname, record.spec) == ("web-1", "web-1", spec)
+    assert record.pid is None and record.exit_reason is None
+    assert raw(db, "SELECT id, state, name FROM sandboxes") == [("a", "creating", "web-1")]
+
+
+def test_name_taken_is_a_conflict(store: Store, db: Path) -> None:
+    create(store, "a", "web")
+    store.transition("a", SandboxState.FAILED)  # a dead sandbox still holds its name
+    with pytest.raises(Conflict):
+        create(store, "b", "web")
+    assert raw(db, "SELECT id FROM sandboxes") == [("a",)]
+    create(store, "c", None)
+    create(store, "d", None)  # no name is not a name
+
+
+def test_name_unique_in_the_database_too(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Were the check fooled (another writer, a bug), the UNIQUE constraint still refuses.
+    create(store, "a", "web")
+    monkeypatch.setattr(daemon.store, "_name_taken", lambda session, name: False)
+    with pytest.raises(Conflict):
+        create(store, "b", "web")
+    assert [r.id for r in store.list_sandboxes()] == ["a"]
+
+
+def test_name_race_between_stores_has_one_winner(db: Path) -> None:
+    stores = [Store(db) for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    outcomes: list[str] = []
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        try:
+            create(stores[i], f"s{i}", "same")
+            outcomes.append("created")
+        except Conflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["conflict"] * 7 + ["created"]
+    assert len(stores[0].list_sandboxes()) == 1
+    for store in stores:
+        store.close()
+
+
+def test_limit_counts_live_sandboxes_only(store: Store, db: Path) -> None:
+    create(store, "a", max_live=2)
+    create(store, "b", max_live=2)
+    with pytest.raises(LimitReached):
+        create(store, "c", max_live=2)
+    assert len(raw(db, "SELECT id FROM sandboxes")) == 2
+    store.transition("a", SandboxState.RUNNING)
+    with pytest.raises(LimitReached):
+        create(store, "c", max_live=2)
+    store.transition("a", SandboxState.EXITED)
+    create(store, "c", max_live=2)
+
+
+def test_uid_slots_lowest_free_unique_and_reused(store: Store) -> None:
+    slots = [create(store, id).uid_slot for id in "abcd"]
+    assert slots == [0, 1, 2, 3]
+    store.delete_sandbox("b")
+    store.transition("c", SandboxState.FAILED, uid_slot=None)  # released on death
+    assert create(store, "e").uid_slot == 1
+    assert create(store, "f").uid_slot == 2
+    assert create(store, "g").uid_slot == 4
+    with pytest.raises(IntegrityError):
+        store.update_sandbox("g", uid_slot=0)  # the database refuses to share a slot
+    assert store.get_sandbox("g").uid_slot == 4
+
+
+# Reading sandboxes.
+
+
+def test_get_by_id_then_by_name(store: Store) -> None:
+    create(store, "id-1", "alpha")
+    create(store, "alpha-id", "id-1")  # a name that is another sandbox's id
+    assert store.get_sandbox("id-1").id == "id-1"
+    assert store.get_sandbox("alpha").id == "id-1"
+    with pytest.raises(NotFound):
+        store.get_sandbox("nope")
+
+
+def test_list_oldest_first_with_filters(store: Store) -> None:
+    # Creation order, not the clock: the clock may step back between two creations.
+    create(store, "c", spec={"labels": {"team": "ci", "tier": "1"}}, now=T0)
+    create(store, "a", spec={"labels": {"team": "ci"}}, now=T0 - timedelta(hours=1))
+    create(store, "b", spec={}, now=T0 + timedelta(hours=1))
+    store.transition("a", SandboxState.RUNNING)
+    store.transition("b", SandboxState.RUNNING)
+    store.transition("b", SandboxState.EXITED)
+
+    def ids(*states: SandboxState, **labels: str) -> list[str]:
+        return [r.id for r in store.list_sandboxes(states, labels)]
+
+    assert ids() == ["c", "a", "b"]
+    assert ids(SandboxState.RUNNING) == ["a"]
+    assert ids(SandboxState.RUNNING, SandboxState.EXITED) == ["a", "b"]
+    assert ids(team="ci") == ["c", "a"]
+    assert ids(team="ci", tier="1") == ["c"]
+    assert ids(team="ci", tier="2") == []
+    assert ids(SandboxState.EXITED, team="ci") == []
+    assert [r.id for r in store.live_sandboxes()] == ["c", "a"]
+    assert store.count_sandboxes() == (1, 3)
+
+
+def test_expired_sandboxes(store: Store) -> None:
+    create(store, "a", expires_at=T0 + timedelta(seconds=10))
+    create(store, "b", expires_at=None)
+    create(store, "c", expires_at=T0 + timedelta(seconds=20))
+    assert store.expired_sandboxes(T0 + timedelta(seconds=9)) == []
+    assert [r.id for r in store.expired_sandboxes(T0 + timedelta(seconds=10))] == ["a"]
+    assert [r.id for r in store.expired_sandboxes(T0 + timedelta(hours=1))] == ["a", "c"]
+
+
+def test_timestamps_come_back_aware_utc(store: Store, db: Path) -> None:
+    paris = timezone(timedelta(hours=1))
+    create(store, "a", now=T0, expires_at=T0.astimezone(paris) + timedelta(minutes=5))
+    store.transition("a", SandboxState.RUNNING, started_at=T0.astimezone(paris))
+    store.close()
+    record = Store(db).get_sandbox("a")
+    assert record.created_at == T0 and record.created_at.tzinfo is UTC
+    assert record.started_at == T0 and record.started_at.utcoffset() == timedelta(0)
+    assert record.expires_at == T0 + timedelta(minutes=5)
+    assert record.expires_at is not None and record.expires_at.tzinfo is UTC
+    assert record.finished_at is None
+
+
+def test_naive_timestamps_are_refused(store: Store) -> None:
+    with pytest.raises(Exception, match="naive datetime"):
+        create(store, "a", now=datetime(2025, 1, 1))
+    assert store.list_sandboxes() == []
+
+
+# The lifecycle.
+
+
+def test_transitions_are_persisted(store: Store, db: Path) -> None:
+    create(store, "a")
+    running = store.transition(
+        "a", SandboxState.RUNNING, pid=4242, pid_start=987654, started_at=T0, base_dir="/b"
+    )
+    assert (running.state, running.pid, running.pid_start) == (SandboxState.RUNNING, 4242, 987654)
+    store.transition(
+        "a",
+        SandboxState.EXITED,
+        pid=None,
+        uid_slot=None,
+        finished_at=T0 + timedelta(seconds=1),
+        exit_code=None,
+        exit_signal="SIGKILL",
+        exit_reason=ExitReason.SIGNALED,
+        exit_message="killed",
+    )
+    store.close()
+    record = Store(db).get_sandbox("a")
+    assert record.state is SandboxState.EXITED
+    assert record.exit_reason is ExitReason.SIGNALED
+    assert (record.pid, record.uid_slot, record.exit_signal) == (None, None, "SIGKILL")
+    assert (record.pid_start, record.base_dir, record.exit_message) == (987654, "/b", "killed")
+    assert raw(db, "SELECT state, exit_reason FROM sandboxes") == [("exited", "signaled")]
+
+
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [
+        ([SandboxState.RUNNING], SandboxState.CREATING),
+        ([SandboxState.RUNNING], SandboxState.RUNNING),
+        ([SandboxState.EXITED], SandboxState.RUNNING),
+        ([SandboxState.FAILED], SandboxState.EXITED),
+    ],
+)
+def test_invalid_transition_changes_nothing(
+    store: Store, db: Path, path: list[SandboxState], target: SandboxState
+) -> None:
+    create(store, "a")
+    for state in path:
+        store.transition("a", state, pid=1)
+    before = raw(db, "SELECT * FROM sandboxes")
+    with pytest.raises(InvalidTransition):
+        store.transition("a", target, pid=99, exit_code=3)
+    assert raw(db, "SELECT * FROM sandboxes") == before
+    assert store.get_sandbox("a").pid == 1
+
+
+def test_fields_are_checked(store: Store) -> None:
+    create(store, "a")
+    with pytest.raises(TypeError):
+        store.update_sandbox("a", state=SandboxState.RUNNING)  # only by transition
+    with pytest.raises(TypeError):
+        store.transition("a", SandboxState.RUNNING, no_such_field=1)
+    assert store.get_sandbox("a").state is SandboxState.CREATING
+    assert store.update_sandbox("a", ip="10.0.0.2").ip == "10.0.0.2"
+    with pytest.raises(NotFound):
+        store.update_sandbox("nope", ip="10.0.0.3")
+    with pytest.raises(NotFound):
+        store.transition("nope", SandboxState.RUNNING)
+
+
+def test_delete_takes_the_execs_with_it(store: Store, db: Path) -> None:
+    create(store, "a")
+    create(store, "b")
+    store.insert_exec(id="e1", sandbox_id="a", cmd=["true"], now=T0)
+    store.insert_exec(id="e2", sandbox_id="a", cmd=["true"], now=T0)
+    store.insert_exec(id="e3", sandbox_id="b", cmd=["true"], now=T0)
+    store.delete_sandbox("a")
+    assert raw(db, "SELECT id FROM execs WHERE sandbox_id = 'a'") == []
+    assert raw(db, "SELECT id FROM execs") == [("e3",)]
+    with pytest.raises(NotFound):
+        store.get_sandbox("a")
+    with pytest.raises(NotFound):
+        store.delete_sandbox("a")
+
+
+# Execs.
+
+
+def test_exec_lifecycle(store: Store, db: Path) -> None:
+    create(store, "a")
+    record = store.insert_exec(id="e1", sandbox_id="a", cmd=["sh", "-c", "echo hi"], now=T0)
+    assert (record.state, record.pid, record.cmd[2]) == (ExecState.RUNNING, None, "echo hi")
+    assert (record.stdout, record.timed_out, record.stdout_truncated) == ("", False, False)
+    assert record.exit_code is None and record.finished_at is None
+    store.set_exec_pid("e1", 7)
+    assert store.get_exec("a", "e1").pid == 7
+    done = store.finish_exec(
+        "e1",
+        exit_code=0,
+        signal=None,
+        timed_out=False,
+        stdout="hi\n",
+        stderr="",
+        stdout_truncated=False,
+        stderr_truncated=True,
+        finished_at=T0 + timedelta(seconds=1),
+    )
+    assert done.state is ExecState.EXITED
+    store.close()
+    again = Store(db).get_exec("a", "e1")
+    assert (again.exit_code, again.stdout, again.stderr_truncated) == (0, "hi\n", True)
+    assert again.finished_at == T0 + timedelta(seconds=1) and again.started_at.tzinfo is UTC
+
+
+def test_finish_exec_first_result_wins(store: Store) -> None:
+    create(store, "a")
+    store.insert_exec(id="e1", sandbox_id="a", cmd=["x"], now=T0)
+    result: dict[str, Any] = {
+        "exit_code": None,
+        "signal": "SIGKILL",
+        "timed_out": True,
+        "stdout": "first",
+        "stderr": "",
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "finished_at": T0,
+    }
+    first = store.finish_exec("e1", **result)
+    result.update(
+        exit_code=0, signal=None, timed_out=False, stdout="second", finished_at=T0 + timedelta(1)
+    )
+    second = store.finish_exec("e1", **result)
+    for record in (second, store.get_exec("a", "e1")):
+        assert (record.exit_code, record.signal, record.timed_out) == (None, "SIGKILL", True)
+        assert (record.stdout, record.finished_at) == ("first", first.finished_at)
+
+
+def test_exec_lookups(store: Store) -> None:
+    create(store, "a")
+    create(store, "b")
+    for exec_id in ("e3", "e1", "e2"):  # ids say nothing of order
+        store.insert_exec(id=exec_id, sandbox_id="a", cmd=["x"], now=T0)
+    store.insert_exec(id="f1", sandbox_id="b", cmd=["x"], now=T0)
+    store.finish_exec(
+        "e1",
+        exit_code=0,
+        signal=None,
+        timed_out=False,
+        stdout="",
+        stderr="",
+        stdout_truncated=False,
+        stderr_truncated=False,
+        finished_at=T0,
+    )
+    assert [e.id for e in store.list_execs("a")] == ["e3", "e1", "e2"]
+    assert [e.id for e in store.running_execs("a")] == ["e3", "e2"]
+    assert [e.id for e in store.list_execs("b")] == ["f1"]
+    with pytest.raises(NotFound):
+        store.get_exec("b", "e1")  # exists, but in another sandbox
+    with pytest.raises(NotFound):
+        store.get_exec("a", "nope")
+    with pytest.raises(NotFound):
+        store.set_exec_pid("nope", 1)
+    with pytest.raises(NotFound):
+        store.insert_exec(id="g1", sandbox_id="nope", cmd=["x"], now=T0)
