@@ -37,7 +37,9 @@ class ExitReason(enum.StrEnum):
 
 
 TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
-    SandboxState.CREATING: frozenset({SandboxState.RUNNING, SandboxState.EXITED, SandboxState.FAILED}),
+    SandboxState.CREATING: frozenset(
+        {SandboxState.RUNNING, SandboxState.EXITED, SandboxState.FAILED}
+    ),
     SandboxState.RUNNING: frozenset({SandboxState.EXITED, SandboxState.FAILED}),
     SandboxState.EXITED: frozenset(),
     SandboxState.FAILED: frozenset(),

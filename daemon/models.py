@@ -7,6 +7,7 @@ leave the daemon. api/ imports this module and `SandboxService`, nothing deeper.
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import signal as signal_module
@@ -167,7 +168,9 @@ def valid_hostname(value: str) -> bool:
 def hostname_from_name(name: str) -> str:
     """A name made a host name: characters not valid in one become '-'."""
     cleaned = re.sub(r"[^A-Za-z0-9.-]", "-", name).strip("-.")[:63].strip("-.")
-    return cleaned if valid_hostname(cleaned) else re.sub(r"[^A-Za-z0-9]", "-", cleaned) or "sandbox"
+    return (
+        cleaned if valid_hostname(cleaned) else re.sub(r"[^A-Za-z0-9]", "-", cleaned) or "sandbox"
+    )
 
 
 class ExitInfo(BaseModel):
@@ -282,13 +285,6 @@ def signal_number(sig: str | int) -> int:
     return int(member)
 
 
-def signal_name(number: int) -> str:
-    try:
-        return signal_module.Signals(number).name
-    except ValueError:
-        return f"SIG{number}"
-
-
 class SandboxCounts(BaseModel):
     running: int
     total: int
@@ -311,11 +307,13 @@ class SandboxService(Protocol):
     async def stop(self) -> None: ...
     async def info(self) -> Info: ...
     async def create(self, spec: SandboxCreate) -> Sandbox: ...
-    async def list(self, states: list[SandboxState], labels: dict[str, str]) -> list[Sandbox]: ...
+    async def list(
+        self, states: builtins.list[SandboxState], labels: dict[str, str]
+    ) -> builtins.list[Sandbox]: ...
     async def get(self, ref: str) -> Sandbox: ...
     async def destroy(self, ref: str) -> None: ...
     async def exec(self, ref: str, spec: ExecCreate) -> Exec: ...
-    async def list_execs(self, ref: str) -> list[Exec]: ...
+    async def list_execs(self, ref: str) -> builtins.list[Exec]: ...
     async def get_exec(self, ref: str, exec_id: str) -> Exec: ...
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec: ...
 

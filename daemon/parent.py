@@ -1,0 +1,165 @@
+"""The daemon's side of daemon/protocol.py: the zygote it spawns through, and the link to each
+supervisor. Runs in: the daemon, on its asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from daemon.protocol import MessageType, SpawnRequest, decode, encode
+
+log = logging.getLogger(__name__)
+
+_LINE_LIMIT = 1 << 20
+
+
+class SpawnError(Exception):
+    """The zygote could not make a sandbox's first processes."""
+
+
+class Zygote:
+    """A warm, thread-free child process that forks supervisors (see daemon/zygote.py)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.zygote", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=ours, limit=_LINE_LIMIT)
+
+    async def spawn(self, req: SpawnRequest) -> int:
+        """Build a sandbox's namespaces and supervisor; B's host pid."""
+        async with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                await self.stop()
+                await self.start()
+            assert self.reader is not None and self.writer is not None
+            self.writer.write(req.to_json())
+            await self.writer.drain()
+            line = await self.reader.readline()
+        if not line:
+            raise SpawnError("the zygote died")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise SpawnError(reply["error"])
+        return int(reply["pid"])
+
+    async def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        if self.process is not None:
+            try:
+                await asyncio.to_thread(self.process.wait, 5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait)
+        self.process = self.reader = self.writer = None
+
+
+MessageHandler = Callable[[MessageType, dict[str, Any]], None]
+
+
+class SupervisorLink:
+    """One connection to one supervisor: send requests, dispatch what comes back."""
+
+    def __init__(
+        self, path: str, on_message: MessageHandler, on_closed: Callable[[], Awaitable[None]]
+    ):
+        self.path = path
+        self.on_message = on_message
+        self.on_closed = on_closed
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> dict[str, Any]:
+        """Connect and wait for HELLO (sent once the sandbox is set up); return it.
+
+        Raises ConnectionError when the supervisor is gone or failed its setup.
+        """
+        reader, writer = await asyncio.open_unix_connection(self.path, limit=_LINE_LIMIT)
+        line = await reader.readline()
+        if not line:
+            writer.close()
+            raise ConnectionError("the supervisor closed the connection")
+        kind, hello = decode(line)
+        if kind is not MessageType.HELLO:
+            writer.close()
+            raise ConnectionError(f"the supervisor said {kind}: {hello}")
+        self.writer = writer
+        self.task = asyncio.create_task(self._read(reader))
+        return hello
+
+    def send(self, kind: MessageType, **fields: Any) -> None:
+        if self.writer is None or self.writer.is_closing():
+            raise ConnectionError("not connected to the supervisor")
+        self.writer.write(encode(kind, **fields))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    kind, message = decode(line)
+                except ValueError:
+                    log.warning("%s: unreadable message %r", self.path, line[:200])
+                    continue
+                self.on_message(kind, message)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            self.close()
+        await self.on_closed()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    async def aclose(self) -> None:
+        """Close without reporting the supervisor as gone (the daemon is stopping)."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.close()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of a process (field 22 of /proc/PID/stat): with the pid, its identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data.rsplit(b")", 1)[1].split()[19])
+
+
+def open_pidfd(pid: int, start_time: int | None) -> int | None:
+    """A pidfd for the process, or None if it is gone or its pid now names another process."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    if start_time is not None and process_start_time(pid) != start_time:
+        os.close(fd)
+        return None
+    return fd

@@ -1,0 +1,224 @@
+"""Building a sandbox from a SpawnRequest: the user namespace, the other namespaces, the root.
+
+Which user namespace owns the other namespaces. The mount, PID, UTS, IPC and network
+namespaces are created by a process that is still root in the host's user namespace, so the
+host's user namespace owns them; the sandbox's own user namespace (uid 0 inside = an
+unprivileged host uid range) owns nothing but its ids. We chose this over runc's layout (where
+the sandbox's user namespace owns everything) because:
+  - root inside then holds no capability over its mounts, hostname, IPC or network: it cannot
+    mount, unmount (so no mount can be peeled off to reveal what lies below), change the host
+    name or reconfigure interfaces, whatever seccomp or the bounding set may later miss;
+  - every mount is built by host root with the new mount API, so the idmapped layers
+    (open_tree + mount_setattr(MOUNT_ATTR_IDMAP), which need privilege over the filesystem's
+    own user namespace) need no passing of mount fds between namespaces;
+  - the supervisor (PID 1) stays host root in the host's user namespace, so nothing inside,
+    root included, can signal it, ptrace it or open its /proc/1/{fd,exe,root}.
+The price: ports below 1024 need privilege in the network namespace's owner, so each sandbox's
+namespace gets net.ipv4.ip_unprivileged_port_start = 0 (and a ping group range covering its
+ids); and `hostname NAME` inside fails, as it does in Docker without CAP_SYS_ADMIN.
+
+The steps (bubblewrap's order: everything validated by the daemon before the first effect):
+  A, a fork of the zygote, host root in host namespaces:
+    1. user namespace: a throwaway child unshares it; A writes its uid_map/gid_map, keeps an fd
+    2. listen on the supervisor socket in the runtime directory
+    3. unshare mnt, pid (for children), uts, ipc, net; set the host name
+    4. fork B, the sandbox's PID 1, and report its host pid
+  B, PID 1 in the new PID namespace, still host root:
+    5. make every mount private, so nothing propagates back to the host
+    6. overlay each base layer: lower read-only and idmapped, upper in the state directory
+    7. pivot_root into the new root and detach the old one
+    8. /proc, /sys (read-only), a minimal /dev, /dev/pts, /dev/shm, /tmp, the bind mounts
+    9. lo up, unprivileged ports from 0
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+
+from daemon import syscalls as sc
+from daemon.protocol import SOCKET_NAME, STAGING_DIR, SpawnRequest
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+    "ptmx": "pts/ptmx",
+}
+_NOSUID_NODEV = sc.MS_NOSUID | sc.MS_NODEV
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+# -- A: host root, host namespaces ------------------------------------------------------------
+
+
+def create_user_namespace(uid_base: int, count: int) -> int:
+    """Create a user namespace mapping 0..count-1 inside to uid_base.. on the host; its fd.
+
+    A throwaway child unshares it and waits; we (host root) write its maps, which a process
+    inside could not do for itself, then keep the namespace alive through the fd.
+    """
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # Child, host namespaces, about to own the new user namespace.
+        try:
+            os.close(ready_r)
+            os.close(done_w)
+            sc.unshare(sc.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(errno.ECHILD, "the user namespace child died")
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(f"0 {uid_base} {count}\n")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
+
+
+def listen_supervisor_socket(run_dir: str) -> socket.socket:
+    path = os.path.join(run_dir, SOCKET_NAME)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(8)
+    return sock
+
+
+def unshare_namespaces(req: SpawnRequest) -> None:
+    flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID
+    for name in ("uts", "ipc", "net"):
+        if name in req.namespaces:
+            flags |= sc.NAMESPACE_FLAGS[name]
+    sc.unshare(flags)
+    if "uts" in req.namespaces:
+        socket.sethostname(req.hostname)
+
+
+# -- B: PID 1 of the sandbox, host root, new mount namespace ----------------------------------
+
+
+def build_root(req: SpawnRequest, userns_fd: int | None) -> None:
+    """Steps 5-8: leave B chrooted (by pivot_root) in the sandbox's finished root."""
+    # The old root must be rprivate, or our mounts and unmounts would propagate to the host.
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    staging = os.path.join(req.run_dir, STAGING_DIR)
+    sc.mount("tmpfs", staging, "tmpfs", _NOSUID_NODEV, "mode=0700,size=16k")
+    new_root = os.path.join(staging, "root")
+    os.mkdir(new_root)
+    for index, layer in enumerate(req.layers):
+        lower = os.path.join(staging, f"lower{index}")
+        os.mkdir(lower)
+        attach(detached_tree(layer.lower, userns_fd, read_only=True), lower)
+        target = os.path.join(new_root, layer.target.lstrip("/"))
+        options = f"lowerdir={lower},upperdir={layer.upper},workdir={layer.work}"
+        sc.mount("overlay", target, "overlay", 0, options)
+    # Trees from the host that must survive the old root: taken now, attached after the pivot.
+    devices = {name: detached_tree(f"/dev/{name}", None, read_only=False) for name in DEVICES}
+    binds = [(m, detached_tree(m.source, userns_fd, m.read_only)) for m in req.mounts]
+
+    os.chdir(new_root)
+    sc.pivot_root(".", ".")
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+    owner = req.uid_base if req.uid_base is not None else 0
+    ids = f"uid={owner},gid={owner}"
+    mount_at("proc", "/proc", "proc", _NOSUID_NODEV | sc.MS_NOEXEC, None, owner)
+    mount_at("sysfs", "/sys", "sysfs", _NOSUID_NODEV | sc.MS_NOEXEC | sc.MS_RDONLY, None, owner)
+    mount_at(
+        "tmpfs", "/dev", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, f"mode=755,size=64k,{ids}", owner
+    )
+    for name, fd in devices.items():
+        with open(f"/dev/{name}", "w"):
+            pass
+        attach(fd, f"/dev/{name}")
+    for name, target in DEV_LINKS.items():
+        os.symlink(target, f"/dev/{name}")
+        os.lchown(f"/dev/{name}", owner, owner)
+    pts = f"newinstance,ptmxmode=0666,mode=620,gid={owner + 5}"
+    mount_at("devpts", "/dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, pts, owner)
+    mount_at("tmpfs", "/dev/shm", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
+    mount_at("tmpfs", "/tmp", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
+    for mount, fd in binds:
+        make_mountpoint(mount.target, os.path.isdir(mount.source), owner)
+        attach(fd, mount.target)
+
+
+def detached_tree(path: str, userns_fd: int | None, read_only: bool) -> int:
+    """A detached copy of the mount tree at `path`, idmapped through userns_fd if given."""
+    fd = sc.open_tree(path, sc.OPEN_TREE_CLONE | sc.OPEN_TREE_CLOEXEC | sc.AT_RECURSIVE)
+    attrs = sc.MOUNT_ATTR_RDONLY if read_only else 0
+    if userns_fd is not None:
+        attrs |= sc.MOUNT_ATTR_IDMAP
+    if attrs:
+        try:
+            sc.mount_setattr(fd, attrs, userns_fd or 0, recursive=True)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def attach(fd: int, target: str) -> None:
+    try:
+        sc.move_mount(fd, target)
+    finally:
+        os.close(fd)
+
+
+def make_mountpoint(path: str, directory: bool, owner: int) -> None:
+    """Create a missing mount point inside the new root (symlinks resolve inside it)."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    if not os.path.isdir(parent):
+        make_mountpoint(parent, True, owner)
+    if os.path.lexists(path):
+        return
+    if directory:
+        os.mkdir(path, 0o755)
+    else:
+        with open(path, "w"):
+            pass
+    os.lchown(path, owner, owner)
+
+
+def mount_at(
+    source: str, target: str, fstype: str, flags: int, data: str | None, owner: int
+) -> None:
+    make_mountpoint(target, True, owner)
+    sc.mount(source, target, fstype, flags, data)
+
+
+def configure_network() -> None:
+    """Step 9: bring lo up and let root inside bind low ports in its own namespace.
+
+    The namespace is owned by the host's user namespace, so without this only host root could
+    bind ports below 1024 in it. An ioctl, not netlink: one interface flag, no link setup.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH", b"lo", 0)
+        flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
+    write_sysctl("net/ipv4/ip_unprivileged_port_start", "0")
+    write_sysctl("net/ipv4/ping_group_range", "0 2147483647")
+
+
+def write_sysctl(name: str, value: str) -> None:
+    with open(f"/proc/sys/{name}", "w") as f:
+        f.write(value)
