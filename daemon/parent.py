@@ -29,7 +29,8 @@ class SpawnError(Exception):
 class Zygote:
     """A warm, thread-free child process that forks supervisors (see daemon/zygote.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str) -> None:
+        self.label = label  # on the command line, so `ps` tells which daemon's it is
         self.process: subprocess.Popen[bytes] | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -38,7 +39,7 @@ class Zygote:
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.zygote", str(theirs.fileno())],
+            [sys.executable, "-m", "daemon.zygote", str(theirs.fileno()), self.label],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )

@@ -90,7 +90,7 @@ class SandboxManager:
         self.config = config
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"
-        self.zygote = Zygote()
+        self.zygote = Zygote(str(config.run_dir))
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self._store: Store | None = None

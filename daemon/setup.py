@@ -131,7 +131,10 @@ def build_root(req: SpawnRequest, userns_fd: int | None) -> None:
         sc.mount("overlay", target, "overlay", 0, options)
     # Trees from the host that must survive the old root: taken now, attached after the pivot.
     devices = {name: detached_tree(f"/dev/{name}", None, read_only=False) for name in DEVICES}
-    binds = [(m, detached_tree(m.source, userns_fd, m.read_only)) for m in req.mounts]
+    binds = [
+        (m, os.path.isdir(m.source), detached_tree(m.source, userns_fd, m.read_only))
+        for m in req.mounts
+    ]
 
     os.chdir(new_root)
     sc.pivot_root(".", ".")
@@ -156,8 +159,8 @@ def build_root(req: SpawnRequest, userns_fd: int | None) -> None:
     mount_at("devpts", "/dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, pts, owner)
     mount_at("tmpfs", "/dev/shm", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
     mount_at("tmpfs", "/tmp", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
-    for mount, fd in binds:
-        make_mountpoint(mount.target, os.path.isdir(mount.source), owner)
+    for mount, is_dir, fd in binds:
+        make_mountpoint(mount.target, is_dir, owner)
         attach(fd, mount.target)
 
 

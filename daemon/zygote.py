@@ -1,7 +1,7 @@
 """The zygote: a warm, thread-free Python process that forks one supervisor per sandbox.
 
 Runs in: a child of the daemon, started once as a fresh interpreter (`python -m
-daemon.zygote FD`), host root in every host namespace, with no threads, so that fork is safe
+daemon.zygote FD RUN_DIR`), host root in every host namespace, with no threads, so that fork is safe
 and a new supervisor costs a fork, not an interpreter start. It reads SpawnRequests on the
 socket FD, one JSON line each, and answers each with {"pid": B} or {"error": text}. It exits
 when the daemon closes the socket, or dies.
@@ -25,6 +25,7 @@ from daemon.supervisor import Supervisor, install_signal_handlers
 
 def main() -> None:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    syscalls.set_name("sandboxd-zygote")
     conn = socket.socket(fileno=int(sys.argv[1]))
     # Everything a supervisor needs is imported; freezing keeps forks from touching (and so
     # copying) the pages of these objects when the collector runs in a child.
@@ -90,6 +91,7 @@ def _supervisor(
                     os.close(fd)
         # Not dumpable: no process inside may ptrace it or open its /proc/1 files.
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        syscalls.set_name("sandboxd-sup")
         setup.build_root(req, userns_fd)
         if "net" in req.namespaces:
             setup.configure_network()

@@ -1,0 +1,206 @@
+"""What a sandbox made with the defaults looks like from inside, checked from the host too."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import UID_BASE, UID_END, Daemon, wait_for
+
+HOST_NAMESPACES = ("pid", "mnt", "ipc", "uts", "net", "user")
+
+
+@pytest.fixture(scope="module")
+def box(daemon: Daemon) -> dict[str, Any]:
+    return daemon.create(name="inside_1")
+
+
+def out(daemon: Daemon, box: dict[str, Any], script: str) -> str:
+    result = daemon.sh(box["id"], script)
+    assert result["exit_code"] == 0, result
+    return str(result["stdout"])
+
+
+def host_pid_of(sandbox: dict[str, Any], comm: str) -> int:
+    """The host pid of a process named `comm` among the supervisor's children."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, fields = stat.split("(", 1)[1].rsplit(")", 1)
+        if name == comm and int(fields.split()[1]) == sandbox["pid"]:
+            return int(pid)
+    raise AssertionError(f"no {comm} under the supervisor {sandbox['pid']}")
+
+
+def test_every_namespace_is_the_sandboxs_own(box: dict[str, Any]) -> None:
+    assert sorted(box["namespaces"]) == sorted(HOST_NAMESPACES)
+    for ns in ("pid_for_children", "mnt", "ipc", "uts", "net"):
+        host = os.readlink(f"/proc/self/ns/{ns}")
+        theirs = os.readlink(f"/proc/{box['pid']}/ns/{ns}")
+        assert host != theirs, ns
+
+
+def test_supervisor_is_pid_1_and_only_own_processes_are_visible(
+    daemon: Daemon, box: dict[str, Any]
+) -> None:
+    assert out(daemon, box, "cat /proc/1/comm").strip() == "sandboxd-sup"
+    pids = out(daemon, box, "ls /proc | grep -E '^[0-9]+$'").split()
+    assert "1" in pids and len(pids) <= 4, pids  # PID 1, sh, ls, grep
+    ps = out(daemon, box, "ps -e -o pid=,comm=")
+    assert ps.split()[:2] == ["1", "sandboxd-sup"], ps
+    assert "pytest" not in ps and "sandboxd-zygote" not in ps
+
+
+def test_host_name_is_its_own(daemon: Daemon, box: dict[str, Any]) -> None:
+    assert out(daemon, box, "hostname").strip() == "inside-1"
+    assert box["hostname"] == "inside-1"
+    assert os.uname().nodename != "inside-1"
+    assert "inside-1" in out(daemon, box, "cat /etc/hostname /etc/hosts")
+
+
+def test_ipc_is_its_own(daemon: Daemon, box: dict[str, Any]) -> None:
+    before = Path("/proc/sysvipc/msg").read_text()
+    queue_id = out(daemon, box, "ipcmk -Q").split()[-1]
+    assert queue_id in out(daemon, box, "cut -c1-40 /proc/sysvipc/msg")
+    assert Path("/proc/sysvipc/msg").read_text() == before
+    # POSIX message queues live in the IPC namespace too: the kernel names it for us.
+    assert os.readlink(f"/proc/{box['pid']}/ns/ipc") != os.readlink("/proc/self/ns/ipc")
+
+
+def test_only_lo_and_it_is_up(daemon: Daemon, box: dict[str, Any]) -> None:
+    assert out(daemon, box, "ls /sys/class/net").split() == ["lo"]
+    flags = int(out(daemon, box, "cat /sys/class/net/lo/flags"), 16)
+    assert flags & 1, "lo is not up"
+    script = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 80)); print('ok')"
+    assert out(daemon, box, f'python3 -c "{script}"').strip() == "ok"
+
+
+def test_root_inside_is_an_unprivileged_host_uid(daemon: Daemon, box: dict[str, Any]) -> None:
+    assert out(daemon, box, "id -u; id -g").split() == ["0", "0"]
+    started = daemon.exec(box["id"], ["sleep", "30"], wait=False)
+    assert started["state"] == "running"
+    host_pid = host_pid_of(box, "sleep")
+    status = Path(f"/proc/{host_pid}/status").read_text()
+    uid = int(status.split("\nUid:")[1].split()[0])
+    assert UID_BASE <= uid < UID_END and uid % 65536 == UID_BASE % 65536
+    uid_map = Path(f"/proc/{host_pid}/uid_map").read_text().split()
+    assert uid_map == ["0", str(uid), "65536"]
+    daemon.client.post(f"/sandboxes/{box['id']}/execs/{started['id']}/signal", json={"signal": 9})
+
+
+def test_two_sandboxes_never_share_a_uid_range(daemon: Daemon, box: dict[str, Any]) -> None:
+    other = daemon.create()
+    try:
+        ranges = {out(daemon, b, "cat /proc/self/uid_map").split()[1] for b in (box, other)}
+        assert len(ranges) == 2, ranges
+    finally:
+        daemon.client.delete(f"/sandboxes/{other['id']}")
+
+
+def test_base_is_owned_by_root_inside(daemon: Daemon, box: dict[str, Any]) -> None:
+    assert out(daemon, box, "stat -c %u:%g /etc/passwd /usr/bin/env /").split() == ["0:0"] * 3
+    assert out(daemon, box, "python3 -c 'print(6*7)'").strip() == "42"
+
+
+def test_host_is_seen_only_as_an_unprivileged_user_would(
+    daemon: Daemon, box: dict[str, Any]
+) -> None:
+    result = daemon.sh(box["id"], "cat /etc/shadow")
+    assert result["exit_code"] != 0
+    for path in ("/root", "/home", "/var", "/run", "/srv", "/mnt", "/opt", "/tmp"):
+        assert out(daemon, box, f"ls -A {path} | wc -l").strip() == "0", path
+    for path in (daemon.state_dir, daemon.run_dir, daemon.root, daemon.state_dir / "sandboxd.db"):
+        assert daemon.sh(box["id"], f"ls {path}")["exit_code"] != 0, path
+    mounts = out(daemon, box, "cat /proc/self/mountinfo")
+    assert str(daemon.root) not in mounts.split("- overlay")[0]
+
+
+def test_writes_land_in_its_private_layer(daemon: Daemon, box: dict[str, Any]) -> None:
+    hosts_before = Path("/etc/hosts").read_bytes()
+    out(daemon, box, "echo 10.1.2.3 evil >> /etc/hosts; echo hi > /usr/bin/sbx-newfile")
+    assert "evil" in out(daemon, box, "cat /etc/hosts")
+    assert Path("/etc/hosts").read_bytes() == hosts_before
+    assert not Path("/usr/bin/sbx-newfile").exists()
+    other = daemon.create()
+    try:
+        assert daemon.sh(other["id"], "cat /usr/bin/sbx-newfile")["exit_code"] != 0
+        assert "evil" not in out(daemon, other, "cat /etc/hosts")
+    finally:
+        daemon.client.delete(f"/sandboxes/{other['id']}")
+
+
+def test_proc_sys_dev_tmp(daemon: Daemon, box: dict[str, Any]) -> None:
+    assert out(daemon, box, "readlink /proc/self").strip().isdigit()
+    sys_line = out(daemon, box, "grep ' /sys ' /proc/self/mountinfo")
+    assert " ro," in sys_line or " ro " in sys_line
+    assert daemon.sh(box["id"], "touch /sys/x")["exit_code"] != 0
+    dev = sorted(out(daemon, box, "ls -A /dev").split())
+    expected = ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+                "stdout", "tty", "urandom", "zero"]  # fmt: skip
+    assert dev == expected
+    assert out(daemon, box, "head -c 4 /dev/zero | od -An -tx1").split() == ["00"] * 4
+    assert out(daemon, box, "echo x > /dev/null && echo ok").strip() == "ok"
+    assert "tmpfs" in out(daemon, box, "grep ' /tmp ' /proc/self/mountinfo")
+
+
+def test_host_mount_propagation_is_cut(daemon: Daemon, box: dict[str, Any]) -> None:
+    mountinfo = out(daemon, box, "cat /proc/self/mountinfo")
+    assert "shared:" not in mountinfo and "master:" not in mountinfo
+
+
+def test_bind_mounts_read_only_by_default_and_idmapped(daemon: Daemon, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hello.txt").write_text("from the host\n")
+    box = daemon.create(
+        mounts=[
+            {"source": str(data), "target": "/data"},
+            {"source": str(data), "target": "/rw", "read_only": False},
+        ]
+    )
+    try:
+        assert out(daemon, box, "cat /data/hello.txt") == "from the host\n"
+        assert out(daemon, box, "stat -c %u /data/hello.txt").strip() == "0"
+        assert daemon.sh(box["id"], "touch /data/new")["exit_code"] != 0
+        out(daemon, box, "echo written > /rw/new")
+        assert (data / "new").read_text() == "written\n"
+        assert (data / "new").stat().st_uid == 0  # root inside wrote it as host root, idmapped
+    finally:
+        daemon.client.delete(f"/sandboxes/{box['id']}")
+
+
+def test_without_user_namespace_root_is_host_root(daemon: Daemon) -> None:
+    box = daemon.create(namespaces=["pid", "mnt", "ipc", "uts", "net"])
+    try:
+        assert out(daemon, box, "cat /proc/self/uid_map").split() == ["0", "0", "4294967295"]
+    finally:
+        daemon.client.delete(f"/sandboxes/{box['id']}")
+
+
+def test_host_network_mode_sees_host_interfaces(daemon: Daemon) -> None:
+    box = daemon.create(namespaces=["pid", "mnt", "ipc", "uts", "user"], network={"mode": "host"})
+    try:
+        inside = set(out(daemon, box, "ls /sys/class/net").split())
+        assert inside == set(os.listdir("/sys/class/net"))
+    finally:
+        daemon.client.delete(f"/sandboxes/{box['id']}")
+
+
+def test_orphans_are_reaped(daemon: Daemon, box: dict[str, Any]) -> None:
+    script = "for i in $(seq 40); do (sleep 0.2 &) ; done; echo started"
+    assert out(daemon, box, script).strip() == "started"
+
+    def zombies() -> str:
+        return out(daemon, box, "grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null; true")
+
+    def settled() -> bool:
+        return not zombies().strip() and "sleep" not in out(daemon, box, "ps -e -o comm=")
+
+    assert wait_for(settled, timeout=3), zombies()
