@@ -1,0 +1,16 @@
+"""The one dependency the routes share: the service the app was created with."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+from fastapi import Depends, Request
+
+from daemon.models import SandboxService
+
+
+def _service(request: Request) -> SandboxService:
+    return cast(SandboxService, request.app.state.service)
+
+
+Service = Annotated[SandboxService, Depends(_service)]

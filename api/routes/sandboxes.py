@@ -1,0 +1,74 @@
+"""Sandboxes: create, list (filtered by state and labels), get by id or name, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Response
+from pydantic import StringConstraints
+
+from api.deps import Service
+from api.problems import documented
+from api.schemas import SandboxList
+from daemon.lifecycle import SandboxState
+from daemon.models import Sandbox, SandboxCreate
+
+router = APIRouter(prefix="/sandboxes", tags=["sandboxes"])
+
+LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=.*$")]
+
+
+@router.post(
+    "",
+    name="create",
+    status_code=201,
+    summary="Create and start a sandbox",
+    description="201 with the sandbox, `running` (or already `exited` if its cmd ended at once). "
+    "The Location header names the new sandbox. Every field is optional, and so is the body.",
+    responses=documented(400, 401, 409, 413, 415, 422, 503),
+)
+async def create(
+    service: Service,
+    response: Response,
+    spec: Annotated[SandboxCreate, Body(default_factory=SandboxCreate)],
+) -> Sandbox:
+    sandbox = await service.create(spec)
+    response.headers["Location"] = f"/sandboxes/{sandbox.id}"
+    return sandbox
+
+
+@router.get("", name="list", summary="List sandboxes, oldest first", responses=documented(401, 422))
+async def list_sandboxes(
+    service: Service,
+    state: Annotated[
+        list[SandboxState], Query(description="Only sandboxes in one of these states.")
+    ] = [],  # noqa: B006 (FastAPI copies defaults)
+    label: Annotated[
+        list[LabelFilter], Query(description="`key=value`; a sandbox must match every one.")
+    ] = [],  # noqa: B006
+) -> SandboxList:
+    labels: dict[str, str] = {}
+    for pair in label:
+        key, _, value = pair.partition("=")
+        if labels.setdefault(key, value) != value:
+            return SandboxList(items=[])  # one key, two values: nothing matches both
+    return SandboxList(items=await service.list(list(dict.fromkeys(state)), labels))
+
+
+@router.get(
+    "/{ref}", name="get", summary="Get a sandbox by id or name", responses=documented(401, 404)
+)
+async def get(ref: str, service: Service) -> Sandbox:
+    return await service.get(ref)
+
+
+@router.delete(
+    "/{ref}",
+    name="delete",
+    status_code=204,
+    response_class=Response,
+    summary="Kill a sandbox and remove everything made for it",
+    responses=documented(401, 404, 409),
+)
+async def delete(ref: str, service: Service) -> None:
+    await service.destroy(ref)
