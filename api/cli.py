@@ -1,0 +1,127 @@
+"""The `sandboxd` command: `serve` the API, `migrate` the database, print the `openapi` document.
+
+Exit codes: 0 done, 1 a runtime failure (such as a socket in use), 2 a usage or configuration
+error, reported in one line rather than a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from daemon.config import ConfigError, load_config
+
+USAGE_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+        return result
+    except ConfigError as exc:
+        print(f"sandboxd: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandboxd", description="A daemon that hands out Linux sandboxes over HTTP."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the HTTP API",
+        description="Serve the HTTP API. Each option can also come from the environment variable "
+        "named beside it or from the configuration file; a flag beats the environment, which "
+        "beats the file.",
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="URL",
+        help="unix:///path or tcp://HOST:PORT, repeatable "
+        "[SANDBOXD_LISTEN, comma-separated; default unix://RUN_DIR/sandboxd.sock]",
+    )
+    _state_dir(serve)
+    serve.add_argument("--run-dir", metavar="DIR", help="sockets, runtime files [SANDBOXD_RUN_DIR]")
+    token = serve.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="TOKEN", help="the bearer token [SANDBOXD_TOKEN]")
+    token.add_argument(
+        "--token-file", metavar="FILE", help="read the bearer token from FILE [SANDBOXD_TOKEN_FILE]"
+    )
+    serve.add_argument(
+        "--max-sandboxes", metavar="N", help="past it, create answers 503 [SANDBOXD_MAX_SANDBOXES]"
+    )
+    serve.add_argument(
+        "--output-limit", metavar="BYTES", help="bytes kept per exec stream [SANDBOXD_OUTPUT_LIMIT]"
+    )
+    serve.add_argument(
+        "--max-body", metavar="BYTES", help="larger request bodies answer 413 [SANDBOXD_MAX_BODY]"
+    )
+    _config_file(serve)
+    serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the state database")
+    _state_dir(migrate)
+    _config_file(migrate)
+    migrate.set_defaults(run=_migrate)
+
+    openapi = commands.add_parser("openapi", help="print the OpenAPI document of the HTTP API")
+    openapi.set_defaults(run=_openapi)
+    return parser
+
+
+def _state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", metavar="DIR", help="database and writable layers [SANDBOXD_STATE_DIR]"
+    )
+
+
+def _config_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML configuration file [SANDBOXD_CONFIG; default /etc/sandboxd/config.toml if any]",
+    )
+
+
+def _settings(args: argparse.Namespace) -> dict[str, object]:
+    """The flags given, by setting name: what load_config takes (None: not given)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from api.serve import serve
+    from api.sockets import ListenError
+
+    config = load_config(_settings(args), os.environ)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    try:
+        return serve(config)
+    except ListenError as exc:
+        print(f"sandboxd: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from api.serve import private_dir
+    from daemon.store import migrate
+
+    config = load_config(_settings(args), os.environ)
+    private_dir(config.state_dir)
+    migrate(config.state_dir / "sandboxd.db")
+    return 0
+
+
+def _openapi(_args: argparse.Namespace) -> int:
+    from api.app import openapi_document
+
+    sys.stdout.write(json.dumps(openapi_document(), indent=2, sort_keys=False) + "\n")
+    return 0
