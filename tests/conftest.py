@@ -67,6 +67,12 @@ class Daemon:
         self.proc = None
         return code
 
+    def leaks(self) -> list[str]:
+        """What is left of deleted or ended sandboxes while the daemon (and its zygote) run."""
+        assert self.proc is not None
+        own = {self.proc.pid} | {pid for pid in _pids() if _parent(pid) == self.proc.pid}
+        return find_leaks(self.root, frozenset(own))
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
@@ -90,11 +96,13 @@ class Daemon:
             self.client.delete(f"/sandboxes/{sandbox['id']}")
 
 
-def find_leaks(root: Path) -> list[str]:
-    """Everything of the test directory `root` still on the machine."""
+def find_leaks(root: Path, ignore: frozenset[int] = frozenset()) -> list[str]:
+    """Everything of the test directory `root` still on the machine (but the `ignore` pids)."""
     marker = str(root)
     leaks = []
     for pid in _pids():
+        if pid in ignore:
+            continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             uid = int(Path(f"/proc/{pid}/status").read_text().split("\nUid:")[1].split()[0])
@@ -120,6 +128,13 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _pids() -> list[int]:
