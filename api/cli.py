@@ -103,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(_settings(args), os.environ)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin
     try:
         return serve(config)
     except ListenError as exc:
