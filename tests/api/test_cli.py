@@ -319,3 +319,18 @@ def test_the_server_serves_on_the_socket_and_exits_0_on_a_signal(
             proc.kill()
             proc.wait()
     assert not path.exists()
+
+
+def test_the_example_config_shows_every_setting_and_loads(tmp_path: Path) -> None:
+    example = (REPO / "deploy" / "config.example.toml").read_text()
+    settings = [line[1:] for line in example.splitlines() if line[:2].strip("#").isalpha()]
+    assert {line.split(" =")[0] for line in settings} == daemon.config.FILE_KEYS
+    # Uncommented (one per key, token_file aside, which names a file that is not here), the
+    # example gives the defaults.
+    first: dict[str, str] = {}
+    for line in settings:
+        first.setdefault(line.split(" =")[0], line)
+    del first["token_file"], first["token"]
+    file = tmp_path / "config.toml"
+    file.write_text("\n".join(first.values()) + "\n")
+    assert load_config({"config": str(file)}, {}) == Config()
