@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
 
+MAX_SECONDS = 10 * 365 * 86400  # durations past ten years are surely mistakes
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_KEY = re.compile(r"^[^=\x00]+$")
@@ -29,7 +30,7 @@ ALL_NAMESPACES: list[Namespace] = ["pid", "mnt", "ipc", "uts", "net", "user"]
 class _Input(BaseModel):
     """Request bodies: unknown fields are errors, so a misspelt option is never ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _no_nul(value: str, what: str) -> str:
@@ -112,7 +113,7 @@ class SandboxCreate(_Input):
     cmd: Annotated[list[str], Field(min_length=1)] | None = None
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     limits: Limits = Field(default_factory=Limits)
-    ttl_seconds: Annotated[float, Field(gt=0)] | None = None
+    ttl_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("hostname")
@@ -217,7 +218,7 @@ class ExecCreate(_Input):
     cwd: str | None = "/"
     user: Annotated[str, Field(pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$")] = "0"
     stdin: str | None = None
-    timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = None
     wait: bool = True
 
     @field_validator("cmd")

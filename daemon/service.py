@@ -406,6 +406,8 @@ class SandboxManager:
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
         record = self.store.get_sandbox(ref)
         live = self.live.get(record.id)
+        if spec.timeout_seconds is not None:
+            raise Invalid("timeout_seconds is not implemented yet")
         if record.state != SandboxState.RUNNING or live is None or live.link is None:
             raise Conflict(f"sandbox {record.id} is {record.state}, not running")
         uid, _, gid = spec.user.partition(":")

@@ -87,6 +87,7 @@ def test_bad_bodies_are_4xx_and_store_nothing(daemon: Daemon) -> None:
         {"cmd": []},
         {"env": {"A=B": "c"}},
         {"ttl_seconds": 0},
+        {"ttl_seconds": 1e300},
         {"nmae": "typo"},
         [],
     ]
@@ -98,6 +99,12 @@ def test_bad_bodies_are_4xx_and_store_nothing(daemon: Daemon) -> None:
         "/sandboxes", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
+    response = daemon.client.post(
+        "/sandboxes",
+        content=b'{"ttl_seconds": Infinity}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code in (400, 422)
     assert daemon.client.get("/sandboxes").json()["items"] == before
 
 
