@@ -9,9 +9,11 @@ processes in a sandbox uid range, and leftover sandbox files. Any find fails the
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,15 +23,18 @@ from typing import Any
 import httpx
 import pytest
 
-UID_BASE = 1_000_000_000
-UID_END = UID_BASE + 4096 * 65536
+ROOT = Path(__file__).resolve().parent.parent
+SLOTS_PER_DAEMON = 1024
+UID_BASE = 1_000_000_000  # the daemon's default; each test daemon gets a region above it
+UID_END = UID_BASE + 48 * SLOTS_PER_DAEMON * 65536
 
 
 class Daemon:
     """One `sandboxd serve` process on a private directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, uid_base: int) -> None:
         self.root = root
+        self.uid_base = uid_base
         self.socket = root / "sandboxd.sock"
         self.state_dir = root / "state"
         self.run_dir = root / "run"
@@ -42,12 +47,16 @@ class Daemon:
         )
 
     def start(self, *args: str) -> Daemon:
+        config = self.root / "config.toml"
+        config.write_text(f"uid_base = {self.uid_base}\n")
+        # This checkout's code (python -m api, from ROOT), whatever `sandboxd` is installed.
         command = [
-            "sandboxd", "serve", "--listen", f"unix://{self.socket}",
+            sys.executable, "-m", "api", "serve", "--config", str(config),
+            "--listen", f"unix://{self.socket}",
             "--state-dir", str(self.state_dir), "--run-dir", str(self.run_dir), *args,
         ]  # fmt: skip
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -71,7 +80,7 @@ class Daemon:
         """What is left of deleted or ended sandboxes while the daemon (and its zygote) run."""
         assert self.proc is not None
         own = {self.proc.pid} | {pid for pid in _pids() if _parent(pid) == self.proc.pid}
-        return find_leaks(self.root, frozenset(own))
+        return find_leaks(self.root, self.uid_base, frozenset(own))
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -96,8 +105,10 @@ class Daemon:
             self.client.delete(f"/sandboxes/{sandbox['id']}")
 
 
-def find_leaks(root: Path, ignore: frozenset[int] = frozenset()) -> list[str]:
-    """Everything of the test directory `root` still on the machine (but the `ignore` pids)."""
+def find_leaks(root: Path, uid_base: int, ignore: frozenset[int] = frozenset()) -> list[str]:
+    """Everything of the test directory `root` (and the daemon's uid region) still on the
+    machine, but the `ignore` pids."""
+    uids = range(uid_base, uid_base + SLOTS_PER_DAEMON * 65536)
     marker = str(root)
     leaks = []
     for pid in _pids():
@@ -111,7 +122,7 @@ def find_leaks(root: Path, ignore: frozenset[int] = frozenset()) -> list[str]:
             continue
         if marker in cmdline:
             leaks.append(f"process {pid}: {cmdline}")
-        elif UID_BASE <= uid < UID_END:
+        elif uid in uids:
             leaks.append(f"process {pid} with sandbox uid {uid}: {cmdline}")
         elif marker in mountinfo:
             leaks.append(f"process {pid} holds mounts of {marker}")
@@ -148,9 +159,11 @@ class Daemons:
         self.root = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
         os.chmod(self.root, 0o755)
         self.started: list[Daemon] = []
+        # A uid region of its own, so modules (and test runs) side by side never mix.
+        self.uid_base = UID_BASE + random.randrange(48) * SLOTS_PER_DAEMON * 65536
 
     def new(self, *args: str) -> Daemon:
-        daemon = Daemon(self.root)
+        daemon = Daemon(self.root, self.uid_base)
         self.started.append(daemon)
         return daemon.start(*args)
 
@@ -161,8 +174,8 @@ class Daemons:
             daemon.destroy_all()
             daemon.stop()
             daemon.client.close()
-        wait_for(lambda: not find_leaks(self.root), timeout=5)
-        leaks = find_leaks(self.root)
+        wait_for(lambda: not find_leaks(self.root, self.uid_base), timeout=5)
+        leaks = find_leaks(self.root, self.uid_base)
         shutil.rmtree(self.root, ignore_errors=True)
         return leaks
 

@@ -28,11 +28,18 @@ def sandboxd() -> str:
     return str(script) if script.exists() else "sandboxd"
 
 
+def test_console_script_is_installed() -> None:
+    result = subprocess.run([sandboxd(), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "serve" in result.stdout
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
     # An empty config file, so that the machine's /etc/sandboxd/config.toml plays no part.
+    # This checkout's code, whatever `sandboxd` is installed (a worktree's tests test it).
     return subprocess.run(
-        [sandboxd(), *args],
+        [sys.executable, "-m", "api", *args],
+        cwd=REPO,
         env={**clean, **(env or {})},
         capture_output=True,
         text=True,

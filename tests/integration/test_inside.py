@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UID_BASE, UID_END, Daemon, wait_for
+from tests.conftest import SLOTS_PER_DAEMON, Daemon, wait_for
 
 HOST_NAMESPACES = ("pid", "mnt", "ipc", "uts", "net", "user")
 
@@ -89,7 +89,8 @@ def test_root_inside_is_an_unprivileged_host_uid(daemon: Daemon, box: dict[str, 
     host_pid = host_pid_of(box, "sleep")
     status = Path(f"/proc/{host_pid}/status").read_text()
     uid = int(status.split("\nUid:")[1].split()[0])
-    assert UID_BASE <= uid < UID_END and uid % 65536 == UID_BASE % 65536
+    region = range(daemon.uid_base, daemon.uid_base + SLOTS_PER_DAEMON * 65536)
+    assert uid in region and (uid - daemon.uid_base) % 65536 == 0
     uid_map = Path(f"/proc/{host_pid}/uid_map").read_text().split()
     assert uid_map == ["0", str(uid), "65536"]
     daemon.client.post(f"/sandboxes/{box['id']}/execs/{started['id']}/signal", json={"signal": 9})

@@ -8,11 +8,12 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 
 import httpx
 import pytest
 
-from tests.conftest import Daemon, Daemons
+from tests.conftest import ROOT, Daemon, Daemons
 
 TOKEN = "s3cret-token"
 
@@ -83,9 +84,9 @@ def test_sandbox_limit_is_503(guarded: Daemon) -> None:
 
 def test_tcp_without_a_token_is_refused(tmp_path: object) -> None:
     result = subprocess.run(
-        ["sandboxd", "serve", "--listen", f"tcp://127.0.0.1:{free_port()}",
+        [sys.executable, "-m", "api", "serve", "--listen", f"tcp://127.0.0.1:{free_port()}",
          "--state-dir", f"{tmp_path}/s", "--run-dir", f"{tmp_path}/r"],
-        capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]},
+        capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]}, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 2
     assert "token" in result.stderr.lower()
