@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-body", metavar="BYTES", help="larger request bodies answer 413 [SANDBOXD_MAX_BODY]"
     )
+    serve.add_argument(
+        "--exec-retention",
+        metavar="SECONDS",
+        help="how long finished execs are kept [SANDBOXD_EXEC_RETENTION; default 86400]",
+    )
     _config_file(serve)
     serve.set_defaults(run=_serve)
 

@@ -9,7 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from daemon.models import Exec, Sandbox
+from daemon.models import Exec, ExecExit, ExecOutput, Sandbox
+
+__all__ = ["ExecExit", "ExecOutput"]
 
 
 class ValidationIssue(BaseModel):
@@ -42,16 +44,3 @@ class ExecList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
-
-
-class ExecOutput(BaseModel):
-    """A line of an exec's NDJSON stream carrying output."""
-
-    stream: Literal["stdout", "stderr"]
-    data: str
-
-
-class ExecExit(BaseModel):
-    """The last line of an exec's NDJSON stream."""
-
-    exit: Exec

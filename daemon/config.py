@@ -9,6 +9,7 @@ names the setting and where it came from.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ class Config:
     # First host uid of the ranges given to sandboxes' user namespaces: each live sandbox
     # owns [uid_base + slot * 65536, +65536). Far above the usual /etc/subuid ranges.
     uid_base: int = 1_000_000_000
+    # The cgroup (in the cgroup2 hierarchy) under which each sandbox gets one of its own.
+    cgroup_name: str = "sandboxd"
+    # How long a finished exec's record (status and output) is kept, in seconds.
+    exec_retention: int = 86400
 
 
 class ConfigError(ValueError):
@@ -94,10 +99,11 @@ ENVIRONMENT = {
     "max_sandboxes": "SANDBOXD_MAX_SANDBOXES",
     "output_limit": "SANDBOXD_OUTPUT_LIMIT",
     "max_body": "SANDBOXD_MAX_BODY",
+    "exec_retention": "SANDBOXD_EXEC_RETENTION",
 }
 FILE_KEYS = frozenset(
     {"listen", "state_dir", "run_dir", "token", "token_file", "max_sandboxes"}
-    | {"output_limit", "max_body", "uid_base"}
+    | {"output_limit", "max_body", "uid_base", "cgroup_name", "exec_retention"}
 )
 
 
@@ -148,6 +154,8 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         output_limit=_integer(get("output_limit"), Config.output_limit),
         max_body=_integer(get("max_body"), Config.max_body),
         uid_base=_integer(get("uid_base"), Config.uid_base),
+        cgroup_name=_name(get("cgroup_name"), Config.cgroup_name),
+        exec_retention=_integer(get("exec_retention"), Config.exec_retention),
     )
     last_uid = config.uid_base + config.max_sandboxes * UID_RANGE - 1
     if config.uid_base < UID_RANGE or last_uid > _MAX_UID:
@@ -226,6 +234,15 @@ def _integer(setting: _Setting | None, default: int) -> int:
         raise ConfigError(f"{setting.where}: expected a whole number, got {value!r}")
     if value < 1:
         raise ConfigError(f"{setting.where}: must be at least 1, got {value}")
+    return value
+
+
+def _name(setting: _Setting | None, default: str) -> str:
+    if setting is None:
+        return default
+    value = setting.value
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+        raise ConfigError(f"{setting.where}: expected a name of letters, digits, _ . -")
     return value
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
 import stat
+import termios
 
+from daemon import cgroups
 from daemon import syscalls as sc
 from daemon.protocol import ExecRequest
 
@@ -22,10 +25,14 @@ EXIT_NOT_FOUND = 127
 _PASSWD_LIMIT = 1 << 20
 
 
-def become(req: ExecRequest, stdio: tuple[int, int, int], userns_fd: int | None) -> None:
+def become(
+    req: ExecRequest, stdio: tuple[int, int, int], cgroup_fd: int, userns_fd: int | None
+) -> None:
     """Child, in the sandbox, host root: set up the process and exec it. Never returns."""
     code = EXIT_NOT_EXECUTABLE
     try:
+        # 0. Into the exec's own cgroup first, so that its deadline reaches all it will start.
+        cgroups.write_file(f"{req.id}/cgroup.procs", b"0", dir_fd=cgroup_fd)
         # 1. Python ignores SIGPIPE and SIGXFSZ and we block nothing: hand over clean defaults.
         signal.set_wakeup_fd(-1)
         for sig in signal.valid_signals():
@@ -33,10 +40,12 @@ def become(req: ExecRequest, stdio: tuple[int, int, int], userns_fd: int | None)
                 with contextlib.suppress(OSError, ValueError):
                     signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        # 2. A session of its own: no controlling terminal, its own process group.
+        # 2. A session of its own, its own process group; a terminal if it asked for one.
         os.setsid()
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
+        if req.tty:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         # 3. Into the sandbox's user namespace, first as root inside, to read its passwd.
         if userns_fd is not None:
             sc.setns(userns_fd, sc.CLONE_NEWUSER)

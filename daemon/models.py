@@ -11,6 +11,7 @@ import builtins
 import os
 import re
 import signal as signal_module
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Literal, Protocol
 
@@ -22,6 +23,7 @@ MAX_SECONDS = 10 * 365 * 86400  # durations past ten years are surely mistakes
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_KEY = re.compile(r"^[^=\x00]+$")
+ID_PATTERN = re.compile(r"^sb_[0-9a-f]{16}$")
 
 Namespace = Literal["pid", "mnt", "ipc", "uts", "net", "user"]
 ALL_NAMESPACES: list[Namespace] = ["pid", "mnt", "ipc", "uts", "net", "user"]
@@ -34,8 +36,18 @@ class _Input(BaseModel):
 
 
 def _no_nul(value: str, what: str) -> str:
+    _utf8(value, what)
     if "\x00" in value:
         raise ValueError(f"{what} must not contain NUL bytes")
+    return value
+
+
+def _utf8(value: str, what: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no UTF-8 byte string can hold."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid Unicode (no lone surrogates)") from None
     return value
 
 
@@ -50,6 +62,7 @@ def _absolute(path: str, what: str) -> str:
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:
     for key, value in env.items():
+        _utf8(key, "a name")
         if not _ENV_KEY.match(key):
             raise ValueError(f"environment name {key!r} must be non-empty, without '=' or NUL")
         _no_nul(value, f"environment value of {key}")
@@ -115,6 +128,13 @@ class SandboxCreate(_Input):
     limits: Limits = Field(default_factory=Limits)
     ttl_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _not_an_id(cls, value: str | None) -> str | None:
+        if value is not None and ID_PATTERN.match(value):
+            raise ValueError("a name must not look like a sandbox id (sb_ and 16 hex digits)")
+        return value
 
     @field_validator("hostname")
     @classmethod
@@ -210,6 +230,11 @@ class Sandbox(BaseModel):
     exit: ExitInfo | None
 
 
+class TtySize(_Input):
+    rows: int = Field(ge=1, le=65535)
+    cols: int = Field(ge=1, le=65535)
+
+
 class ExecCreate(_Input):
     """The body of POST /sandboxes/{ref}/exec."""
 
@@ -220,6 +245,23 @@ class ExecCreate(_Input):
     stdin: str | None = None
     timeout_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = None
     wait: bool = True
+    tty: bool = Field(
+        default=False,
+        description="A pseudo-terminal as stdin, stdout and stderr (stderr stays empty); "
+        "input, and window resizes, through GET …/execs/{id}/attach. Implies `interactive`.",
+    )
+    interactive: bool = Field(
+        default=False,
+        description="Keep stdin open after `stdin` for input through GET …/execs/{id}/attach "
+        "(as `docker exec -i`); it closes when the attached client sends end of file.",
+    )
+    tty_size: TtySize | None = Field(default=None, description="The terminal's first size.")
+
+    @model_validator(mode="after")
+    def _tty_size_needs_tty(self) -> ExecCreate:
+        if self.tty_size is not None and not self.tty:
+            raise ValueError("tty_size needs tty: true")
+        return self
 
     @field_validator("cmd")
     @classmethod
@@ -230,6 +272,11 @@ class ExecCreate(_Input):
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         return _check_env(value)
+
+    @field_validator("stdin")
+    @classmethod
+    def _stdin(cls, value: str | None) -> str | None:
+        return None if value is None else _utf8(value, "stdin")
 
     @field_validator("cwd")
     @classmethod
@@ -261,6 +308,32 @@ class Exec(BaseModel):
     stderr_truncated: bool
     started_at: datetime
     finished_at: datetime | None
+
+
+class ExecOutput(BaseModel):
+    """A line of an exec's output stream (NDJSON, or a WebSocket message): output as it came."""
+
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class ExecExit(BaseModel):
+    """The last line of an exec's output stream: the Exec as it ended."""
+
+    exit: Exec
+
+
+class AttachMessage(_Input):
+    """A text message a client sends on an attach WebSocket (bytes go to stdin as they are)."""
+
+    stdin: str | None = None
+    eof: bool = False
+    resize: TtySize | None = None
+
+    @field_validator("stdin")
+    @classmethod
+    def _stdin(cls, value: str | None) -> str | None:
+        return None if value is None else _utf8(value, "stdin")
 
 
 class SignalRequest(_Input):
@@ -317,6 +390,15 @@ class SandboxService(Protocol):
     async def list_execs(self, ref: str) -> builtins.list[Exec]: ...
     async def get_exec(self, ref: str, exec_id: str) -> Exec: ...
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec: ...
+    def follow(
+        self, ref: str, exec_id: str, *, follow: bool
+    ) -> AsyncIterator[ExecOutput | ExecExit]:
+        """The exec's output from its start; with `follow`, live until it ends, then ExecExit.
+        Without, what there is now (and ExecExit if it has ended)."""
+        ...
+
+    async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None: ...
+    async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None: ...
 
 
 def kernel_release() -> str:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from daemon.protocol import MessageType, SpawnRequest, decode, encode
+from daemon.syscalls import process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,19 @@ class Zygote:
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
+        # Supervisors inherit the zygote's environment: nothing of the daemon's (its token!).
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH")}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "daemon.zygote", str(theirs.fileno()), self.label],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            env=env | {"LANG": "C.UTF-8"},
         )
         theirs.close()
         self.reader, self.writer = await asyncio.open_unix_connection(sock=ours, limit=_LINE_LIMIT)
 
-    async def spawn(self, req: SpawnRequest) -> int:
-        """Build a sandbox's namespaces and supervisor; B's host pid."""
+    async def spawn(self, req: SpawnRequest) -> tuple[int, int]:
+        """Build a sandbox's namespaces and supervisor; B's host pid and start time."""
         async with self.lock:
             if self.process is None or self.process.poll() is not None:
                 await self.stop()
@@ -61,7 +65,7 @@ class Zygote:
         reply = json.loads(line)
         if "error" in reply:
             raise SpawnError(reply["error"])
-        return int(reply["pid"])
+        return int(reply["pid"]), int(reply["start"])
 
     async def stop(self) -> None:
         if self.writer is not None:
@@ -120,10 +124,9 @@ class SupervisorLink:
             while line := await reader.readline():
                 try:
                     kind, message = decode(line)
-                except ValueError:
-                    log.warning("%s: unreadable message %r", self.path, line[:200])
-                    continue
-                self.on_message(kind, message)
+                    self.on_message(kind, message)
+                except Exception:  # one bad message (or a store error) must not end the link
+                    log.exception("%s: cannot handle %r", self.path, line[:200])
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
@@ -142,16 +145,6 @@ class SupervisorLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         self.close()
-
-
-def process_start_time(pid: int) -> int | None:
-    """The start time of a process (field 22 of /proc/PID/stat): with the pid, its identity."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data.rsplit(b")", 1)[1].split()[19])
 
 
 def open_pidfd(pid: int, start_time: int | None) -> int | None:

@@ -16,9 +16,15 @@ Creating a sandbox (the zygote is a warm, thread-free child of the daemon; A and
 Running (one JSON object a line, either way, over supervisor.sock):
 
     daemon                                      supervisor
-      │ EXEC {id, cmd, env, cwd, uid, gid, stdin} ─►│ fork, setns(user), exec
+      │ EXEC {id, cmd, env, cwd, uid, gid, ...} ───►│ fork, join its cgroup, exec
       │◄──────────────────────── STARTED {id, pid} ─│ (exec failed: EXITED 126/127 next)
       │ SIGNAL {id, signal} ───────────────────────►│ kill(pid)
+      │ SUBSCRIBE {id} ────────────────────────────►│ live output from now on:
+      │◄──────────────── SUBSCRIBED {id, offsets} ──│ bytes before these are in the files
+      │◄──────── OUTPUT {id, stream, offset, data} ─│ (base64; dropped when the daemon lags)
+      │ UNSUBSCRIBE {id} ──────────────────────────►│
+      │ INPUT {id, data, eof} ─────────────────────►│ to its stdin (pipe or terminal)
+      │ RESIZE {id, rows, cols} ───────────────────►│ the terminal's window size
       │◄─────────────── EXITED {id, status fields} ─│ after status.json is on disk
       │◄──────────────────────── ERROR {id, message}│ a request it could not act on
 
@@ -44,6 +50,8 @@ SOCKET_NAME = "supervisor.sock"
 EXECS_DIR = "execs"
 STATUS_FILE = "status.json"
 SETUP_ERROR_FILE = "setup_error"
+SUPERVISOR_ERROR_FILE = "supervisor_error"
+INVALID_PREFIX = "invalid: "  # a setup error that the request's own mounts caused
 ROOT_DIR = "root"
 STAGING_DIR = "staging"
 
@@ -55,6 +63,12 @@ class MessageType(enum.StrEnum):
     SIGNAL = "signal"
     EXITED = "exited"
     ERROR = "error"
+    SUBSCRIBE = "subscribe"
+    SUBSCRIBED = "subscribed"
+    UNSUBSCRIBE = "unsubscribe"
+    OUTPUT = "output"
+    INPUT = "input"
+    RESIZE = "resize"
 
 
 def encode(kind: MessageType, **fields: Any) -> bytes:
@@ -100,6 +114,7 @@ class SpawnRequest:
     env: dict[str, str]
     cmd: list[str] | None
     output_limit: int
+    cgroup: str  # the sandbox's directory in the cgroup2 tree (daemon.cgroups)
     id_range: int = 65536
 
     def to_json(self) -> bytes:
@@ -141,6 +156,11 @@ class ExecRequest:
     uid: int
     gid: int | None  # None: the uid's primary group from the sandbox's /etc/passwd
     stdin: str | None = None
+    timeout: float | None = None  # seconds; then the exec's whole cgroup gets SIGKILL
+    interactive: bool = False  # stdin stays open for INPUT messages
+    tty: bool = False  # a pseudo-terminal as stdin, stdout and stderr
+    rows: int | None = None
+    cols: int | None = None
 
 
 def exec_dir(run_dir: str, exec_id: str) -> str:

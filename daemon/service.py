@@ -10,6 +10,7 @@ Files on the host, per sandbox:
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import logging
@@ -17,35 +18,41 @@ import os
 import secrets
 import shutil
 import signal
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from daemon import base, cgroups
 from daemon.config import Config
 from daemon.errors import Conflict, Invalid, SandboxError, SetupFailed
+from daemon.following import STREAMS, Follower, TextCursor, read_prefix
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
 from daemon.models import (
     Exec,
     ExecCreate,
-    ExitInfo,
+    ExecExit,
+    ExecOutput,
     Info,
     Limits,
-    MountSpec,
-    NetworkView,
     Sandbox,
     SandboxCounts,
     SandboxCreate,
     hostname_from_name,
     kernel_release,
 )
-from daemon.parent import SpawnError, SupervisorLink, Zygote, open_pidfd, process_start_time
+from daemon.parent import SpawnError, SupervisorLink, Zygote, open_pidfd
 from daemon.protocol import (
+    INVALID_PREFIX,
     MAIN_EXEC,
+    SETUP_ERROR_FILE,
     SOCKET_NAME,
     STAGING_DIR,
     STATUS_FILE,
+    SUPERVISOR_ERROR_FILE,
     BindMount,
     ExitStatus,
     Layer,
@@ -54,12 +61,14 @@ from daemon.protocol import (
     exec_dir,
 )
 from daemon.store import ExecRecord, SandboxRecord, Store
+from daemon.views import exec_view, sandbox_view
 
 log = logging.getLogger(__name__)
 
 ID_RANGE = 65536
 _GONE_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 30.0
+_ADOPT_TIMEOUT = 5.0
 _LOST_EXEC_MESSAGE = "sandboxd: the exec was lost: the daemon stopped before it could start\n"
 
 
@@ -74,6 +83,13 @@ class LiveSandbox:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started: dict[str, asyncio.Future[int | None]] = field(default_factory=dict)
     finished: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    followers: dict[str, set[Follower]] = field(default_factory=dict)
+    subscribing: dict[str, deque[Follower]] = field(default_factory=dict)
+
+    def end_followers(self, exec_id: str) -> None:
+        for follower in self.followers.pop(exec_id, set()):
+            follower.end()
+        self.subscribing.pop(exec_id, None)
 
     def release_waiters(self) -> None:
         for future in self.started.values():
@@ -83,6 +99,8 @@ class LiveSandbox:
             _resolve(done)
         self.started.clear()
         self.finished.clear()
+        for exec_id in list(self.followers):
+            self.end_followers(exec_id)
 
 
 class SandboxManager:
@@ -91,6 +109,8 @@ class SandboxManager:
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"
         self.zygote = Zygote(str(config.run_dir))
+        self.tree = cgroups.ProcessTree(config.cgroup_name, config.run_dir)
+        self.housekeeping: asyncio.Task[None] | None = None
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self._store: Store | None = None
@@ -113,21 +133,25 @@ class SandboxManager:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
         self._store = Store(self.config.state_dir / "sandboxd.db")
+        self.tree.start()
         self.base_dir = base.prepare(self.config.state_dir / "bases")
         await self.zygote.start()
         for record in self.store.live_sandboxes():
             await self._adopt(record)
-        self._remove_strays()
+        await self._remove_strays()
         in_use = {r.base_dir for r in self.store.live_sandboxes() if r.base_dir}
         base.remove_unused(self.config.state_dir / "bases", in_use, self.base_dir)
         for record in self.store.list_sandboxes():
             if record.expires_at is not None:
                 self._schedule_expiry(record.id, record.expires_at)
+        self.housekeeping = asyncio.create_task(self._forget_old_execs())
 
     async def stop(self) -> None:
         """Stop talking to supervisors; the sandboxes keep running for the next daemon."""
         for timer in self.timers.values():
             timer.cancel()
+        if self.housekeeping is not None:
+            self.housekeeping.cancel()
         for live in list(self.live.values()):
             if live.link is not None:
                 await live.link.aclose()
@@ -136,6 +160,7 @@ class SandboxManager:
             live.release_waiters()
         self.live.clear()
         await self.zygote.stop()
+        self.tree.stop()
         if self._store is not None:
             self._store.close()
 
@@ -173,9 +198,11 @@ class SandboxManager:
 
     async def create(self, spec: SandboxCreate) -> Sandbox:
         # 1. validate what the schema cannot see: the host paths, what is not built yet
-        check_host_paths(spec)
+        self._check_host_paths(spec)
         sandbox_id = new_id("sb")
         hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else sandbox_id)
+        if "uts" not in spec.namespaces:
+            hostname = socket.gethostname()  # the host's, which it shares
         now = utcnow()
         expires_at = now + timedelta(seconds=spec.ttl_seconds) if spec.ttl_seconds else None
         # 2. allocate: the record, its uid range, its name (409 and 503 come from here)
@@ -192,10 +219,10 @@ class SandboxManager:
         self.live[sandbox_id] = live
         async with live.lock:
             try:
-                # 3. the writable layers and the mailbox; 4. namespaces, mounts, supervisor
+                # 3. its cgroup, writable layers and mailbox; 4. namespaces, mounts, supervisor
+                self.tree.create(sandbox_id)
                 request = self._prepare_files(record, spec)
-                pid = await self.zygote.spawn(request)
-                start_time = process_start_time(pid)
+                pid, start_time = await self.zygote.spawn(request)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
                 # 5. the record says running, with the supervisor's pid
@@ -207,21 +234,51 @@ class SandboxManager:
                     started_at=utcnow(),
                 )
             except (OSError, SpawnError, ConnectionError, TimeoutError) as exc:
-                message = self._setup_error(live) or str(exc)
-                await self._kill(live)
-                self._remove_files(record.id)
-                self.store.transition(
-                    sandbox_id,
-                    SandboxState.FAILED,
-                    finished_at=utcnow(),
-                    exit_reason=ExitReason.SETUP_FAILED,
-                    exit_message=message,
-                    uid_slot=None,
-                )
-                raise SetupFailed(f"sandbox {sandbox_id} could not be set up: {message}") from exc
+                await self._undo_create(live, exc)
         if expires_at is not None:
             self._schedule_expiry(sandbox_id, expires_at)
         return sandbox_view(record)
+
+    async def _undo_create(self, live: LiveSandbox, exc: Exception) -> NoReturn:
+        """Undo a create that failed: kill what started, remove what was made, and say why."""
+        message = self._setup_error(live) or str(exc)
+        await self._kill(live)
+        self.live.pop(live.id, None)
+        await self._remove_files(live.id)
+        if message.startswith(INVALID_PREFIX):  # its mounts were bad input after all
+            self.store.delete_sandbox(live.id)
+            raise Invalid(message.removeprefix(INVALID_PREFIX)) from exc
+        self.store.transition(
+            live.id,
+            SandboxState.FAILED,
+            finished_at=utcnow(),
+            exit_reason=ExitReason.SETUP_FAILED,
+            exit_message=message,
+            uid_slot=None,
+        )
+        raise SetupFailed(f"sandbox {live.id} could not be set up: {message}") from exc
+
+    def _check_host_paths(self, spec: SandboxCreate) -> None:
+        """The host paths of a request: they must exist, and not expose the daemon's own."""
+        if spec.network.mode == "bridge":
+            raise Invalid("network mode 'bridge' is not implemented yet")
+        if spec.limits != Limits():
+            raise Invalid("resource limits are not implemented yet")
+        private = [self.config.state_dir.resolve(), self.config.run_dir.resolve()]
+        sources = [("rootfs", spec.rootfs)] if spec.rootfs else []
+        sources += [("mount source", m.source) for m in spec.mounts]
+        for what, source in sources:
+            if not os.path.exists(source):
+                raise Invalid(f"{what} {source} does not exist on the host")
+            if what == "rootfs" and not os.path.isdir(source):
+                raise Invalid(f"rootfs {source} is not a directory on the host")
+            path = Path(source).resolve()
+            if any(path == d or d in path.parents or path in d.parents for d in private):
+                raise Invalid(f"{what} {source} holds or lies in the daemon's own directories")
+        for mount in spec.mounts:
+            top = "/" + mount.target.strip("/").split("/")[0]
+            if top in ("/proc", "/sys", "/dev"):
+                raise Invalid(f"mount target {mount.target}: nothing may be mounted under {top}")
 
     def _prepare_files(self, record: SandboxRecord, spec: SandboxCreate) -> SpawnRequest:
         """Make the sandbox's directories on the host and the request that builds it."""
@@ -260,6 +317,7 @@ class SandboxManager:
             env=spec.env,
             cmd=spec.cmd,
             output_limit=self.config.output_limit,
+            cgroup=str(self.tree.path(record.id)),
             id_range=ID_RANGE,
         )
 
@@ -273,10 +331,8 @@ class SandboxManager:
         live.link = link
         return hello
 
-    def _setup_error(self, live: LiveSandbox) -> str | None:
-        with contextlib.suppress(OSError):
-            return (live.run_dir / "setup_error").read_text().strip().splitlines()[0]
-        return None
+    def _setup_error(self, live: LiveSandbox) -> str:
+        return read_text(live.run_dir / SETUP_ERROR_FILE)
 
     # -- destroy ------------------------------------------------------------------------------
 
@@ -288,17 +344,22 @@ class SandboxManager:
                 await self._kill(live)
                 live.release_waiters()
                 self.live.pop(record.id, None)
-        self._remove_files(record.id)
+        await self._remove_files(record.id)
         timer = self.timers.pop(record.id, None)
         if timer is not None:
             timer.cancel()
         self.store.delete_sandbox(record.id)
 
     async def _kill(self, live: LiveSandbox) -> None:
-        """SIGKILL the supervisor; as PID 1 its death takes every process of the sandbox."""
+        """Kill every process of the sandbox at once through its cgroup, and wait for PID 1.
+
+        The cgroup reaches what a pidfd cannot: a supervisor whose pid was never stored
+        (the daemon died while creating it), and the first fork before the supervisor.
+        """
         if live.link is not None:
             await live.link.aclose()
             live.link = None
+        self.tree.kill(live.id)
         if live.pidfd is None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -314,13 +375,12 @@ class SandboxManager:
         async with live.lock:
             if self.live.get(live.id) is not live:
                 return  # destroyed meanwhile
-            if live.pidfd is not None:
-                if not await wait_readable(live.pidfd, _GONE_TIMEOUT):
-                    log.warning("sandbox %s: link closed but supervisor alive; killing", live.id)
-                await self._kill(live)
-            self._retire(live, self.store.get_sandbox(live.id))
+            if live.pidfd is not None and not await wait_readable(live.pidfd, _GONE_TIMEOUT):
+                log.warning("sandbox %s: link closed but supervisor alive; killing", live.id)
+            await self._kill(live)
+            await self._retire(live, self.store.get_sandbox(live.id))
 
-    def _retire(self, live: LiveSandbox, record: SandboxRecord) -> None:
+    async def _retire(self, live: LiveSandbox, record: SandboxRecord) -> None:
         """Store what the dead supervisor left in its mailbox, end the record, clean up."""
         for exec_id in finished_in_mailbox(live.run_dir):
             self._collect(live, exec_id)
@@ -329,38 +389,48 @@ class SandboxManager:
         main = read_status(live.run_dir, MAIN_EXEC)
         if main is not None:
             reason = ExitReason.EXITED if main.signal is None else ExitReason.SIGNALED
-            target, fields = (
-                SandboxState.EXITED,
-                {"exit_code": main.exit_code, "exit_signal": main.signal},
-            )
+            target = SandboxState.EXITED
         else:
-            target, fields = SandboxState.FAILED, {"exit_code": None, "exit_signal": None}
-            reason = ExitReason.SUPERVISOR_LOST
+            target, reason = SandboxState.FAILED, ExitReason.SUPERVISOR_LOST
+        crash = read_text(live.run_dir / SUPERVISOR_ERROR_FILE)
+        if crash:
+            log.error("sandbox %s: its supervisor failed: %s", record.id, crash)
         if record.state == SandboxState.CREATING and target == SandboxState.EXITED:
             self.store.transition(record.id, SandboxState.RUNNING, started_at=utcnow())
-        self._remove_files(record.id)
+        # The record first: should the daemon die now, the files left are strays at start.
         self.store.transition(
             record.id,
             target,
             exit_reason=reason,
+            exit_code=main.exit_code if main else None,
+            exit_signal=main.signal if main else None,
             finished_at=utcnow(),
             uid_slot=None,
             pid=None,
-            **fields,
         )
         live.release_waiters()
         self.live.pop(record.id, None)
+        await self._remove_files(record.id)
 
-    def _remove_files(self, sandbox_id: str) -> None:
-        shutil.rmtree(self.runtime_dir / sandbox_id, ignore_errors=True)
-        shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
+    async def _remove_files(self, sandbox_id: str) -> None:
+        """Everything of a sandbox on the host but its record (the cgroup kills what is left)."""
 
-    def _remove_strays(self) -> None:
-        """Files of sandboxes that are not live (a crash mid-create, mid-delete or mid-retire)."""
-        for parent in (self.runtime_dir, self.sandboxes_dir):
-            for path in parent.iterdir():
-                if path.name not in self.live:
-                    shutil.rmtree(path, ignore_errors=True)
+        def remove() -> None:
+            try:
+                self.tree.remove(sandbox_id)
+            except OSError as exc:
+                log.error("sandbox %s: its cgroup stays: %s", sandbox_id, exc)
+            # A writable layer may hold many files: off the event loop, so others go on.
+            shutil.rmtree(self.runtime_dir / sandbox_id, ignore_errors=True)
+            shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
+
+        await asyncio.to_thread(remove)
+
+    async def _remove_strays(self) -> None:
+        """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire)."""
+        stray = {p.name for d in (self.runtime_dir, self.sandboxes_dir) for p in d.iterdir()}
+        for sandbox_id in (stray | set(self.tree.sandboxes())) - set(self.live):
+            await self._remove_files(sandbox_id)
 
     # -- restart ------------------------------------------------------------------------------
 
@@ -370,44 +440,43 @@ class SandboxManager:
         self.live[record.id] = live
         if record.pid is not None:
             live.pidfd = open_pidfd(record.pid, record.pid_start)
-        if record.state == SandboxState.CREATING or live.pidfd is None:
-            await self._kill(live)
-            if record.state == SandboxState.CREATING:
-                self._remove_files(record.id)
-                self.store.transition(
-                    record.id,
-                    SandboxState.FAILED,
-                    finished_at=utcnow(),
-                    exit_reason=ExitReason.SETUP_FAILED,
-                    exit_message="the daemon stopped while the sandbox was being created",
-                    uid_slot=None,
-                )
-                self.live.pop(record.id, None)
-            else:
-                self._retire(live, record)
+        if record.state == SandboxState.CREATING:
+            await self._kill(live)  # its cgroup holds it, whether or not its pid was stored
+            self.live.pop(record.id, None)
+            await self._remove_files(record.id)
+            self.store.transition(
+                record.id,
+                SandboxState.FAILED,
+                finished_at=utcnow(),
+                exit_reason=ExitReason.SETUP_FAILED,
+                exit_message="the daemon stopped while the sandbox was being created",
+                uid_slot=None,
+            )
             return
         try:
-            hello = await self._connect(live)
+            if live.pidfd is None:
+                raise ConnectionError("the supervisor is gone")
+            hello = await asyncio.wait_for(self._connect(live), _ADOPT_TIMEOUT)
         except (OSError, ConnectionError, TimeoutError, ValueError):
             await self._kill(live)
-            self._retire(live, record)
+            await self._retire(live, record)
             return
-        running = hello.get("running", {})
+        running: dict[str, int] = hello.get("running", {})
         for exec_id in hello.get("finished", []):
             if exec_id != MAIN_EXEC:
                 self._collect(live, exec_id)
-        for lost in self.store.running_execs(record.id):
-            if lost.id not in running:
-                lost_fields = {"signal": None, "exit_code": 255, "stderr": _LOST_EXEC_MESSAGE}
-                self.store.finish_exec(lost.id, **killed_exec_fields() | lost_fields)
+        for unfinished in self.store.running_execs(record.id):
+            if unfinished.id in running:  # its STARTED may have been lost with the last daemon
+                self.store.set_exec_pid(unfinished.id, running[unfinished.id])
+            else:
+                lost = {"signal": None, "exit_code": 255, "stderr": _LOST_EXEC_MESSAGE}
+                self.store.finish_exec(unfinished.id, **killed_exec_fields() | lost)
 
     # -- exec ---------------------------------------------------------------------------------
 
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
         record = self.store.get_sandbox(ref)
         live = self.live.get(record.id)
-        if spec.timeout_seconds is not None:
-            raise Invalid("timeout_seconds is not implemented yet")
         if record.state != SandboxState.RUNNING or live is None or live.link is None:
             raise Conflict(f"sandbox {record.id} is {record.state}, not running")
         uid, _, gid = spec.user.partition(":")
@@ -427,9 +496,19 @@ class SandboxManager:
                 uid=int(uid),
                 gid=int(gid) if gid else None,
                 stdin=spec.stdin,
+                timeout=spec.timeout_seconds,
+                interactive=spec.interactive or spec.tty,
+                tty=spec.tty,
+                rows=spec.tty_size.rows if spec.tty_size else None,
+                cols=spec.tty_size.cols if spec.tty_size else None,
             )
             await started
-        except (ConnectionError, SandboxError):
+        except ConnectionError as exc:  # the supervisor went away meanwhile: nothing ran
+            live.started.pop(exec_id, None)
+            live.finished.pop(exec_id, None)
+            self.store.delete_exec(exec_id)
+            raise Conflict(f"sandbox {record.id} is no longer running") from exc
+        except SandboxError:
             live.finished.pop(exec_id, None)
             self.store.finish_exec(exec_id, **killed_exec_fields())
             raise
@@ -438,13 +517,81 @@ class SandboxManager:
         return exec_view(self.store.get_exec(record.id, exec_id))
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
+        link, found = self._running_exec(ref, exec_id)
+        link.send(MessageType.SIGNAL, id=exec_id, signal=signal)
+        return exec_view(found)
+
+    async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None:
+        link, _ = self._running_exec(ref, exec_id)
+        link.send(MessageType.INPUT, id=exec_id, data=base64.b64encode(data).decode(), eof=eof)
+
+    async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None:
+        link, _ = self._running_exec(ref, exec_id)
+        link.send(MessageType.RESIZE, id=exec_id, rows=rows, cols=cols)
+
+    def _running_exec(self, ref: str, exec_id: str) -> tuple[SupervisorLink, ExecRecord]:
         record = self.store.get_sandbox(ref)
         found = self.store.get_exec(record.id, exec_id)
         live = self.live.get(record.id)
         if found.state != ExecState.RUNNING or live is None or live.link is None:
             raise Conflict(f"exec {exec_id} has already ended")
-        live.link.send(MessageType.SIGNAL, id=exec_id, signal=signal)
-        return exec_view(found)
+        return live.link, found
+
+    async def follow(
+        self, ref: str, exec_id: str, *, follow: bool
+    ) -> AsyncIterator[ExecOutput | ExecExit]:
+        record = self.store.get_sandbox(ref)
+        found = self.store.get_exec(record.id, exec_id)
+        cursor = TextCursor()
+        live = self.live.get(record.id)
+        if found.state == ExecState.RUNNING and live is not None and live.link is not None:
+            path = Path(exec_dir(str(live.run_dir), exec_id))
+            if follow:
+                async for chunk in self._follow_live(live, exec_id, path, cursor):
+                    yield chunk
+            else:
+                for stream in STREAMS:
+                    text = cursor.feed(stream, 0, read_prefix(path / stream))
+                    if text:
+                        yield ExecOutput(stream=stream, data=text)
+                return
+        found = self.store.get_exec(record.id, exec_id)
+        for stream in STREAMS:
+            if rest := cursor.rest(stream, getattr(found, stream)):
+                yield ExecOutput(stream=stream, data=rest)
+        if found.state == ExecState.EXITED:
+            yield ExecExit(exit=exec_view(found))
+
+    async def _follow_live(
+        self, live: LiveSandbox, exec_id: str, path: Path, cursor: TextCursor
+    ) -> AsyncIterator[ExecOutput]:
+        """Files up to the offsets of the subscription, then the live chunks after them."""
+        follower = Follower()
+        live.followers.setdefault(exec_id, set()).add(follower)
+        live.subscribing.setdefault(exec_id, deque()).append(follower)
+        try:
+            assert live.link is not None
+            live.link.send(MessageType.SUBSCRIBE, id=exec_id)
+            offsets = await follower.offsets
+            if offsets is None:
+                return
+            for stream in STREAMS:
+                text = cursor.feed(stream, 0, read_prefix(path / stream, offsets[stream]))
+                cursor.seen[stream] = offsets[stream]  # what lay past the limit is gone
+                if text:
+                    yield ExecOutput(stream=stream, data=text)
+            while (chunk := await follower.queue.get()) is not None:
+                stream, offset, data = chunk
+                if text := cursor.feed(stream, offset, data):
+                    yield ExecOutput(stream=stream, data=text)
+        finally:
+            followers = live.followers.get(exec_id)
+            if followers is not None:
+                followers.discard(follower)
+                if not followers and live.link is not None:
+                    del live.followers[exec_id]
+                    with contextlib.suppress(ConnectionError):
+                        live.link.send(MessageType.UNSUBSCRIBE, id=exec_id)
 
     def _on_message(self, live: LiveSandbox, kind: MessageType, message: dict[str, Any]) -> None:
         exec_id = str(message.get("id"))
@@ -454,6 +601,20 @@ class SandboxManager:
             future = live.started.pop(exec_id, None)
             if future is not None and not future.done():
                 future.set_result(int(message["pid"]))
+        elif kind is MessageType.OUTPUT:
+            chunk = (
+                str(message["stream"]),
+                int(message["offset"]),
+                base64.b64decode(message["data"]),
+            )
+            for follower in live.followers.get(exec_id, ()):
+                follower.push(chunk)
+        elif kind is MessageType.SUBSCRIBED:
+            waiting = live.subscribing.get(exec_id)
+            if waiting:
+                follower = waiting.popleft()
+                if not follower.offsets.done():
+                    follower.offsets.set_result(message.get("offsets"))
         elif kind is MessageType.EXITED and exec_id != MAIN_EXEC:
             self._collect(live, exec_id)
         elif kind is MessageType.ERROR:
@@ -483,6 +644,18 @@ class SandboxManager:
         future = live.finished.pop(exec_id, None)
         if future is not None and not future.done():
             future.set_result(None)
+        live.end_followers(exec_id)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    async def _forget_old_execs(self) -> None:
+        """Finished execs are kept `exec_retention` seconds, then their records go."""
+        retention = timedelta(seconds=self.config.exec_retention)
+        while True:
+            forgotten = self.store.delete_execs_finished_before(utcnow() - retention)
+            if forgotten:
+                log.info("forgot %d execs finished more than %s ago", forgotten, retention)
+            await asyncio.sleep(min(60.0, self.config.exec_retention / 4))
 
     # -- ttl ----------------------------------------------------------------------------------
 
@@ -500,18 +673,6 @@ class SandboxManager:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def check_host_paths(spec: SandboxCreate) -> None:
-    if spec.network.mode == "bridge":
-        raise Invalid("network mode 'bridge' is not implemented yet")
-    if spec.limits != Limits():
-        raise Invalid("resource limits are not implemented yet")
-    if spec.rootfs is not None and not os.path.isdir(spec.rootfs):
-        raise Invalid(f"rootfs {spec.rootfs} is not a directory on the host")
-    for mount in spec.mounts:
-        if not os.path.exists(mount.source):
-            raise Invalid(f"mount source {mount.source} does not exist on the host")
 
 
 def write_identity_files(upper: Path, hostname: str, owner: int) -> None:
@@ -547,6 +708,13 @@ def read_status(run_dir: Path, exec_id: str) -> ExitStatus | None:
     except OSError:
         return None
     return ExitStatus.from_json(data)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def read_output(path: Path) -> str:
@@ -586,57 +754,6 @@ async def wait_readable(fd: int, timeout: float) -> bool:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def sandbox_view(record: SandboxRecord) -> Sandbox:
-    spec = SandboxCreate.model_validate(record.spec)
-    exit_info = None
-    if record.exit_reason is not None:
-        exit_info = ExitInfo(
-            exit_code=record.exit_code,
-            signal=record.exit_signal,
-            reason=ExitReason(record.exit_reason),
-            message=record.exit_message,
-        )
-    return Sandbox(
-        id=record.id,
-        name=record.name,
-        state=SandboxState(record.state),
-        hostname=record.hostname,
-        namespaces=spec.namespaces,
-        rootfs=spec.rootfs,
-        mounts=[MountSpec.model_validate(m) for m in record.spec.get("mounts", [])],
-        cmd=spec.cmd,
-        env=spec.env,
-        network=NetworkView(mode=spec.network.mode, ip=record.ip, ports=spec.network.ports),
-        limits=spec.limits,
-        labels=spec.labels,
-        pid=record.pid if record.state == SandboxState.RUNNING else None,
-        created_at=record.created_at,
-        started_at=record.started_at,
-        finished_at=record.finished_at,
-        expires_at=record.expires_at,
-        exit=exit_info,
-    )
-
-
-def exec_view(record: ExecRecord) -> Exec:
-    return Exec(
-        id=record.id,
-        sandbox_id=record.sandbox_id,
-        cmd=list(record.cmd),
-        state=ExecState(record.state),
-        pid=record.pid,
-        exit_code=record.exit_code,
-        signal=record.signal,
-        timed_out=record.timed_out,
-        stdout=record.stdout,
-        stderr=record.stderr,
-        stdout_truncated=record.stdout_truncated,
-        stderr_truncated=record.stderr_truncated,
-        started_at=record.started_at,
-        finished_at=record.finished_at,
-    )
 
 
 def new_id(prefix: str) -> str:

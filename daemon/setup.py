@@ -114,8 +114,19 @@ def unshare_namespaces(req: SpawnRequest) -> None:
 # -- B: PID 1 of the sandbox, host root, new mount namespace ----------------------------------
 
 
-def build_root(req: SpawnRequest, userns_fd: int | None) -> None:
-    """Steps 5-8: leave B chrooted (by pivot_root) in the sandbox's finished root."""
+class InvalidMount(Exception):
+    """A bind mount the request asked for cannot be made: the request's fault, not ours."""
+
+
+def build_root(req: SpawnRequest, userns_fd: int | None, base_userns_fd: int | None) -> int:
+    """Steps 5-8: leave B chrooted (by pivot_root) in the sandbox's finished root.
+
+    The base layers are idmapped through `base_userns_fd`, which maps host root alone (to
+    root inside): the host's other users' files show as nobody's, so root inside gets no
+    capability over them and sees them as any unprivileged user would. Bind mounts use the
+    sandbox's full mapping, so that uid N on the host is uid N inside. Returns an O_PATH fd
+    of the sandbox's /dev/pts/ptmx, opened before anything inside could replace it.
+    """
     # The old root must be rprivate, or our mounts and unmounts would propagate to the host.
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     staging = os.path.join(req.run_dir, STAGING_DIR)
@@ -125,16 +136,19 @@ def build_root(req: SpawnRequest, userns_fd: int | None) -> None:
     for index, layer in enumerate(req.layers):
         lower = os.path.join(staging, f"lower{index}")
         os.mkdir(lower)
-        attach(detached_tree(layer.lower, userns_fd, read_only=True), lower)
+        attach(detached_tree(layer.lower, base_userns_fd, read_only=True), lower)
         target = os.path.join(new_root, layer.target.lstrip("/"))
         options = f"lowerdir={lower},upperdir={layer.upper},workdir={layer.work}"
         sc.mount("overlay", target, "overlay", 0, options)
     # Trees from the host that must survive the old root: taken now, attached after the pivot.
     devices = {name: detached_tree(f"/dev/{name}", None, read_only=False) for name in DEVICES}
-    binds = [
-        (m, os.path.isdir(m.source), detached_tree(m.source, userns_fd, m.read_only))
-        for m in req.mounts
-    ]
+    binds = []
+    for mount in req.mounts:
+        try:
+            tree = detached_tree(mount.source, userns_fd, mount.read_only)
+        except OSError as exc:
+            raise InvalidMount(f"cannot bind {mount.source}: {exc.strerror}") from exc
+        binds.append((mount, os.path.isdir(mount.source), tree))
 
     os.chdir(new_root)
     sc.pivot_root(".", ".")
@@ -159,9 +173,14 @@ def build_root(req: SpawnRequest, userns_fd: int | None) -> None:
     mount_at("devpts", "/dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, pts, owner)
     mount_at("tmpfs", "/dev/shm", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
     mount_at("tmpfs", "/tmp", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
+    ptmx = os.open("/dev/pts/ptmx", os.O_PATH | os.O_CLOEXEC)
     for mount, is_dir, fd in binds:
-        make_mountpoint(mount.target, is_dir, owner)
-        attach(fd, mount.target)
+        try:
+            make_mountpoint(mount.target, is_dir, owner)
+            attach(fd, mount.target)
+        except OSError as exc:
+            raise InvalidMount(f"cannot bind {mount.source} on {mount.target}: {exc}") from exc
+    return ptmx
 
 
 def detached_tree(path: str, userns_fd: int | None, read_only: bool) -> int:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Dialect, Engine, TypeDecorator, event, func, select
+from sqlalchemy import Dialect, Engine, TypeDecorator, delete, event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -373,6 +373,21 @@ class Store:
 
     def running_execs(self, sandbox_id: str) -> list[ExecRecord]:
         return self._execs(sandbox_id, ExecState.RUNNING)
+
+    def delete_exec(self, exec_id: str) -> None:
+        """Forget an exec that never ran (its sandbox ended before it could start)."""
+        with self._writer.begin() as session:
+            session.execute(delete(ExecRecord).where(ExecRecord.id == exec_id))
+
+    def delete_execs_finished_before(self, cutoff: datetime) -> int:
+        """Forget execs that ended before `cutoff`; how many there were."""
+        with self._writer.begin() as session:
+            result = session.execute(
+                delete(ExecRecord).where(
+                    ExecRecord.state == ExecState.EXITED, ExecRecord.finished_at < cutoff
+                )
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def _execs(self, sandbox_id: str, state: ExecState | None = None) -> list[ExecRecord]:
         query = select(ExecRecord).where(ExecRecord.sandbox_id == sandbox_id)

@@ -1,24 +1,32 @@
 """The supervisor: PID 1 of a sandbox. It starts what it is asked to, reaps every process that
-dies in the sandbox, and leaves each exec's output and exit status in the runtime directory.
+dies in the sandbox, kills an exec's whole tree at its deadline, and leaves each exec's output
+and exit status in the runtime directory.
 
 Runs in: B, PID 1 of the sandbox's PID namespace, in its mount, UTS, IPC and network
 namespaces, but host root in the host's user namespace (so nothing inside can signal or
 ptrace it). It is a fork of the warm zygote and imports nothing after pivot_root: the host's
-Python installation is not visible from the sandbox's root.
+Python installation is not visible from the sandbox's root. It never blocks: every fd is
+non-blocking, and what the daemon is too slow to take waits in a bounded outbox.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
+import fcntl
+import heapq
 import json
 import os
 import selectors
 import signal
 import socket
+import struct
+import termios
 import time
 from dataclasses import dataclass, field
 
-from daemon import execchild
+from daemon import cgroups, execchild
 from daemon.protocol import (
     EXECS_DIR,
     MAIN_EXEC,
@@ -34,40 +42,33 @@ from daemon.protocol import (
 )
 
 _READ_CHUNK = 65536
-_SEND_TIMEOUT = 5.0
+_OUTBOX_LIMIT = 8 << 20  # past it, live output is dropped (never status messages)
+_INBOX_LIMIT = 64 << 20
+_INPUT_LIMIT = 1 << 20  # stdin bytes waiting for a process that does not read them
+_DRAIN_POLL = 0.005
+_TIOCSPTLCK = 0x40045431
+_TIOCGPTPEER = 0x5441  # how often a killed exec's cgroup is checked for stragglers
 
 
 @dataclass
 class Stream:
-    """One of an exec's output pipes: the first `limit` bytes go to a file, the rest nowhere."""
+    """One output of an exec: the first `limit` bytes go to a file, the rest nowhere."""
 
+    name: str
     fd: int
     file_fd: int
     limit: int
-    kept: int = 0
+    total: int = 0  # every byte read, kept or not: the offset of the next one
     truncated: bool = False
-
-    def pump(self) -> bool:
-        """Read what is there now; False at end of file."""
-        while True:
-            try:
-                data = os.read(self.fd, _READ_CHUNK)
-            except BlockingIOError:
-                return True
-            if not data:
-                return False
-            self.keep(data)
 
     def keep(self, data: bytes) -> None:
         if self.file_fd < 0:
             return  # the exec has ended: later output of its children is not part of it
-        room = self.limit - self.kept
+        room = self.limit - min(self.total, self.limit)
         if len(data) > room:
             self.truncated = True
-            data = data[:room]
-        if data:
-            os.write(self.file_fd, data)
-            self.kept += len(data)
+        if room > 0:
+            os.write(self.file_fd, data[:room])
 
     def close_file(self) -> None:
         if self.file_fd >= 0:
@@ -79,7 +80,17 @@ class Stream:
 class RunningExec:
     id: str
     pid: int
-    streams: list[Stream] = field(default_factory=list)
+    streams: list[Stream]
+    stdin_fd: int | None = None  # kept open for input: a pipe, or the pty's master
+    tty: bool = False
+    pending_input: bytearray = field(default_factory=bytearray)
+    close_stdin_after_input: bool = False
+    subscribed: bool = False
+    timed_out: bool = False
+    wait_status: int | None = None  # set once reaped, while its killed tree drains
+
+    def stream(self, name: str) -> Stream:
+        return next(s for s in self.streams if s.name == name)
 
 
 class Supervisor:
@@ -88,61 +99,94 @@ class Supervisor:
         req: SpawnRequest,
         listener: socket.socket,
         run_fd: int,
+        cgroup_fd: int,
         userns_fd: int | None,
+        ptmx_fd: int,
         wakeup_r: int,
     ) -> None:
         self.req = req
         self.listener = listener
-        self.run_fd = run_fd
         self.execs_fd = os.open(
             EXECS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=run_fd
         )
+        self.cgroup_fd = cgroup_fd
         self.userns_fd = userns_fd
+        self.ptmx_fd = ptmx_fd
         self.wakeup_r = wakeup_r
         self.selector = selectors.DefaultSelector()
         self.conn: socket.socket | None = None
-        self.inbox = b""
-        self.running: dict[int, RunningExec] = {}
-        self.streams: dict[int, Stream] = {}
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.running: dict[str, RunningExec] = {}  # by exec id
+        self.pids: dict[int, RunningExec] = {}  # by pid, until reaped
+        self.streams: dict[int, tuple[RunningExec, Stream]] = {}
+        self.deadlines: list[tuple[float, str]] = []
+        self.lingering: set[str] = set()  # cgroups of ended execs whose children live on
         self.main_pid: int | None = None
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self.selector.register(self.wakeup_r, selectors.EVENT_READ, "reap")
-        if self.req.cmd is not None:
-            self.start(ExecRequest(MAIN_EXEC, self.req.cmd, {}, "/", 0, None))
+        self.selector.register(self.listener, selectors.EVENT_READ, self.accept)
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, self.reap)
         while True:
-            for key, _ in self.selector.select():
-                if key.data == "accept":
-                    self.accept()
-                elif key.data == "reap":
-                    self.reap()
-                elif key.data == "conn":
-                    self.receive()
-                else:
-                    self.pump(key.fd)
+            for key, events in self.selector.select(self.next_timeout()):
+                # An earlier handler of this round may have closed (or reused) the fd.
+                if self.selector.get_map().get(key.fd) == key:
+                    self.dispatch(key, events)
+            self.expire_deadlines()
+            self.finish_drained()
 
-    def accept(self) -> None:
+    def dispatch(self, key: selectors.SelectorKey, events: int) -> None:
+        """One event; what goes wrong with it is reported, and the sandbox goes on."""
+        try:
+            key.data(key.fd, events)
+        except (OSError, ValueError, KeyError, StopIteration) as exc:
+            self.send(MessageType.ERROR, id=None, message=f"{type(exc).__name__}: {exc}")
+
+    def next_timeout(self) -> float | None:
+        if any(e.wait_status is not None for e in self.running.values()):
+            return _DRAIN_POLL
+        if self.deadlines:
+            return max(0.0, self.deadlines[0][0] - time.monotonic())
+        return None
+
+    # -- the daemon's connection --------------------------------------------------------------
+
+    def accept(self, fd: int, events: int) -> None:
         conn, _ = self.listener.accept()
-        if self.conn is not None:  # a restarted daemon: the new connection wins
-            self.selector.unregister(self.conn)
-            self.conn.close()
-        conn.settimeout(_SEND_TIMEOUT)
-        conn.set_inheritable(False)
-        self.conn, self.inbox = conn, b""
-        self.selector.register(conn, selectors.EVENT_READ, "conn")
-        running = {e.id: e.pid for e in self.running.values()}
-        self.send(MessageType.HELLO, running=running, finished=self.finished_ids())
+        self.drop_connection()  # a restarted daemon: the new connection wins
+        conn.setblocking(False)
+        self.conn, self.inbox, self.outbox = conn, bytearray(), bytearray()
+        self.selector.register(conn, selectors.EVENT_READ, self.on_conn)
+        for running in self.running.values():
+            running.subscribed = False
+        live = {e.id: e.pid for e in self.running.values() if e.wait_status is None}
+        self.send(MessageType.HELLO, running=live, finished=self.finished_ids())
+        if self.req.cmd is not None and self.main_pid is None:
+            # Only now: a main cmd that ends at once must find the daemon listening.
+            self.start(ExecRequest(MAIN_EXEC, self.req.cmd, {}, "/", 0, None))
 
     def send(self, kind: MessageType, **fields: object) -> None:
         if self.conn is None:
             return
+        if kind is MessageType.OUTPUT and len(self.outbox) > _OUTBOX_LIMIT:
+            return  # a follower too slow for the output: it sees a gap in the offsets
+        self.outbox += encode(kind, **fields)
+        self.flush()
+
+    def flush(self) -> None:
+        assert self.conn is not None
         try:
-            self.conn.sendall(encode(kind, **fields))
+            sent = self.conn.send(self.outbox)
+        except BlockingIOError:
+            sent = 0
         except OSError:
             self.drop_connection()
+            return
+        del self.outbox[:sent]
+        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+        self.selector.modify(self.conn, wanted, self.on_conn)
 
     def drop_connection(self) -> None:
         if self.conn is not None:
@@ -150,90 +194,231 @@ class Supervisor:
             self.conn.close()
             self.conn = None
 
-    def receive(self) -> None:
-        assert self.conn is not None
-        try:
-            data = self.conn.recv(_READ_CHUNK)
-        except OSError:
-            data = b""
-        if not data:
-            self.drop_connection()
-            return
-        self.inbox += data
-        while b"\n" in self.inbox:
-            line, self.inbox = self.inbox.split(b"\n", 1)
-            self.handle(line)
+    def on_conn(self, fd: int, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self.flush()
+        if events & selectors.EVENT_READ and self.conn is not None:
+            try:
+                data = self.conn.recv(_READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data or len(self.inbox) > _INBOX_LIMIT:
+                self.drop_connection()
+                return
+            self.inbox += data
+            while (end := self.inbox.find(b"\n")) >= 0:
+                line = bytes(self.inbox[:end])
+                del self.inbox[: end + 1]
+                self.handle(line)
 
     def handle(self, line: bytes) -> None:
         try:
             kind, message = decode(line)
             if kind is MessageType.EXEC:
                 self.start(ExecRequest(**message))
-            elif kind is MessageType.SIGNAL:
-                self.signal(message["id"], int(message["signal"]))
+                return
+            running = self.running.get(str(message["id"]))
+            if running is None:
+                return  # it ended meanwhile: the daemon learns that from EXITED
+            if kind is MessageType.SIGNAL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(running.pid, int(message["signal"]))
+            elif kind is MessageType.SUBSCRIBE:
+                running.subscribed = True
+                offsets = {s.name: s.total for s in running.streams}
+                self.send(MessageType.SUBSCRIBED, id=running.id, offsets=offsets)
+            elif kind is MessageType.UNSUBSCRIBE:
+                running.subscribed = False
+            elif kind is MessageType.INPUT:
+                self.feed(running, base64.b64decode(message["data"]), bool(message.get("eof")))
+            elif kind is MessageType.RESIZE:
+                if running.tty and running.stdin_fd is not None:
+                    set_window_size(running.stdin_fd, int(message["rows"]), int(message["cols"]))
             else:
                 raise ValueError(f"unexpected message {kind}")
         except (ValueError, TypeError, KeyError, OSError) as exc:
             self.send(MessageType.ERROR, id=_message_id(line), message=str(exc))
 
-    # -- execs --------------------------------------------------------------------------------
+    # -- starting an exec ---------------------------------------------------------------------
 
     def start(self, req: ExecRequest) -> None:
-        if not valid_exec_id(req.id):
-            raise ValueError(f"invalid exec id {req.id!r}")
+        if not valid_exec_id(req.id) or req.id in self.running:
+            raise ValueError(f"invalid or duplicate exec id {req.id!r}")
         os.mkdir(req.id, 0o700, dir_fd=self.execs_fd)
+        os.mkdir(req.id, dir_fd=self.cgroup_fd)
         dir_fd = os.open(req.id, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.execs_fd)
         try:
-            streams, child_ends = self.open_streams(dir_fd)
-            stdin = os.memfd_create("stdin", os.MFD_CLOEXEC)
-            if req.stdin:
-                os.write(stdin, req.stdin.encode())
-                os.lseek(stdin, 0, os.SEEK_SET)
-            env = {**self.req.env, **req.env}
-            req = ExecRequest(req.id, req.cmd, env, req.cwd, req.uid, req.gid, None)
-            pid = os.fork()
-            if pid == 0:  # Child, in the sandbox, host root: becomes the exec's process.
-                execchild.become(req, (stdin, child_ends[0], child_ends[1]), self.userns_fd)
-            for fd in (stdin, *child_ends):
-                os.close(fd)
+            running, child_stdio = self.open_stdio(req, dir_fd)
+        except OSError:
+            os.rmdir(req.id, dir_fd=self.cgroup_fd)
+            raise
         finally:
             os.close(dir_fd)
-        self.running[pid] = RunningExec(req.id, pid, streams)
-        for stream in streams:
-            self.streams[stream.fd] = stream
-            self.selector.register(stream.fd, selectors.EVENT_READ, "stream")
+        env = {**self.req.env, **req.env}
+        child_req = ExecRequest(req.id, req.cmd, env, req.cwd, req.uid, req.gid, tty=req.tty)
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in {*child_stdio, *(s.fd for s in running.streams), running.stdin_fd}:
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+            raise
+        if pid == 0:  # Child, in the sandbox, host root: becomes the exec's process.
+            execchild.become(child_req, child_stdio, self.cgroup_fd, self.userns_fd)
+        for fd in set(child_stdio):
+            os.close(fd)
+        running.pid = pid
+        self.running[req.id] = self.pids[pid] = running
+        for stream in running.streams:
+            if stream.fd >= 0:
+                self.streams[stream.fd] = (running, stream)
+                self.selector.register(stream.fd, selectors.EVENT_READ, self.on_output)
+        if req.timeout is not None:
+            heapq.heappush(self.deadlines, (time.monotonic() + req.timeout, req.id))
         if req.id == MAIN_EXEC:
             self.main_pid = pid
         self.send(MessageType.STARTED, id=req.id, pid=pid)
+        if req.stdin and running.stdin_fd is not None:
+            self.feed(running, req.stdin.encode(), eof=not req.interactive)
 
-    def open_streams(self, dir_fd: int) -> tuple[list[Stream], list[int]]:
-        streams, child_ends = [], []
-        for name in ("stdout", "stderr"):
-            read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            os.set_blocking(read_end, False)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-            file_fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
-            streams.append(Stream(read_end, file_fd, self.req.output_limit))
-            child_ends.append(write_end)
-        return streams, child_ends
+    def open_stdio(self, req: ExecRequest, dir_fd: int) -> tuple[RunningExec, tuple[int, int, int]]:
+        """The exec's output files and the fds its process gets as 0, 1 and 2."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        files = [os.open(name, flags, 0o600, dir_fd=dir_fd) for name in ("stdout", "stderr")]
+        limit = self.req.output_limit
+        if req.tty:
+            master, slave = self.open_pty()
+            set_window_size(master, req.rows or 24, req.cols or 80)
+            if self.req.uid_base is not None:  # its terminal is the user's, group tty inside
+                os.fchown(slave, self.req.uid_base + req.uid, self.req.uid_base + 5)
+            os.close(files[1])  # a terminal has one output: stderr stays empty
+            streams = [Stream("stdout", master, files[0], limit), Stream("stderr", -1, -1, limit)]
+            return RunningExec(req.id, 0, streams, stdin_fd=master, tty=True), (slave, slave, slave)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        for fd in (out_w, err_w):
+            os.set_blocking(fd, True)
+        streams = [
+            Stream("stdout", out_r, files[0], limit),
+            Stream("stderr", err_r, files[1], limit),
+        ]
+        if req.interactive or req.stdin:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(in_w, False)
+            return RunningExec(req.id, 0, streams, stdin_fd=in_w), (in_r, out_w, err_w)
+        # stdin is empty: an empty memfd reads as end of file at once.
+        return RunningExec(req.id, 0, streams), (
+            os.memfd_create("stdin", os.MFD_CLOEXEC),
+            out_w,
+            err_w,
+        )
 
-    def signal(self, exec_id: str, signum: int) -> None:
-        for running in self.running.values():
-            if running.id == exec_id:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(running.pid, signum)
+    def open_pty(self) -> tuple[int, int]:
+        """A new terminal of the sandbox's devpts, without a path root inside could swap."""
+        flags = os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC
+        master = os.open(f"/proc/self/fd/{self.ptmx_fd}", flags | os.O_NONBLOCK)
+        try:
+            fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))  # unlockpt
+            slave = fcntl.ioctl(master, _TIOCGPTPEER, flags)
+        except OSError:
+            os.close(master)
+            raise
+        return master, slave
+
+    # -- input and output ---------------------------------------------------------------------
+
+    def feed(self, running: RunningExec, data: bytes, eof: bool) -> None:
+        """Queue input for the exec's stdin; it is written as the process reads it."""
+        if running.stdin_fd is None:
+            return
+        if len(running.pending_input) + len(data) > _INPUT_LIMIT:
+            raise ValueError("too much input waiting for a process that does not read it")
+        running.pending_input += data
+        running.close_stdin_after_input |= eof
+        self.write_input(running)
+
+    def write_input(self, running: RunningExec) -> None:
+        fd = running.stdin_fd
+        assert fd is not None
+        while running.pending_input:
+            try:
+                written = os.write(fd, running.pending_input)
+            except BlockingIOError:
+                break
+            except OSError:  # the reader is gone: drop what it will never read
+                running.pending_input.clear()
+                break
+            del running.pending_input[:written]
+        if running.tty:
+            return  # the master is also the output: it stays registered for reading
+        if running.pending_input:
+            with contextlib.suppress(KeyError):  # KeyError: already waiting to be writable
+                self.selector.register(fd, selectors.EVENT_WRITE, self.on_input_ready)
+        elif running.close_stdin_after_input:
+            os.close(fd)
+            running.stdin_fd = None
+
+    def on_input_ready(self, fd: int, events: int) -> None:
+        self.selector.unregister(fd)
+        running = next(e for e in self.running.values() if e.stdin_fd == fd)
+        self.write_input(running)
+
+    def on_output(self, fd: int, events: int) -> None:
+        running, stream = self.streams[fd]
+        while True:
+            try:
+                data = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
                 return
+            except OSError as exc:  # a pty's master reads EIO once no slave is left
+                if exc.errno != errno.EIO:
+                    raise
+                data = b""
+            if not data:
+                self.close_stream(fd)
+                return
+            self.deliver(running, stream, data)
 
-    def pump(self, fd: int) -> None:
-        if not self.streams[fd].pump():
-            self.close_stream(fd)
+    def deliver(self, running: RunningExec, stream: Stream, data: bytes) -> None:
+        if stream.file_fd < 0:
+            return
+        stream.keep(data)
+        if running.subscribed:
+            encoded = base64.b64encode(data).decode()
+            self.send(
+                MessageType.OUTPUT,
+                id=running.id,
+                stream=stream.name,
+                offset=stream.total,
+                data=encoded,
+            )
+        stream.total += len(data)
 
     def close_stream(self, fd: int) -> None:
         self.selector.unregister(fd)
-        os.close(fd)
         del self.streams[fd]
+        running = next((e for e in self.running.values() if e.stdin_fd == fd), None)
+        if running is not None:  # a pty master: output and input end together
+            running.stdin_fd = None
+        os.close(fd)
 
-    def reap(self) -> None:
+    # -- deadlines ----------------------------------------------------------------------------
+
+    def expire_deadlines(self) -> None:
+        now = time.monotonic()
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, exec_id = heapq.heappop(self.deadlines)
+            running = self.running.get(exec_id)
+            if running is not None and not running.timed_out:
+                running.timed_out = True
+                # The exec's whole cgroup: setsid'd, double-forked and orphaned ones too.
+                cgroups.write_file(f"{exec_id}/cgroup.kill", b"1", dir_fd=self.cgroup_fd)
+
+    # -- endings ------------------------------------------------------------------------------
+
+    def reap(self, fd: int, events: int) -> None:
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wakeup_r, 4096):
                 pass
@@ -241,42 +426,71 @@ class Supervisor:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            running = self.running.pop(pid, None)
+                break
+            running = self.pids.pop(pid, None)
             if running is not None:  # an orphan needs nothing but the reaping
-                self.finish(running, wait_status)
+                running.wait_status = wait_status
+        self.finish_drained()
+        for leaf in list(self.lingering):
+            self.remove_leaf(leaf)
 
-    def finish(self, running: RunningExec, wait_status: int) -> None:
-        """Store how an exec ended: drain its pipes, write status.json, tell the daemon."""
+    def finish_drained(self) -> None:
+        for running in [e for e in self.running.values() if e.wait_status is not None]:
+            # A killed exec ends when its whole tree is gone, so none of it outlives the answer.
+            if not running.timed_out or not cgroups.populated(self.cgroup_fd, running.id):
+                self.finish(running)
+
+    def finish(self, running: RunningExec) -> None:
+        """Store how an exec ended: drain its output, write status.json, tell the daemon."""
+        wait_status = running.wait_status
+        assert wait_status is not None
+        del self.running[running.id]
         for stream in running.streams:
-            if stream.fd in self.streams and not stream.pump():
-                self.close_stream(stream.fd)
+            if stream.fd in self.streams:
+                self.on_output(stream.fd, selectors.EVENT_READ)
             stream.close_file()
+        if running.stdin_fd is not None and not running.tty:
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(running.stdin_fd)
+            os.close(running.stdin_fd)
+            running.stdin_fd = None
         if os.WIFSIGNALED(wait_status):
             code, sig = None, signal_name(os.WTERMSIG(wait_status))
         else:
             code, sig = os.waitstatus_to_exitcode(wait_status), None
         out, err = running.streams
-        status = ExitStatus(code, sig, False, out.truncated, err.truncated, time.time())
+        status = ExitStatus(code, sig, running.timed_out, out.truncated, err.truncated, time.time())
         write_status(self.execs_fd, running.id, status)
         self.send(MessageType.EXITED, id=running.id, **json.loads(status.to_json()))
+        self.remove_leaf(running.id)
         if running.pid == self.main_pid:
             self.shut_down()
+
+    def remove_leaf(self, exec_id: str) -> None:
+        """An ended exec's cgroup goes once its background processes are gone too."""
+        try:
+            os.rmdir(exec_id, dir_fd=self.cgroup_fd)
+            self.lingering.discard(exec_id)
+        except OSError:
+            self.lingering.add(exec_id)
 
     def shut_down(self) -> None:
         """The main cmd ended: kill every process of the sandbox, record them, and exit."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
-        while self.running:
+        while self.pids:
             try:
                 pid, wait_status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            running = self.running.pop(pid, None)
+            running = self.pids.pop(pid, None)
             if running is not None:
-                self.finish(running, wait_status)
+                running.wait_status = wait_status
+        for running in list(self.running.values()):
+            if running.wait_status is not None:
+                self.finish(running)
         os._exit(0)
 
     def finished_ids(self) -> list[str]:
@@ -286,6 +500,10 @@ class Supervisor:
                 os.stat(os.path.join(name, STATUS_FILE), dir_fd=self.execs_fd)
                 finished.append(name)
         return finished
+
+
+def set_window_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def write_status(execs_fd: int, exec_id: str, status: ExitStatus) -> None:

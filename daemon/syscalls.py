@@ -156,3 +156,23 @@ def set_name(name: str) -> None:
     """The process's comm (what `ps -o comm` and /proc/PID/status show), up to 15 bytes."""
     buf = ctypes.create_string_buffer(name.encode()[:15])
     _check(_libc.prctl(PR_SET_NAME, buf, 0, 0, 0), "prctl")
+
+
+def process_start_time(pid: int, proc_fd: int | None = None) -> int | None:
+    """The start time of a process (field 22 of /proc/PID/stat): with the pid, its identity.
+
+    `proc_fd`, an fd of the host's /proc, still reads it after a pivot_root moved our root.
+    """
+    try:
+        fd = os.open(
+            f"{pid}/stat" if proc_fd is not None else f"/proc/{pid}/stat",
+            os.O_RDONLY,
+            dir_fd=proc_fd,
+        )
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    return int(data.rsplit(b")", 1)[1].split()[19])

@@ -10,16 +10,18 @@ when the daemon closes the socket, or dies.
 from __future__ import annotations
 
 import contextlib
+import encodings
 import gc
+import importlib.machinery
 import json
+import linecache
 import os
 import signal
 import socket
 import sys
-import traceback
 
-from daemon import setup, syscalls
-from daemon.protocol import SETUP_ERROR_FILE, SpawnRequest
+from daemon import cgroups, setup, syscalls
+from daemon.protocol import INVALID_PREFIX, SETUP_ERROR_FILE, SUPERVISOR_ERROR_FILE, SpawnRequest
 from daemon.supervisor import Supervisor, install_signal_handlers
 
 
@@ -34,14 +36,15 @@ def main() -> None:
         for line in requests:
             reply: dict[str, int | str]
             try:
-                reply = {"pid": spawn(SpawnRequest.from_json(line), conn.fileno())}
+                pid, start = spawn(SpawnRequest.from_json(line), conn.fileno())
+                reply = {"pid": pid, "start": start}
             except Exception as exc:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def spawn(req: SpawnRequest, zygote_fd: int) -> int:
-    """Fork A, which forks B (the supervisor); return B's host pid."""
+def spawn(req: SpawnRequest, zygote_fd: int) -> tuple[int, int]:
+    """Fork A, which forks B (the supervisor); B's host pid and start time."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -54,24 +57,32 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> int:
             answer = report.read().decode()
     finally:
         os.waitpid(pid, 0)
-    if not answer.isdigit():
+    supervisor, _, start = answer.partition(" ")
+    if not (supervisor.isdigit() and start.isdigit()):
         raise OSError(answer or "the sandbox's first process died without a word")
-    return int(answer)
+    return int(supervisor), int(start)
 
 
 def _intermediate(req: SpawnRequest, report_w: int) -> None:
     """A, a fork of the zygote, host root in host namespaces: steps 1-4 of daemon.setup."""
     try:
-        userns_fd = None
+        # From here on, this process and all it forks are in the sandbox's cgroup.
+        cgroups.write_file(f"{req.cgroup}/{cgroups.INIT_LEAF}/cgroup.procs", b"0")
+        cgroup_fd = os.open(req.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        userns_fd = base_userns_fd = None
         if req.uid_base is not None:
             userns_fd = setup.create_user_namespace(req.uid_base, req.id_range)
+            base_userns_fd = setup.create_user_namespace(req.uid_base, 1)
         listener = setup.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         setup.unshare_namespaces(req)
+        # B's pivot_root moves our root too (we share its mount namespace): keep the host's /proc.
+        proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            _supervisor(req, listener, run_fd, userns_fd)
-        os.write(report_w, str(pid).encode())
+            _supervisor(req, listener, run_fd, cgroup_fd, (userns_fd, base_userns_fd))
+        # B is our child: until we exit, its pid cannot name another process.
+        os.write(report_w, f"{pid} {syscalls.process_start_time(pid, proc_fd)}".encode())
         os._exit(0)
     except BaseException as exc:
         os.write(report_w, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
@@ -79,11 +90,16 @@ def _intermediate(req: SpawnRequest, report_w: int) -> None:
 
 
 def _supervisor(
-    req: SpawnRequest, listener: socket.socket, run_fd: int, userns_fd: int | None
+    req: SpawnRequest,
+    listener: socket.socket,
+    run_fd: int,
+    cgroup_fd: int,
+    usernses: tuple[int | None, int | None],
 ) -> None:
     """B, PID 1 of the new PID namespace, host root: steps 5-9, then the supervisor's loop."""
+    userns_fd, base_userns_fd = usernses
     try:
-        keep = {listener.fileno(), run_fd} | ({userns_fd} if userns_fd is not None else set())
+        keep = {listener.fileno(), run_fd, cgroup_fd, *(fd for fd in usernses if fd is not None)}
         _detach_stdio()
         for fd in _open_fds():
             if fd > 2 and fd not in keep:
@@ -92,20 +108,52 @@ def _supervisor(
         # Not dumpable: no process inside may ptrace it or open its /proc/1 files.
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
         syscalls.set_name("sandboxd-sup")
-        setup.build_root(req, userns_fd)
+        ptmx_fd = setup.build_root(req, userns_fd, base_userns_fd)
+        if base_userns_fd is not None:
+            os.close(base_userns_fd)
+        _lock_imports()
         if "net" in req.namespaces:
             setup.configure_network()
         wakeup_r = install_signal_handlers()
-        supervisor = Supervisor(req, listener, run_fd, userns_fd, wakeup_r)
+        supervisor = Supervisor(req, listener, run_fd, cgroup_fd, userns_fd, ptmx_fd, wakeup_r)
     except BaseException as exc:
-        message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        fd = os.open(SETUP_ERROR_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=run_fd)
-        os.write(fd, message.encode(errors="replace"))
+        # No traceback: formatting one reads source files, and the root is the sandbox's now.
+        prefix = INVALID_PREFIX if isinstance(exc, setup.InvalidMount) else ""
+        _report(run_fd, SETUP_ERROR_FILE, f"{prefix}{type(exc).__name__}: {exc}")
         os._exit(1)
     try:
         supervisor.run()
+    except BaseException as exc:
+        _report(run_fd, SUPERVISOR_ERROR_FILE, f"{type(exc).__name__}: {exc}")
     finally:
         os._exit(1)
+
+
+def _lock_imports() -> None:
+    """After pivot_root every path Python would import from lies in the sandbox's writable
+    root: a lazy import, a codec lookup or a traceback's source line would run or read what
+    root inside planted, as host root. Leave Python only its built-in and frozen modules.
+    """
+    sys.path.clear()
+    sys.path_hooks.clear()
+    sys.path_importer_cache.clear()
+    sys.meta_path[:] = [
+        finder
+        for finder in sys.meta_path
+        if finder in (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)
+    ]
+    encodings.__path__ = []
+    linecache.clearcache()
+    linecache.getline = lambda *args, **kwargs: ""
+
+
+def _report(run_fd: int, name: str, message: str) -> None:
+    """Leave a message in the mailbox: the supervisor has no stderr worth the name."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=run_fd)
+    try:
+        os.write(fd, message.encode(errors="replace"))
+    finally:
+        os.close(fd)
 
 
 def _detach_stdio() -> None:

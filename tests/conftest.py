@@ -32,9 +32,10 @@ UID_END = UID_BASE + 48 * SLOTS_PER_DAEMON * 65536
 class Daemon:
     """One `sandboxd serve` process on a private directory."""
 
-    def __init__(self, root: Path, uid_base: int) -> None:
+    def __init__(self, root: Path, uid_base: int, cgroup_name: str) -> None:
         self.root = root
         self.uid_base = uid_base
+        self.cgroup_name = cgroup_name
         self.socket = root / "sandboxd.sock"
         self.state_dir = root / "state"
         self.run_dir = root / "run"
@@ -48,7 +49,8 @@ class Daemon:
 
     def start(self, *args: str) -> Daemon:
         config = self.root / "config.toml"
-        config.write_text(f"uid_base = {self.uid_base}\n")
+        # A cgroup of its own too: daemons sharing one would remove each other's sandboxes.
+        config.write_text(f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n')
         # This checkout's code (python -m api, from ROOT), whatever `sandboxd` is installed.
         command = [
             sys.executable, "-m", "api", "serve", "--config", str(config),
@@ -129,6 +131,12 @@ def find_leaks(root: Path, uid_base: int, ignore: frozenset[int] = frozenset()) 
     for parent in (root / "run" / "sandboxes", root / "state" / "sandboxes"):
         if parent.is_dir():
             leaks.extend(f"file {p}" for p in parent.iterdir())
+    cgroup = Path("/sys/fs/cgroup")
+    for hierarchy in [cgroup, *(p for p in cgroup.iterdir() if p.is_dir())]:
+        for path in hierarchy.glob(f"{root.name}*"):
+            # A running daemon keeps its own cgroup: only sandboxes' ones in it are leaks.
+            found = [p for p in path.iterdir() if p.is_dir()] if ignore else [path]
+            leaks.extend(f"cgroup {p}" for p in found)
     return leaks
 
 
@@ -159,11 +167,16 @@ class Daemons:
         self.root = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
         os.chmod(self.root, 0o755)
         self.started: list[Daemon] = []
-        # A uid region of its own, so modules (and test runs) side by side never mix.
-        self.uid_base = UID_BASE + random.randrange(48) * SLOTS_PER_DAEMON * 65536
+        # Uid regions of their own, so daemons (and test runs) side by side never mix.
+        self.regions = random.sample(range(48), 8)
 
     def new(self, *args: str) -> Daemon:
-        daemon = Daemon(self.root, self.uid_base)
+        """Another daemon, with a directory (below the module's) and a uid region of its own."""
+        index = len(self.started)
+        root = self.root if index == 0 else self.root / f"daemon{index}"
+        root.mkdir(exist_ok=True)
+        uid_base = UID_BASE + self.regions[index] * SLOTS_PER_DAEMON * 65536
+        daemon = Daemon(root, uid_base, self.root.name + (f"-{index}" if index else ""))
         self.started.append(daemon)
         return daemon.start(*args)
 
@@ -174,10 +187,15 @@ class Daemons:
             daemon.destroy_all()
             daemon.stop()
             daemon.client.close()
-        wait_for(lambda: not find_leaks(self.root, self.uid_base), timeout=5)
-        leaks = find_leaks(self.root, self.uid_base)
-        shutil.rmtree(self.root, ignore_errors=True)
-        return leaks
+
+        def leaks() -> list[str]:
+            return [leak for d in self.started for leak in find_leaks(self.root, d.uid_base)]
+
+        wait_for(lambda: not leaks(), timeout=5)
+        found = sorted(set(leaks()))
+        if not os.environ.get("SANDBOXD_TEST_KEEP"):  # set it to read the daemons' logs
+            shutil.rmtree(self.root, ignore_errors=True)
+        return found
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from api.deps import Service
 from api.problems import documented, invalid
-from api.schemas import ExecExit, ExecList, ExecOutput
-from daemon.models import Exec, ExecCreate, SignalRequest
+from api.schemas import ExecList
+from daemon.errors import SandboxError
+from daemon.models import (
+    AttachMessage,
+    Exec,
+    ExecCreate,
+    ExecExit,
+    ExecOutput,
+    SandboxService,
+    SignalRequest,
+)
 
 router = APIRouter(prefix="/sandboxes/{ref}", tags=["execs"])
 
@@ -37,12 +49,13 @@ NDJSON = "application/x-ndjson"
 async def create(
     ref: str, spec: ExecCreate, service: Service, request: Request, response: Response
 ) -> Exec | Response:
+    if spec.wait and _accepts(request, NDJSON):
+        started = await service.exec(ref, spec.model_copy(update={"wait": False}))
+        events = service.follow(ref, started.id, follow=True)
+        return StreamingResponse(_as_ndjson(events), media_type=NDJSON)
     execution = await service.exec(ref, spec)
     if not spec.wait:
         response.status_code = 202
-        return execution
-    if _accepts(request, NDJSON):
-        return StreamingResponse(_as_ndjson(execution), media_type=NDJSON)
     return execution
 
 
@@ -77,6 +90,79 @@ async def signal(ref: str, exec_id: str, body: SignalRequest, service: Service) 
     return await service.signal_exec(ref, exec_id, number)
 
 
+@router.get(
+    "/execs/{exec_id}/output",
+    name="output",
+    summary="An exec's output as NDJSON, from its start",
+    description='Lines `{"stream": "stdout"|"stderr", "data": ...}` with the output '
+    'so far, then `{"exit": Exec}` if the exec has ended. With `follow=true` the stream '
+    "stays open and carries the output as it comes, until the exec ends.",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {NDJSON: {"schema": {"type": "string"}}}, "description": "NDJSON"},
+        **documented(401, 404),
+    },
+)
+async def output(ref: str, exec_id: str, service: Service, follow: bool = False) -> Response:
+    await service.get_exec(ref, exec_id)  # a 404 before the stream starts
+    events = service.follow(ref, exec_id, follow=follow)
+    return StreamingResponse(_as_ndjson(events), media_type=NDJSON)
+
+
+@router.websocket("/execs/{exec_id}/attach", name="attach")
+async def attach(websocket: WebSocket, ref: str, exec_id: str) -> None:
+    """Interactive exec over a WebSocket (see README): output out, input and resizes in.
+
+    Server → client: text messages `{"stream", "data"}`, and last `{"exit": Exec}`.
+    Client → server: binary messages (bytes for stdin), or text messages `{"stdin": str}`,
+    `{"eof": true}`, `{"resize": {"rows": int, "cols": int}}`.
+    """
+    service: SandboxService = websocket.app.state.service
+    await websocket.accept()
+    try:
+        await service.get_exec(ref, exec_id)
+    except SandboxError as exc:
+        await websocket.send_json({"error": {"status": exc.status, "detail": exc.detail}})
+        await websocket.close(code=1008)
+        return
+    pump = asyncio.create_task(_pump_input(websocket, service, ref, exec_id))
+    try:
+        async for event in service.follow(ref, exec_id, follow=True):
+            await websocket.send_text(event.model_dump_json())
+        await websocket.close()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+            await pump
+
+
+async def _pump_input(
+    websocket: WebSocket, service: SandboxService, ref: str, exec_id: str
+) -> None:
+    """What the client sends, to the exec: until it disconnects or the exec ends."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        try:
+            if message.get("bytes") is not None:
+                await service.send_input(ref, exec_id, message["bytes"], eof=False)
+                continue
+            control = AttachMessage.model_validate_json(message.get("text") or "{}")
+            if control.stdin is not None:
+                await service.send_input(ref, exec_id, control.stdin.encode(), eof=False)
+            if control.resize is not None:
+                await service.resize(ref, exec_id, control.resize.rows, control.resize.cols)
+            if control.eof:
+                await service.send_input(ref, exec_id, b"", eof=True)
+        except ValidationError as exc:
+            await websocket.send_json({"error": {"status": 422, "detail": str(exc)}})
+        except SandboxError:
+            return  # it ended: the output side closes the socket with the exit
+
+
 def _accepts(request: Request, media_type: str) -> bool:
     for item in request.headers.get("accept", "").split(","):
         media, *params = (part.strip().lower() for part in item.split(";"))
@@ -85,11 +171,6 @@ def _accepts(request: Request, media_type: str) -> bool:
     return False
 
 
-async def _as_ndjson(execution: Exec) -> AsyncIterator[bytes]:
-    # The service hands back a finished Exec, so its output comes as one line per stream;
-    # live chunks need a streaming method on SandboxService, which it does not have yet.
-    for stream in ("stdout", "stderr"):
-        data = getattr(execution, stream)
-        if data:
-            yield ExecOutput(stream=stream, data=data).model_dump_json().encode() + b"\n"
-    yield ExecExit(exit=execution).model_dump_json().encode() + b"\n"
+async def _as_ndjson(events: AsyncIterator[ExecOutput | ExecExit]) -> AsyncIterator[bytes]:
+    async for event in events:
+        yield event.model_dump_json().encode() + b"\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import signal as signal_module
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from daemon.errors import Conflict, LimitReached, NotFound
@@ -16,6 +17,8 @@ from daemon.lifecycle import ExecState, ExitReason, SandboxState
 from daemon.models import (
     Exec,
     ExecCreate,
+    ExecExit,
+    ExecOutput,
     ExitInfo,
     Info,
     NetworkView,
@@ -139,6 +142,27 @@ class FakeService:
         )
         execs[execution.id] = execution
         return execution
+
+    async def follow(
+        self, ref: str, exec_id: str, *, follow: bool
+    ) -> AsyncIterator[ExecOutput | ExecExit]:
+        """As if the exec ran to its end now: `echo` prints its arguments, then exits 0."""
+        execution = self._find_exec(ref, exec_id)
+        if execution.state == ExecState.RUNNING:
+            cmd = execution.cmd
+            stdout = " ".join(cmd[1:]) + "\n" if cmd[0] == "echo" else ""
+            finished = {"state": ExecState.EXITED, "exit_code": 0, "stdout": stdout}
+            execution = execution.model_copy(update=finished | {"finished_at": datetime.now(UTC)})
+            self.execs[execution.sandbox_id][exec_id] = execution
+        if execution.stdout:
+            yield ExecOutput(stream="stdout", data=execution.stdout)
+        yield ExecExit(exit=execution)
+
+    async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None:
+        self.calls.append("send_input")
+
+    async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None:
+        self.calls.append("resize")
 
     async def list_execs(self, ref: str) -> builtins.list[Exec]:
         self.calls.append("list_execs")

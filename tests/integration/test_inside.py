@@ -26,6 +26,12 @@ def out(daemon: Daemon, box: dict[str, Any], script: str) -> str:
 
 def host_pid_of(sandbox: dict[str, Any], comm: str) -> int:
     """The host pid of a process named `comm` among the supervisor's children."""
+    found = wait_for(lambda: _child_named(sandbox, comm))
+    assert found, f"no {comm} under the supervisor {sandbox['pid']}"
+    return int(found)
+
+
+def _child_named(sandbox: dict[str, Any], comm: str) -> int | None:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -36,7 +42,7 @@ def host_pid_of(sandbox: dict[str, Any], comm: str) -> int:
         name, fields = stat.split("(", 1)[1].rsplit(")", 1)
         if name == comm and int(fields.split()[1]) == sandbox["pid"]:
             return int(pid)
-    raise AssertionError(f"no {comm} under the supervisor {sandbox['pid']}")
+    return None
 
 
 def test_every_namespace_is_the_sandboxs_own(box: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Any:
     generator = shutil.which("openapi-python-client") or "openapi-python-client"
     command = [generator, "generate", "--path", str(ROOT / "openapi.json")]
     command += ["--output-path", str(out / "sandboxd_client"), "--meta", "none"]
+    command += ["--config", str(ROOT / "deploy" / "openapi-python-client.yaml")]
     result = subprocess.run(command, cwd=out, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     sys.path.insert(0, str(out))

@@ -1,0 +1,89 @@
+"""Following an exec's output live: the daemon's side of SUBSCRIBE/OUTPUT (daemon/protocol.py).
+
+A follower first gets the output that is already in the exec's files, up to the offsets the
+supervisor gave when it subscribed it, then every chunk the supervisor relays after them, and
+at last whatever the stored record holds beyond what it has seen (the record is complete up
+to the output limit, so a follower that fell behind still ends with all that was kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STREAMS = ("stdout", "stderr")
+# Chunks (up to 64 KiB each) a follower may fall behind before it misses some live output.
+QUEUE_CHUNKS = 256
+
+Chunk = tuple[str, int, bytes]  # stream, offset of its first byte, bytes
+
+
+def _offsets_future() -> asyncio.Future[dict[str, int] | None]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class Follower:
+    """One client following one exec."""
+
+    queue: asyncio.Queue[Chunk | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_CHUNKS))
+    offsets: asyncio.Future[dict[str, int] | None] = field(default_factory=_offsets_future)
+
+    def push(self, chunk: Chunk) -> None:
+        with contextlib.suppress(asyncio.QueueFull):  # too slow: a gap, seen by its offset
+            self.queue.put_nowait(chunk)
+
+    def end(self) -> None:
+        """The exec ended (or its sandbox did): no more chunks will come."""
+        if not self.offsets.done():
+            self.offsets.set_result(None)
+        if self.queue.full():
+            self.queue.get_nowait()  # the end must arrive; a chunk lost is a gap like any
+        self.queue.put_nowait(None)
+
+
+@dataclass
+class TextCursor:
+    """What a follower has been sent of each stream: bytes consumed and text produced.
+
+    Bytes are decoded incrementally (UTF-8, invalid bytes replaced), which yields exactly
+    what decoding the whole would, so the stored text beyond `chars` is the rest.
+    """
+
+    seen: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
+    chars: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
+    decoders: dict[str, codecs.IncrementalDecoder] = field(
+        default_factory=lambda: {
+            s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS
+        }
+    )
+
+    def feed(self, stream: str, offset: int, data: bytes) -> str:
+        """Text for the bytes at `offset` that were not seen yet ('' if none)."""
+        end = offset + len(data)
+        if end <= self.seen[stream]:
+            return ""
+        data = data[max(0, self.seen[stream] - offset) :]
+        self.seen[stream] = end
+        text = self.decoders[stream].decode(data)
+        self.chars[stream] += len(text)
+        return text
+
+    def rest(self, stream: str, stored: str) -> str:
+        """What the stored record holds beyond the text already produced."""
+        text = stored[self.chars[stream] :]
+        self.chars[stream] += len(text)
+        return text
+
+
+def read_prefix(path: Path, size: int | None = None) -> bytes:
+    """The first `size` bytes of an exec's output file (all of it with None; fewer if it
+    holds fewer, nothing if it is gone)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""

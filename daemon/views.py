@@ -1,0 +1,58 @@
+"""Rows to public shapes: what a stored sandbox or exec looks like to a client."""
+
+from __future__ import annotations
+
+from daemon.lifecycle import ExecState, ExitReason, SandboxState
+from daemon.models import Exec, ExitInfo, MountSpec, NetworkView, Sandbox, SandboxCreate
+from daemon.store import ExecRecord, SandboxRecord
+
+
+def sandbox_view(record: SandboxRecord) -> Sandbox:
+    spec = SandboxCreate.model_validate(record.spec)
+    exit_info = None
+    if record.exit_reason is not None:
+        exit_info = ExitInfo(
+            exit_code=record.exit_code,
+            signal=record.exit_signal,
+            reason=ExitReason(record.exit_reason),
+            message=record.exit_message,
+        )
+    return Sandbox(
+        id=record.id,
+        name=record.name,
+        state=SandboxState(record.state),
+        hostname=record.hostname,
+        namespaces=spec.namespaces,
+        rootfs=spec.rootfs,
+        mounts=[MountSpec.model_validate(m) for m in record.spec.get("mounts", [])],
+        cmd=spec.cmd,
+        env=spec.env,
+        network=NetworkView(mode=spec.network.mode, ip=record.ip, ports=spec.network.ports),
+        limits=spec.limits,
+        labels=spec.labels,
+        pid=record.pid if record.state == SandboxState.RUNNING else None,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        expires_at=record.expires_at,
+        exit=exit_info,
+    )
+
+
+def exec_view(record: ExecRecord) -> Exec:
+    return Exec(
+        id=record.id,
+        sandbox_id=record.sandbox_id,
+        cmd=list(record.cmd),
+        state=ExecState(record.state),
+        pid=record.pid,
+        exit_code=record.exit_code,
+        signal=record.signal,
+        timed_out=record.timed_out,
+        stdout=record.stdout,
+        stderr=record.stderr,
+        stdout_truncated=record.stdout_truncated,
+        stderr_truncated=record.stderr_truncated,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+    )
