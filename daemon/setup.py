@@ -238,7 +238,7 @@ def configure_network() -> None:
         flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
         fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
     write_sysctl("net/ipv4/ip_unprivileged_port_start", "0")
-    write_sysctl("net/ipv4/ping_group_range", "0 2147483647")
+    write_sysctl("net/ipv4/ping_group_range", "0 4294967294")
 
 
 def write_sysctl(name: str, value: str) -> None:

@@ -66,7 +66,7 @@ def test_main_cmd_killed_by_a_signal_reports_it(daemon: Daemon) -> None:
 def test_main_cmd_takes_every_process_with_it(daemon: Daemon) -> None:
     box = daemon.create(cmd=["sh", "-c", "sleep 300 & sleep 0.3"])
     supervisor = box["pid"]
-    wait_for(lambda: state_of(daemon, box["id"])["state"] == "exited")
+    assert wait_for(lambda: state_of(daemon, box["id"])["state"] == "exited")
     assert not _alive(supervisor)
 
 

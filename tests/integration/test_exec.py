@@ -127,7 +127,9 @@ def test_bad_exec_bodies_are_422_and_store_nothing(daemon: Daemon, box: dict[str
 
 def test_exec_into_a_sandbox_that_is_not_running_is_409(daemon: Daemon) -> None:
     done = daemon.create(cmd=["true"])
-    wait_for(lambda: daemon.client.get(f"/sandboxes/{done['id']}").json()["state"] == "exited")
+    assert wait_for(
+        lambda: daemon.client.get(f"/sandboxes/{done['id']}").json()["state"] == "exited"
+    )
     response = daemon.client.post(f"/sandboxes/{done['id']}/exec", json={"cmd": ["true"]})
     assert response.status_code == 409
     assert daemon.client.get(f"/sandboxes/{done['id']}/execs").json()["items"] == []
