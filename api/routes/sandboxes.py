@@ -68,7 +68,7 @@ async def get(ref: str, service: Service) -> Sandbox:
     status_code=204,
     response_class=Response,
     summary="Kill a sandbox and remove everything made for it",
-    responses=documented(401, 404, 409),
+    responses=documented(401, 404),
 )
 async def delete(ref: str, service: Service) -> None:
     await service.destroy(ref)
