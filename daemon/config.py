@@ -157,6 +157,11 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         cgroup_name=_name(get("cgroup_name"), Config.cgroup_name),
         exec_retention=_integer(get("exec_retention"), Config.exec_retention),
     )
+    # Each supervisor listens on RUN/sandboxes/ID/supervisor.sock: a unix socket path holds
+    # at most 107 bytes, and ids are 19 characters.
+    longest = config.run_dir / "sandboxes" / ("sb_" + "0" * 16) / "supervisor.sock"
+    if len(os.fsencode(longest)) > 107:
+        raise ConfigError(f"run_dir {config.run_dir} is too long for the supervisors' sockets")
     last_uid = config.uid_base + config.max_sandboxes * UID_RANGE - 1
     if config.uid_base < UID_RANGE or last_uid > _MAX_UID:
         raise ConfigError(

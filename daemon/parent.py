@@ -140,7 +140,7 @@ class SupervisorLink:
 
     async def aclose(self) -> None:
         """Close without reporting the supervisor as gone (the daemon is stopping)."""
-        if self.task is not None:
+        if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task

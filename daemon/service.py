@@ -234,6 +234,8 @@ class SandboxManager:
                     started_at=utcnow(),
                 )
             except (OSError, SpawnError, ConnectionError, TimeoutError) as exc:
+                if expires_at is not None:  # a failed record goes at its time like any
+                    self._schedule_expiry(sandbox_id, expires_at)
                 await self._undo_create(live, exc)
         if expires_at is not None:
             self._schedule_expiry(sandbox_id, expires_at)

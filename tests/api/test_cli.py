@@ -341,3 +341,9 @@ def test_the_example_config_shows_every_setting_and_loads(tmp_path: Path) -> Non
     file = tmp_path / "config.toml"
     file.write_text("\n".join(first.values()) + "\n")
     assert load_config({"config": str(file)}, {}) == Config()
+
+
+def test_a_run_dir_too_long_for_the_supervisors_sockets_is_refused(no_default_file: None) -> None:
+    with pytest.raises(ConfigError, match="too long"):
+        load_config({"run_dir": "/tmp/" + "x" * 70}, {})
+    assert load_config({"run_dir": "/tmp/" + "x" * 40}, {}).run_dir == Path("/tmp/" + "x" * 40)
