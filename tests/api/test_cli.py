@@ -7,6 +7,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import sys
 import time
 from collections.abc import Iterator
@@ -166,7 +167,8 @@ def test_a_bad_value_exits_2_without_a_traceback(tmp_path: Path) -> None:
 def test_a_tcp_listener_without_a_token_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "empty.toml"
     config.write_text("")
-    state, run = tmp_path / "state", tmp_path / "run"
+    state = tmp_path / "state"
+    run = Path(tempfile.mkdtemp(prefix="sbx-")) / "run"  # short: a socket path's limit
     result = run_cli(
         "serve",
         "--listen", "tcp://127.0.0.1:0",
@@ -180,6 +182,7 @@ def test_a_tcp_listener_without_a_token_is_refused(tmp_path: Path) -> None:
     # Refused before the first side effect.
     assert not state.exists()
     assert not run.exists()
+    run.parent.rmdir()
 
 
 # The unix socket binder
