@@ -7,12 +7,22 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import Daemon, Daemons, wait_for
+
+
+@pytest.fixture(autouse=True)
+def nothing_carries_over(daemon: Daemon) -> Iterator[None]:
+    """A test that fails leaves no sandbox for the next one's leak check to find."""
+    yield
+    if daemon.proc is None:
+        daemon.start()
+    daemon.destroy_all()
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -36,7 +46,7 @@ def test_sandboxes_survive_a_daemon_restart(daemon: Daemon, how: int) -> None:
 
 def test_an_exec_running_across_the_restart_is_followed(daemon: Daemon) -> None:
     box = daemon.create()
-    background = daemon.sh(box["id"], "sleep 1.5; echo done", wait=False)
+    background = daemon.sh(box["id"], "sleep 4; echo done", wait=False)
     daemon.stop(signal.SIGKILL)
     daemon.start()
     url = f"/sandboxes/{box['id']}/execs/{background['id']}"
