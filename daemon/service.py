@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from daemon import base, cgroups
+from daemon import base, cgroups, hardening
 from daemon.config import Config
 from daemon.errors import Conflict, Invalid, SandboxError, SetupFailed
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
@@ -87,6 +87,8 @@ class LiveSandbox:
 
 class SandboxManager:
     def __init__(self, config: Config) -> None:
+        # No sandbox without its seccomp filter: a host without libseccomp is refused here.
+        hardening.check()
         self.config = config
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"

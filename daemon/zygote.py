@@ -18,7 +18,7 @@ import socket
 import sys
 import traceback
 
-from daemon import setup, syscalls
+from daemon import hardening, setup, syscalls
 from daemon.protocol import SETUP_ERROR_FILE, SpawnRequest
 from daemon.supervisor import Supervisor, install_signal_handlers
 
@@ -27,6 +27,8 @@ def main() -> None:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     syscalls.set_name("sandboxd-zygote")
     conn = socket.socket(fileno=int(sys.argv[1]))
+    # The seccomp filter is compiled here, once: a sandboxed process only loads it.
+    hardening.prepare()
     # Everything a supervisor needs is imported; freezing keeps forks from touching (and so
     # copying) the pages of these objects when the collector runs in a child.
     gc.freeze()
@@ -81,7 +83,7 @@ def _intermediate(req: SpawnRequest, report_w: int) -> None:
 def _supervisor(
     req: SpawnRequest, listener: socket.socket, run_fd: int, userns_fd: int | None
 ) -> None:
-    """B, PID 1 of the new PID namespace, host root: steps 5-9, then the supervisor's loop."""
+    """B, PID 1 of the new PID namespace, host root: steps 5-10, then the supervisor's loop."""
     try:
         keep = {listener.fileno(), run_fd} | ({userns_fd} if userns_fd is not None else set())
         _detach_stdio()
@@ -95,6 +97,8 @@ def _supervisor(
         setup.build_root(req, userns_fd)
         if "net" in req.namespaces:
             setup.configure_network()
+        # After the sysctls: /proc/sys becomes read-only here.
+        hardening.protect_kernel_files(req.uid_base or 0)
         wakeup_r = install_signal_handlers()
         supervisor = Supervisor(req, listener, run_fd, userns_fd, wakeup_r)
     except BaseException as exc:
