@@ -107,6 +107,15 @@ def test_denied_syscalls_fail_with_eperm(daemon: Daemon, box: dict[str, Any], us
     assert results == {name: errno.ENOSYS if name == "clone3" else errno.EPERM for name in results}
 
 
+def test_what_root_inside_does_every_day_still_works(daemon: Daemon, box: dict[str, Any]) -> None:
+    # Threads: glibc tries clone3 first and falls back to clone on its ENOSYS.
+    threads = "import threading as t; w = t.Thread(target=print, args=('ok',)); w.start(); w.join()"
+    assert out(daemon, box, f'python3 -c "{threads}"') == "ok\n"
+    script = "touch /tmp/own && chown 1000:1000 /tmp/own && stat -c %u:%g /tmp/own && mkfifo /tmp/q"
+    assert out(daemon, box, script) == "1000:1000\n"
+    assert out(daemon, box, "sleep 5 & kill $!; wait $!; echo $?") == "143\n"  # SIGTERM'd
+
+
 def test_mount_unshare_and_keyctl_fail(daemon: Daemon, box: dict[str, Any]) -> None:
     assert "permission denied" in fails(daemon, box, "mount -t tmpfs none /mnt")
     assert " /mnt " not in Path(f"/proc/{box['pid']}/mountinfo").read_text()
@@ -148,7 +157,11 @@ def test_only_stdio_reaches_a_process(daemon: Daemon, box: dict[str, Any]) -> No
     started = daemon.exec(box["id"], ["sleep", "30"], wait=False)
     try:
         host_pid = wait_for(lambda: host_children(box["pid"]).get("sleep"))
-        assert sorted(os.listdir(f"/proc/{host_pid}/fd")) == ["0", "1", "2"]
+        fds = {
+            fd: os.readlink(f"/proc/{host_pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{host_pid}/fd")
+        }
+        assert sorted(fds) == ["0", "1", "2"], fds
     finally:
         daemon.client.post(
             f"/sandboxes/{box['id']}/execs/{started['id']}/signal", json={"signal": "SIGKILL"}
