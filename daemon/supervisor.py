@@ -225,7 +225,10 @@ class Supervisor:
                 return
 
     def pump(self, fd: int) -> None:
-        if not self.streams[fd].pump():
+        stream = self.streams.get(fd)
+        if stream is None:
+            return  # finished (and closed) by a reap earlier in the same select() batch
+        if not stream.pump():
             self.close_stream(fd)
 
     def close_stream(self, fd: int) -> None:
