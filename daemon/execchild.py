@@ -2,7 +2,8 @@
 
 Runs in: a child of the supervisor, in every namespace of the sandbox except (until step 3)
 its user namespace, still host root. It never returns: it execs, or exits 126/127 with the
-reason on stderr, as a shell would (and as tini reports).
+reason on stderr, as a shell would (and as tini reports). What it execs keeps Docker's default
+capabilities at most, with no_new_privs and the seccomp filter (daemon/hardening.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import stat
 import termios
 
-from daemon import cgroups
+from daemon import cgroups, hardening
 from daemon import syscalls as sc
 from daemon.protocol import ExecRequest
 
@@ -52,6 +53,8 @@ def become(
             os.setgroups([])
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
+        # Docker's default capabilities only; now, while root: another uid could not drop them.
+        hardening.drop_capabilities()
         gid, home = _passwd_entry(req.uid)
         gid = req.gid if req.gid is not None else gid
         os.setgroups([])
@@ -64,6 +67,8 @@ def become(
             os.chdir(req.cwd)
         except OSError as exc:
             _fail(f"cannot change to directory {req.cwd}: {exc.strerror}")
+        # 5. Last: no_new_privs and the seccomp filter.
+        hardening.restrict_syscalls()
         code = EXIT_NOT_FOUND
         _execute(req.cmd, env)
     except BaseException as exc:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import base, cgroups
+from daemon import base, cgroups, hardening
 from daemon.config import Config
 from daemon.errors import Conflict, Invalid, SandboxError, SetupFailed
 from daemon.following import STREAMS, Follower, TextCursor, read_prefix
@@ -105,6 +105,8 @@ class LiveSandbox:
 
 class SandboxManager:
     def __init__(self, config: Config) -> None:
+        # No sandbox without its seccomp filter: a host without libseccomp is refused here.
+        hardening.check()
         self.config = config
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"

@@ -29,6 +29,8 @@ The steps (bubblewrap's order: everything validated by the daemon before the fir
     7. pivot_root into the new root and detach the old one
     8. /proc, /sys (read-only), a minimal /dev, /dev/pts, /dev/shm, /tmp, the bind mounts
     9. lo up, unprivileged ports from 0
+   10. mask kernel files and make /proc/sys & co. read-only (daemon/hardening.py)
+Each exec's process then drops capabilities and loads the seccomp filter (daemon/execchild.py).
 """
 
 from __future__ import annotations

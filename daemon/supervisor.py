@@ -130,12 +130,15 @@ class Supervisor:
         self.selector.register(self.listener, selectors.EVENT_READ, self.accept)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, self.reap)
         while True:
-            for key, events in self.selector.select(self.next_timeout()):
-                # An earlier handler of this round may have closed (or reused) the fd.
-                if self.selector.get_map().get(key.fd) == key:
-                    self.dispatch(key, events)
-            self.expire_deadlines()
-            self.finish_drained()
+            self.handle_round(self.selector.select(self.next_timeout()))
+
+    def handle_round(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, events in ready:
+            # An earlier handler of this round may have closed (or reused) the fd.
+            if self.selector.get_map().get(key.fd) == key:
+                self.dispatch(key, events)
+        self.expire_deadlines()
+        self.finish_drained()
 
     def dispatch(self, key: selectors.SelectorKey, events: int) -> None:
         """One event; what goes wrong with it is reported, and the sandbox goes on."""

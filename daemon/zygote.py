@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 
-from daemon import cgroups, setup, syscalls
+from daemon import cgroups, hardening, setup, syscalls
 from daemon.protocol import INVALID_PREFIX, SETUP_ERROR_FILE, SUPERVISOR_ERROR_FILE, SpawnRequest
 from daemon.supervisor import Supervisor, install_signal_handlers
 
@@ -29,6 +29,8 @@ def main() -> None:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     syscalls.set_name("sandboxd-zygote")
     conn = socket.socket(fileno=int(sys.argv[1]))
+    # The seccomp filter is compiled here, once: a sandboxed process only loads it.
+    hardening.prepare()
     # Everything a supervisor needs is imported; freezing keeps forks from touching (and so
     # copying) the pages of these objects when the collector runs in a child.
     gc.freeze()
@@ -96,7 +98,7 @@ def _supervisor(
     cgroup_fd: int,
     usernses: tuple[int | None, int | None],
 ) -> None:
-    """B, PID 1 of the new PID namespace, host root: steps 5-9, then the supervisor's loop."""
+    """B, PID 1 of the new PID namespace, host root: steps 5-10, then the supervisor's loop."""
     userns_fd, base_userns_fd = usernses
     try:
         keep = {listener.fileno(), run_fd, cgroup_fd, *(fd for fd in usernses if fd is not None)}
@@ -114,6 +116,8 @@ def _supervisor(
         _lock_imports()
         if "net" in req.namespaces:
             setup.configure_network()
+        # After the sysctls: /proc/sys becomes read-only here.
+        hardening.protect_kernel_files(req.uid_base or 0)
         wakeup_r = install_signal_handlers()
         supervisor = Supervisor(req, listener, run_fd, cgroup_fd, userns_fd, ptmx_fd, wakeup_r)
     except BaseException as exc:

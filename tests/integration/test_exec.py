@@ -51,6 +51,13 @@ def test_env_is_merged_over_the_sandboxs(daemon: Daemon, box: dict[str, Any]) ->
     assert result["stdout"] == "hi\n"
 
 
+def test_many_quick_execs_leave_the_supervisor_running(daemon: Daemon, box: dict[str, Any]) -> None:
+    # A quick exec's exit and its pipes' end often reach the supervisor in one select() batch.
+    for _ in range(150):
+        assert daemon.exec(box["id"], ["true"])["exit_code"] == 0
+    assert daemon.client.get(f"/sandboxes/{box['id']}").json()["state"] == "running"
+
+
 def test_cwd_user_and_stdin(daemon: Daemon, box: dict[str, Any]) -> None:
     assert daemon.exec(box["id"], ["pwd"], cwd="/usr/bin")["stdout"] == "/usr/bin\n"
     assert daemon.exec(box["id"], ["pwd"], cwd="/nope")["exit_code"] == 126

@@ -45,6 +45,13 @@ def _child_named(sandbox: dict[str, Any], comm: str) -> int | None:
     return None
 
 
+def sleeping(sandbox: dict[str, Any]) -> int | None:
+    try:
+        return host_pid_of(sandbox, "sleep")
+    except AssertionError:
+        return None
+
+
 def test_every_namespace_is_the_sandboxs_own(box: dict[str, Any]) -> None:
     assert sorted(box["namespaces"]) == sorted(HOST_NAMESPACES)
     for ns in ("pid_for_children", "mnt", "ipc", "uts", "net"):
@@ -92,7 +99,7 @@ def test_root_inside_is_an_unprivileged_host_uid(daemon: Daemon, box: dict[str, 
     assert out(daemon, box, "id -u; id -g").split() == ["0", "0"]
     started = daemon.exec(box["id"], ["sleep", "30"], wait=False)
     assert started["state"] == "running"
-    host_pid = host_pid_of(box, "sleep")
+    host_pid = wait_for(lambda: sleeping(box))  # started is not yet exec'd
     status = Path(f"/proc/{host_pid}/status").read_text()
     uid = int(status.split("\nUid:")[1].split()[0])
     region = range(daemon.uid_base, daemon.uid_base + SLOTS_PER_DAEMON * 65536)
