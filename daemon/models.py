@@ -104,10 +104,31 @@ class NetworkSpec(_Input):
     ports: list[PortSpec] = Field(default_factory=list)
 
 
+# The supervisor (PID 1, a fork of the warm zygote) is charged about 3 MiB; a sandbox should
+# have room for more than that (Docker's floor is 6 MiB).
+MIN_MEMORY = 16 << 20
+MAX_PIDS = 4194304  # the kernel's PID_MAX_LIMIT
+
+
 class Limits(_Input):
-    memory_bytes: Annotated[int, Field(gt=0)] | None = None
-    pids: Annotated[int, Field(gt=0)] | None = None
-    cpus: Annotated[float, Field(gt=0)] | None = None
+    """Enforced with the host's cgroups (v1 or v2, see GET /info); null: no limit."""
+
+    memory_bytes: Annotated[int, Field(ge=MIN_MEMORY, le=1 << 53)] | None = Field(
+        default=None,
+        description="Memory (and swap) of all its processes together, page cache and kernel "
+        "memory included; past it the OOM killer kills one of them (never PID 1). "
+        "At least 16 MiB.",
+    )
+    pids: Annotated[int, Field(ge=2, le=MAX_PIDS)] | None = Field(
+        default=None,
+        description="Processes and threads at once, its PID 1 (the supervisor) included; past "
+        "it fork fails with EAGAIN. At least 2.",
+    )
+    cpus: Annotated[float, Field(ge=0.01)] | None = Field(
+        default=None,
+        description="CPU time as a number of CPUs (0.25: a quarter of one), at most the "
+        "host's CPUs.",
+    )
 
 
 class SandboxCreate(_Input):

@@ -42,7 +42,7 @@ import enum
 import json
 import os
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MAIN_EXEC = "main"
@@ -116,6 +116,12 @@ class SpawnRequest:
     output_limit: int
     cgroup: str  # the sandbox's directory in the cgroup2 tree (daemon.cgroups)
     id_range: int = 65536
+    # Its cgroups beyond the cgroup2 tree (daemon.limits.Placement): v1 hierarchies A joins
+    # with the tree's init leaf; its memory cgroup, which counts OOM kills, and whether each
+    # exec's leaf has a count of its own there.
+    join: list[str] = field(default_factory=list)
+    memory_cgroup: str | None = None
+    memory_per_exec: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"

@@ -5,6 +5,7 @@ the store, builds sandboxes through the zygote, and talks to each supervisor ove
 Files on the host, per sandbox:
     STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers (removed when it ends)
     RUN/sandboxes/ID/                          the supervisor's socket and mailbox
+    CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.cgroups, daemon.limits)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import base, cgroups
+from daemon import base, cgroups, limits
 from daemon.config import Config
 from daemon.errors import Conflict, Invalid, SandboxError, SetupFailed
 from daemon.following import STREAMS, Follower, TextCursor, read_prefix
@@ -37,7 +38,6 @@ from daemon.models import (
     ExecExit,
     ExecOutput,
     Info,
-    Limits,
     Sandbox,
     SandboxCounts,
     SandboxCreate,
@@ -110,6 +110,7 @@ class SandboxManager:
         self.runtime_dir = config.run_dir / "sandboxes"
         self.zygote = Zygote(str(config.run_dir))
         self.tree = cgroups.ProcessTree(config.cgroup_name, config.run_dir)
+        self.limits: limits.ResourceControl = limits.NoControllers(self.tree)
         self.housekeeping: asyncio.Task[None] | None = None
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -134,6 +135,8 @@ class SandboxManager:
             os.chmod(path, 0o700)
         self._store = Store(self.config.state_dir / "sandboxd.db")
         self.tree.start()
+        self.limits = limits.for_layout(cgroups.detect_layout(), self.tree)
+        self.limits.start()
         self.base_dir = base.prepare(self.config.state_dir / "bases")
         await self.zygote.start()
         for record in self.store.live_sandboxes():
@@ -160,6 +163,7 @@ class SandboxManager:
             live.release_waiters()
         self.live.clear()
         await self.zygote.stop()
+        self.limits.stop()
         self.tree.stop()
         if self._store is not None:
             self._store.close()
@@ -171,7 +175,7 @@ class SandboxManager:
         return Info(
             version=_version(),
             kernel=kernel_release(),
-            cgroup=cgroups.detect_layout(),
+            cgroup=self.limits.layout,
             sandboxes=SandboxCounts(running=running, total=total),
             pid=os.getpid(),
             state_dir=str(self.config.state_dir),
@@ -197,8 +201,9 @@ class SandboxManager:
     # -- create -------------------------------------------------------------------------------
 
     async def create(self, spec: SandboxCreate) -> Sandbox:
-        # 1. validate what the schema cannot see: the host paths, what is not built yet
-        self._check_host_paths(spec)
+        # 1. validate what the schema cannot see: the host paths and controllers, what is
+        #    not built yet
+        self._check_host(spec)
         sandbox_id = new_id("sb")
         hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else sandbox_id)
         if "uts" not in spec.namespaces:
@@ -219,9 +224,11 @@ class SandboxManager:
         self.live[sandbox_id] = live
         async with live.lock:
             try:
-                # 3. its cgroup, writable layers and mailbox; 4. namespaces, mounts, supervisor
+                # 3. its cgroups (limits set before a process is in them), writable layers
+                #    and mailbox; 4. namespaces, mounts, supervisor
                 self.tree.create(sandbox_id)
-                request = self._prepare_files(record, spec)
+                placement = self.limits.create(sandbox_id, spec.limits)
+                request = self._prepare_files(record, spec, placement)
                 pid, start_time = await self.zygote.spawn(request)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
@@ -258,12 +265,13 @@ class SandboxManager:
         )
         raise SetupFailed(f"sandbox {live.id} could not be set up: {message}") from exc
 
-    def _check_host_paths(self, spec: SandboxCreate) -> None:
-        """The host paths of a request: they must exist, and not expose the daemon's own."""
+    def _check_host(self, spec: SandboxCreate) -> None:
+        """What a request asks of this host: limits it can enforce, and host paths that
+        exist and do not expose the daemon's own."""
         if spec.network.mode == "bridge":
             raise Invalid("network mode 'bridge' is not implemented yet")
-        if spec.limits != Limits():
-            raise Invalid("resource limits are not implemented yet")
+        self.limits.check(spec.limits)
+        limits.check_cpus(spec.limits)
         private = [self.config.state_dir.resolve(), self.config.run_dir.resolve()]
         sources = [("rootfs", spec.rootfs)] if spec.rootfs else []
         sources += [("mount source", m.source) for m in spec.mounts]
@@ -280,7 +288,9 @@ class SandboxManager:
             if top in ("/proc", "/sys", "/dev"):
                 raise Invalid(f"mount target {mount.target}: nothing may be mounted under {top}")
 
-    def _prepare_files(self, record: SandboxRecord, spec: SandboxCreate) -> SpawnRequest:
+    def _prepare_files(
+        self, record: SandboxRecord, spec: SandboxCreate, placement: limits.Placement
+    ) -> SpawnRequest:
         """Make the sandbox's directories on the host and the request that builds it."""
         uid_base = None
         if "user" in spec.namespaces:
@@ -319,6 +329,9 @@ class SandboxManager:
             output_limit=self.config.output_limit,
             cgroup=str(self.tree.path(record.id)),
             id_range=ID_RANGE,
+            join=placement.join,
+            memory_cgroup=placement.memory,
+            memory_per_exec=placement.memory_per_exec,
         )
 
     async def _connect(self, live: LiveSandbox) -> dict[str, Any]:
@@ -417,9 +430,10 @@ class SandboxManager:
 
         def remove() -> None:
             try:
-                self.tree.remove(sandbox_id)
+                self.tree.remove(sandbox_id)  # kills what is left, and waits till it is gone
+                self.limits.remove(sandbox_id)
             except OSError as exc:
-                log.error("sandbox %s: its cgroup stays: %s", sandbox_id, exc)
+                log.error("sandbox %s: its cgroups stay: %s", sandbox_id, exc)
             # A writable layer may hold many files: off the event loop, so others go on.
             shutil.rmtree(self.runtime_dir / sandbox_id, ignore_errors=True)
             shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
@@ -429,7 +443,8 @@ class SandboxManager:
     async def _remove_strays(self) -> None:
         """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire)."""
         stray = {p.name for d in (self.runtime_dir, self.sandboxes_dir) for p in d.iterdir()}
-        for sandbox_id in (stray | set(self.tree.sandboxes())) - set(self.live):
+        stray |= {*self.tree.sandboxes(), *self.limits.sandboxes()}
+        for sandbox_id in stray - set(self.live):
             await self._remove_files(sandbox_id)
 
     # -- restart ------------------------------------------------------------------------------

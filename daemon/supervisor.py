@@ -99,7 +99,7 @@ class Supervisor:
         req: SpawnRequest,
         listener: socket.socket,
         run_fd: int,
-        cgroup_fd: int,
+        sandbox_cgroups: cgroups.SandboxCgroups,
         userns_fd: int | None,
         ptmx_fd: int,
         wakeup_r: int,
@@ -109,7 +109,7 @@ class Supervisor:
         self.execs_fd = os.open(
             EXECS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=run_fd
         )
-        self.cgroup_fd = cgroup_fd
+        self.cgroups = sandbox_cgroups
         self.userns_fd = userns_fd
         self.ptmx_fd = ptmx_fd
         self.wakeup_r = wakeup_r
@@ -247,12 +247,12 @@ class Supervisor:
         if not valid_exec_id(req.id) or req.id in self.running:
             raise ValueError(f"invalid or duplicate exec id {req.id!r}")
         os.mkdir(req.id, 0o700, dir_fd=self.execs_fd)
-        os.mkdir(req.id, dir_fd=self.cgroup_fd)
+        self.cgroups.make_leaf(req.id)
         dir_fd = os.open(req.id, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.execs_fd)
         try:
             running, child_stdio = self.open_stdio(req, dir_fd)
         except OSError:
-            os.rmdir(req.id, dir_fd=self.cgroup_fd)
+            self.cgroups.remove_leaf(req.id)
             raise
         finally:
             os.close(dir_fd)
@@ -266,7 +266,7 @@ class Supervisor:
                     os.close(fd)
             raise
         if pid == 0:  # Child, in the sandbox, host root: becomes the exec's process.
-            execchild.become(child_req, child_stdio, self.cgroup_fd, self.userns_fd)
+            execchild.become(child_req, child_stdio, self.cgroups, self.userns_fd)
         for fd in set(child_stdio):
             os.close(fd)
         running.pid = pid
@@ -414,7 +414,7 @@ class Supervisor:
             if running is not None and not running.timed_out:
                 running.timed_out = True
                 # The exec's whole cgroup: setsid'd, double-forked and orphaned ones too.
-                cgroups.write_file(f"{exec_id}/cgroup.kill", b"1", dir_fd=self.cgroup_fd)
+                cgroups.write_file(f"{exec_id}/cgroup.kill", b"1", dir_fd=self.cgroups.tree)
 
     # -- endings ------------------------------------------------------------------------------
 
@@ -439,7 +439,7 @@ class Supervisor:
     def finish_drained(self) -> None:
         for running in [e for e in self.running.values() if e.wait_status is not None]:
             # A killed exec ends when its whole tree is gone, so none of it outlives the answer.
-            if not running.timed_out or not cgroups.populated(self.cgroup_fd, running.id):
+            if not running.timed_out or not cgroups.populated(self.cgroups.tree, running.id):
                 self.finish(running)
 
     def finish(self, running: RunningExec) -> None:
@@ -470,10 +470,9 @@ class Supervisor:
 
     def remove_leaf(self, exec_id: str) -> None:
         """An ended exec's cgroup goes once its background processes are gone too."""
-        try:
-            os.rmdir(exec_id, dir_fd=self.cgroup_fd)
+        if self.cgroups.remove_leaf(exec_id):
             self.lingering.discard(exec_id)
-        except OSError:
+        else:
             self.lingering.add(exec_id)
 
     def shut_down(self) -> None:
