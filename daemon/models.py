@@ -327,6 +327,10 @@ class Exec(BaseModel):
     stderr: str
     stdout_truncated: bool
     stderr_truncated: bool
+    oom_killed: bool = Field(
+        description="The process died of SIGKILL and the OOM killer had killed a process of "
+        "this exec (most likely it): it went past the sandbox's limits.memory_bytes."
+    )
     started_at: datetime
     finished_at: datetime | None
 

@@ -16,8 +16,9 @@ Creating a sandbox (the zygote is a warm, thread-free child of the daemon; A and
 Running (one JSON object a line, either way, over supervisor.sock):
 
     daemon                                      supervisor
-      │ EXEC {id, cmd, env, cwd, uid, gid, ...} ───►│ fork, join its cgroup, exec
-      │◄──────────────────────── STARTED {id, pid} ─│ (exec failed: EXITED 126/127 next)
+      │ EXEC {id, cmd, env, cwd, uid, gid, ...} ───►│ fork, join its cgroups, exec
+      │◄──────────────────────── STARTED {id, pid} ─│ (exec failed: EXITED 126/127 next;
+      │                                             │  fork failed: pid null, EXITED 126)
       │ SIGNAL {id, signal} ───────────────────────►│ kill(pid)
       │ SUBSCRIBE {id} ────────────────────────────►│ live output from now on:
       │◄──────────────── SUBSCRIBED {id, offsets} ──│ bytes before these are in the files
@@ -144,6 +145,7 @@ class ExitStatus:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     finished_at: float = 0.0
+    oom_killed: bool = False  # SIGKILL while the exec's memory cgroup counted an OOM kill
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -402,6 +402,7 @@ class SandboxManager:
         main = read_status(live.run_dir, MAIN_EXEC)
         if main is not None:
             reason = ExitReason.EXITED if main.signal is None else ExitReason.SIGNALED
+            reason = ExitReason.OOM if main.oom_killed else reason
             target = SandboxState.EXITED
         else:
             target, reason = SandboxState.FAILED, ExitReason.SUPERVISOR_LOST
@@ -611,11 +612,12 @@ class SandboxManager:
     def _on_message(self, live: LiveSandbox, kind: MessageType, message: dict[str, Any]) -> None:
         exec_id = str(message.get("id"))
         if kind is MessageType.STARTED:
-            if exec_id != MAIN_EXEC:
-                self.store.set_exec_pid(exec_id, int(message["pid"]))
+            pid = message.get("pid")  # null: no process could be forked (EXITED 126 follows)
+            if exec_id != MAIN_EXEC and pid is not None:
+                self.store.set_exec_pid(exec_id, int(pid))
             future = live.started.pop(exec_id, None)
             if future is not None and not future.done():
-                future.set_result(int(message["pid"]))
+                future.set_result(None if pid is None else int(pid))
         elif kind is MessageType.OUTPUT:
             chunk = (
                 str(message["stream"]),
@@ -654,6 +656,7 @@ class SandboxManager:
                 stdout_truncated=status.stdout_truncated,
                 stderr_truncated=status.stderr_truncated,
                 finished_at=datetime.fromtimestamp(status.finished_at, UTC),
+                oom_killed=status.oom_killed,
             )
         shutil.rmtree(path, ignore_errors=True)
         future = live.finished.pop(exec_id, None)

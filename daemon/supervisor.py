@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from daemon import cgroups, execchild
+from daemon.execchild import EXIT_NOT_EXECUTABLE
 from daemon.protocol import (
     EXECS_DIR,
     MAIN_EXEC,
@@ -88,6 +89,7 @@ class RunningExec:
     subscribed: bool = False
     timed_out: bool = False
     wait_status: int | None = None  # set once reaped, while its killed tree drains
+    oom_kills_before: int = 0  # the OOM killer's count as it started (see finish)
 
     def stream(self, name: str) -> Stream:
         return next(s for s in self.streams if s.name == name)
@@ -258,13 +260,12 @@ class Supervisor:
             os.close(dir_fd)
         env = {**self.req.env, **req.env}
         child_req = ExecRequest(req.id, req.cmd, env, req.cwd, req.uid, req.gid, tty=req.tty)
+        running.oom_kills_before = self.cgroups.oom_kills(req.id)
         try:
             pid = os.fork()
-        except OSError:
-            for fd in {*child_stdio, *(s.fd for s in running.streams), running.stdin_fd}:
-                if fd is not None and fd >= 0:
-                    os.close(fd)
-            raise
+        except OSError as exc:  # at the pids limit (EAGAIN), or out of memory
+            self.not_started(req, running, child_stdio, exc)
+            return
         if pid == 0:  # Child, in the sandbox, host root: becomes the exec's process.
             execchild.become(child_req, child_stdio, self.cgroups, self.userns_fd)
         for fd in set(child_stdio):
@@ -282,6 +283,29 @@ class Supervisor:
         self.send(MessageType.STARTED, id=req.id, pid=pid)
         if req.stdin and running.stdin_fd is not None:
             self.feed(running, req.stdin.encode(), eof=not req.interactive)
+
+    def not_started(
+        self, req: ExecRequest, running: RunningExec, child_stdio: tuple[int, ...], exc: OSError
+    ) -> None:
+        """No process could be forked: the exec ends at once with 126 and says why on
+        stderr, as a shell does (and as `docker exec` exits 126), and the sandbox goes on."""
+        for fd in {*child_stdio, *(s.fd for s in running.streams), running.stdin_fd}:
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        why = f"sandboxd: cannot start {req.cmd[0]}: fork: {exc.strerror}"
+        if exc.errno == errno.EAGAIN:
+            why += " (the sandbox is at its limit of processes, limits.pids)"
+        out, err = running.streams
+        os.write(err.file_fd if err.file_fd >= 0 else out.file_fd, why.encode() + b"\n")
+        for stream in running.streams:
+            stream.close_file()
+        status = ExitStatus(EXIT_NOT_EXECUTABLE, None, finished_at=time.time())
+        write_status(self.execs_fd, req.id, status)
+        self.cgroups.remove_leaf(req.id)
+        self.send(MessageType.STARTED, id=req.id, pid=None)
+        self.send(MessageType.EXITED, id=req.id, **json.loads(status.to_json()))
+        if req.id == MAIN_EXEC:
+            self.shut_down()
 
     def open_stdio(self, req: ExecRequest, dir_fd: int) -> tuple[RunningExec, tuple[int, int, int]]:
         """The exec's output files and the fds its process gets as 0, 1 and 2."""
@@ -460,8 +484,19 @@ class Supervisor:
             code, sig = None, signal_name(os.WTERMSIG(wait_status))
         else:
             code, sig = os.waitstatus_to_exitcode(wait_status), None
+        # The OOM killer's victim dies of SIGKILL, its memory cgroup having counted the kill
+        # before the signal was sent. Killed so, while the count rose, and not by its
+        # deadline: the OOM killer's. (The count is the exec's own on cgroup v2, the
+        # sandbox's on v1: see the README's Limits.)
+        oom = (
+            sig == "SIGKILL"
+            and not running.timed_out
+            and self.cgroups.oom_kills(running.id) > running.oom_kills_before
+        )
         out, err = running.streams
-        status = ExitStatus(code, sig, running.timed_out, out.truncated, err.truncated, time.time())
+        status = ExitStatus(
+            code, sig, running.timed_out, out.truncated, err.truncated, time.time(), oom
+        )
         write_status(self.execs_fd, running.id, status)
         self.send(MessageType.EXITED, id=running.id, **json.loads(status.to_json()))
         self.remove_leaf(running.id)

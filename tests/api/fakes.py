@@ -137,6 +137,7 @@ class FakeService:
             stderr="warning\n" if finished and spec.cmd[0] == "echo" else "",
             stdout_truncated=False,
             stderr_truncated=False,
+            oom_killed=False,
             started_at=datetime.now(UTC),
             finished_at=datetime.now(UTC) if finished else None,
         )
