@@ -384,6 +384,31 @@ def signal_number(sig: str | int) -> int:
     return int(member)
 
 
+class TtlUpdate(_Input):
+    """The body of POST /sandboxes/{ref}/ttl."""
+
+    ttl_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = Field(
+        description="The sandbox is destroyed this long from now (replacing its expiry, "
+        "earlier or later); null: never."
+    )
+
+
+class SandboxStats(BaseModel):
+    """A running sandbox's use of resources, read from its cgroups now; null where this host
+    cannot tell."""
+
+    memory_current_bytes: int | None = Field(
+        description="Memory charged to it now: its processes, page cache, kernel memory."
+    )
+    memory_peak_bytes: int | None = Field(
+        description="The most ever charged to it (cgroup v2: Linux 5.19 or later)."
+    )
+    cpu_seconds: float | None = Field(description="CPU time used by all its processes so far.")
+    pids_current: int | None = Field(description="Processes and threads now, PID 1 included.")
+    pids_peak: int | None = Field(description="The most processes and threads at once.")
+    oom_kills: int | None = Field(description="Processes the OOM killer has killed in it.")
+
+
 class SandboxCounts(BaseModel):
     running: int
     total: int
@@ -411,6 +436,8 @@ class SandboxService(Protocol):
     ) -> builtins.list[Sandbox]: ...
     async def get(self, ref: str) -> Sandbox: ...
     async def destroy(self, ref: str) -> None: ...
+    async def stats(self, ref: str) -> SandboxStats: ...
+    async def set_ttl(self, ref: str, ttl_seconds: float | None) -> Sandbox: ...
     async def exec(self, ref: str, spec: ExecCreate) -> Exec: ...
     async def list_execs(self, ref: str) -> builtins.list[Exec]: ...
     async def get_exec(self, ref: str, exec_id: str) -> Exec: ...

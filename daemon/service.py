@@ -41,6 +41,7 @@ from daemon.models import (
     Sandbox,
     SandboxCounts,
     SandboxCreate,
+    SandboxStats,
     hostname_from_name,
     kernel_release,
 )
@@ -111,6 +112,7 @@ class SandboxManager:
         self.zygote = Zygote(str(config.run_dir))
         self.tree = cgroups.ProcessTree(config.cgroup_name, config.run_dir)
         self.limits: limits.ResourceControl = limits.NoControllers(self.tree)
+        self.expiring: set[str] = set()  # sandboxes whose ttl ran out, being torn down
         self.housekeeping: asyncio.Task[None] | None = None
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -198,6 +200,24 @@ class SandboxManager:
         record = self.store.get_sandbox(ref)
         return exec_view(self.store.get_exec(record.id, exec_id))
 
+    async def stats(self, ref: str) -> SandboxStats:
+        """Read from its cgroups: a few small files, no waiting on the sandbox."""
+        record = self.store.get_sandbox(ref)
+        if record.state != SandboxState.RUNNING or record.id not in self.live:
+            raise Conflict(f"sandbox {record.id} is {record.state}, not running")
+        try:
+            usage = self.limits.usage(record.id)
+        except FileNotFoundError as exc:  # it ended meanwhile
+            raise Conflict(f"sandbox {record.id} is no longer running") from exc
+        return SandboxStats(
+            memory_current_bytes=usage.memory_current,
+            memory_peak_bytes=usage.memory_peak,
+            cpu_seconds=None if usage.cpu_usec is None else usage.cpu_usec / 1e6,
+            pids_current=usage.pids_current,
+            pids_peak=usage.pids_peak,
+            oom_kills=usage.oom_kills,
+        )
+
     # -- create -------------------------------------------------------------------------------
 
     async def create(self, spec: SandboxCreate) -> Sandbox:
@@ -242,8 +262,8 @@ class SandboxManager:
                 )
             except (OSError, SpawnError, ConnectionError, TimeoutError) as exc:
                 await self._undo_create(live, exc)
-        if expires_at is not None:
-            self._schedule_expiry(sandbox_id, expires_at)
+        if record.expires_at is not None:  # as stored: POST …/ttl may have changed it meanwhile
+            self._schedule_expiry(sandbox_id, record.expires_at)
         return sandbox_view(record)
 
     async def _undo_create(self, live: LiveSandbox, exc: Exception) -> NoReturn:
@@ -349,18 +369,18 @@ class SandboxManager:
 
     # -- destroy ------------------------------------------------------------------------------
 
-    async def destroy(self, ref: str) -> None:
+    async def destroy(self, ref: str, *, expired: bool = False) -> None:
         record = self.store.get_sandbox(ref)
         live = self.live.get(record.id)
         if live is not None:
             async with live.lock:
+                if expired and self.live.get(record.id) is live:
+                    self._mark_expired(record.id)
                 await self._kill(live)
                 live.release_waiters()
                 self.live.pop(record.id, None)
         await self._remove_files(record.id)
-        timer = self.timers.pop(record.id, None)
-        if timer is not None:
-            timer.cancel()
+        self._cancel_expiry(record.id)
         self.store.delete_sandbox(record.id)
 
     async def _kill(self, live: LiveSandbox) -> None:
@@ -677,17 +697,51 @@ class SandboxManager:
 
     # -- ttl ----------------------------------------------------------------------------------
 
+    async def set_ttl(self, ref: str, ttl_seconds: float | None) -> Sandbox:
+        """Expire `ttl_seconds` from now (earlier or later than before), or never (None)."""
+        record = self.store.get_sandbox(ref)
+        if record.id in self.expiring:
+            raise Conflict(f"sandbox {record.id} has expired and is being destroyed")
+        expires_at = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        record = self.store.update_sandbox(record.id, expires_at=expires_at)
+        self._cancel_expiry(record.id)
+        if expires_at is not None:
+            self._schedule_expiry(record.id, expires_at)
+        return sandbox_view(record)
+
     def _schedule_expiry(self, sandbox_id: str, expires_at: datetime) -> None:
+        self._cancel_expiry(sandbox_id)
         delay = max(0.0, (expires_at - utcnow()).total_seconds())
         loop = asyncio.get_running_loop()
         self.timers[sandbox_id] = loop.call_later(
             delay, lambda: loop.create_task(self._expire(sandbox_id))
         )
 
+    def _cancel_expiry(self, sandbox_id: str) -> None:
+        timer = self.timers.pop(sandbox_id, None)
+        if timer is not None:
+            timer.cancel()
+
     async def _expire(self, sandbox_id: str) -> None:
         self.timers.pop(sandbox_id, None)
-        with contextlib.suppress(SandboxError):
-            await self.destroy(sandbox_id)
+        self.expiring.add(sandbox_id)
+        try:
+            with contextlib.suppress(SandboxError):
+                await self.destroy(sandbox_id, expired=True)
+        finally:
+            self.expiring.discard(sandbox_id)
+
+    def _mark_expired(self, sandbox_id: str) -> None:
+        """A running sandbox whose ttl ran out shows so while it is torn down: `exited`,
+        killed, reason `ttl_expired` (its record goes at the end of the teardown)."""
+        if self.store.get_sandbox(sandbox_id).state == SandboxState.RUNNING:
+            self.store.transition(
+                sandbox_id,
+                SandboxState.EXITED,
+                exit_reason=ExitReason.TTL_EXPIRED,
+                exit_signal="SIGKILL",
+                finished_at=utcnow(),
+            )
 
 
 # -- helpers ----------------------------------------------------------------------------------
