@@ -9,6 +9,11 @@ whole tree, setsid'd and orphaned processes included:
 
     CGROUP2/NAME/SANDBOX/init        the supervisor (joined before it is forked)
     CGROUP2/NAME/SANDBOX/EXEC        each exec and whatever it starts ("main": the main cmd)
+
+Limits and usage live where the controllers are: daemon/limits.py is the interface, with
+daemon/cgroup_v2.py (limits on the same directories) and daemon/cgroup_v1.py (directories of
+their own in each v1 hierarchy) behind it. The helpers at the end serve the supervisor, which
+reaches all of a sandbox's cgroups only through fds opened before pivot_root (`SandboxCgroups`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import errno
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -94,15 +100,7 @@ class ProcessTree:
         if not path.exists():
             return
         self.kill(sandbox_id)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                remove_tree(path)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
+        remove_when_empty(path, timeout)
 
     def sandboxes(self) -> list[str]:
         if not self.root.is_dir():
@@ -116,6 +114,46 @@ def remove_tree(path: Path) -> None:
         if child.is_dir():
             remove_tree(child)
     os.rmdir(path)
+
+
+def remove_when_empty(path: Path, timeout: float = 2.0) -> None:
+    """remove_tree, retrying while the kernel still counts a dying process in it (EBUSY)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            remove_tree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+def read_int(path: Path) -> int | None:
+    """A cgroup file holding one number ("max" and a missing file are None)."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def read_key(path: Path, key: str) -> int | None:
+    """The number after `key` in a flat-keyed cgroup file (cpu.stat, memory.events, ...)."""
+    try:
+        return parse_key(path.read_text(), key)
+    except FileNotFoundError:
+        return None
+
+
+def parse_key(text: str, key: str) -> int | None:
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return None
 
 
 def populated(dir_fd: int, leaf: str) -> bool:
@@ -137,3 +175,66 @@ def write_file(name: str, value: bytes, dir_fd: int | None = None) -> None:
         os.write(fd, value)
     finally:
         os.close(fd)
+
+
+# -- the supervisor's side: a sandbox's cgroups as fds ----------------------------------------
+
+# Where the OOM killer's count lives: memory.events on cgroup v2, memory.oom_control on v1.
+OOM_COUNTERS = ("memory.events", "memory.oom_control")
+
+
+@dataclass
+class SandboxCgroups:
+    """A sandbox's cgroups as the supervisor holds them: fds, opened by A before pivot_root
+    (after it no host path can be opened, nor should be)."""
+
+    tree: int  # its directory in the cgroup2 tree: exec leaves, cgroup.kill, cgroup.events
+    memory: int | None  # its memory cgroup, which counts OOM kills (None: no controller)
+    memory_per_exec: bool  # the memory cgroup is the tree: each exec leaf counts its own
+
+    @classmethod
+    def open(cls, tree: str, memory: str | None, memory_per_exec: bool) -> SandboxCgroups:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        tree_fd = os.open(tree, flags)
+        memory_fd = tree_fd if memory == tree else None
+        if memory is not None and memory_fd is None:
+            memory_fd = os.open(memory, flags)
+        return cls(tree_fd, memory_fd, memory_per_exec and memory_fd == tree_fd)
+
+    def fds(self) -> set[int]:
+        return {self.tree} | ({self.memory} if self.memory is not None else set())
+
+    def make_leaf(self, name: str) -> None:
+        os.mkdir(name, dir_fd=self.tree)
+
+    def join_leaf(self, name: str) -> None:
+        """Move the calling process into the leaf `name`."""
+        write_file(f"{name}/cgroup.procs", b"0", dir_fd=self.tree)
+
+    def remove_leaf(self, name: str) -> bool:
+        """rmdir the leaf if it is empty; whether it is gone."""
+        try:
+            os.rmdir(name, dir_fd=self.tree)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True
+
+    def oom_kills(self, leaf: str) -> int:
+        """The OOM killer's count for the exec in `leaf`: its own on cgroup v2 (the count is
+        hierarchical there, so its whole tree's); the sandbox's on v1, where each memory
+        cgroup counts only its own members and the exec has none of its own."""
+        if self.memory is None:
+            return 0
+        directory = f"{leaf}/" if self.memory_per_exec else ""
+        for counter in OOM_COUNTERS:
+            try:
+                fd = os.open(directory + counter, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.memory)
+            except FileNotFoundError:
+                continue
+            try:
+                return parse_key(os.read(fd, 4096).decode(), "oom_kill") or 0
+            finally:
+                os.close(fd)
+        return 0

@@ -27,13 +27,21 @@ _PASSWD_LIMIT = 1 << 20
 
 
 def become(
-    req: ExecRequest, stdio: tuple[int, int, int], cgroup_fd: int, userns_fd: int | None
+    req: ExecRequest,
+    stdio: tuple[int, int, int],
+    sandbox_cgroups: cgroups.SandboxCgroups,
+    userns_fd: int | None,
 ) -> None:
     """Child, in the sandbox, host root: set up the process and exec it. Never returns."""
     code = EXIT_NOT_EXECUTABLE
     try:
-        # 0. Into the exec's own cgroup first, so that its deadline reaches all it will start.
-        cgroups.write_file(f"{req.id}/cgroup.procs", b"0", dir_fd=cgroup_fd)
+        # 0. Into the exec's own cgroups first, so that its deadline reaches all it will start
+        #    and an OOM kill among them is counted as its own; and back to an OOM score of 0
+        #    (the supervisor's keeps the OOM killer off it). As host root: a process inside
+        #    cannot lower it again.
+        sandbox_cgroups.join_leaf(req.id)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("0")
         # 1. Python ignores SIGPIPE and SIGXFSZ and we block nothing: hand over clean defaults.
         signal.set_wakeup_fd(-1)
         for sig in signal.valid_signals():

@@ -104,10 +104,31 @@ class NetworkSpec(_Input):
     ports: list[PortSpec] = Field(default_factory=list)
 
 
+# The supervisor (PID 1, a fork of the warm zygote) is charged about 3 MiB; a sandbox should
+# have room for more than that (Docker's floor is 6 MiB).
+MIN_MEMORY = 16 << 20
+MAX_PIDS = 4194304  # the kernel's PID_MAX_LIMIT
+
+
 class Limits(_Input):
-    memory_bytes: Annotated[int, Field(gt=0)] | None = None
-    pids: Annotated[int, Field(gt=0)] | None = None
-    cpus: Annotated[float, Field(gt=0)] | None = None
+    """Enforced with the host's cgroups (v1 or v2, see GET /info); null: no limit."""
+
+    memory_bytes: Annotated[int, Field(ge=MIN_MEMORY, le=1 << 53)] | None = Field(
+        default=None,
+        description="Memory (and swap) of all its processes together, page cache and kernel "
+        "memory included; past it the OOM killer kills one of them (never PID 1). "
+        "At least 16 MiB.",
+    )
+    pids: Annotated[int, Field(ge=2, le=MAX_PIDS)] | None = Field(
+        default=None,
+        description="Processes and threads at once, its PID 1 (the supervisor) included; past "
+        "it fork fails with EAGAIN. At least 2.",
+    )
+    cpus: Annotated[float, Field(ge=0.01)] | None = Field(
+        default=None,
+        description="CPU time as a number of CPUs (0.25: a quarter of one), at most the "
+        "host's CPUs.",
+    )
 
 
 class SandboxCreate(_Input):
@@ -306,6 +327,10 @@ class Exec(BaseModel):
     stderr: str
     stdout_truncated: bool
     stderr_truncated: bool
+    oom_killed: bool = Field(
+        description="The process died of SIGKILL and the OOM killer had killed a process of "
+        "this exec (most likely it): it went past the sandbox's limits.memory_bytes."
+    )
     started_at: datetime
     finished_at: datetime | None
 
@@ -359,6 +384,31 @@ def signal_number(sig: str | int) -> int:
     return int(member)
 
 
+class TtlUpdate(_Input):
+    """The body of POST /sandboxes/{ref}/ttl."""
+
+    ttl_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = Field(
+        description="The sandbox is destroyed this long from now (replacing its expiry, "
+        "earlier or later); null: never."
+    )
+
+
+class SandboxStats(BaseModel):
+    """A running sandbox's use of resources, read from its cgroups now; null where this host
+    cannot tell."""
+
+    memory_current_bytes: int | None = Field(
+        description="Memory charged to it now: its processes, page cache, kernel memory."
+    )
+    memory_peak_bytes: int | None = Field(
+        description="The most ever charged to it (cgroup v2: Linux 5.19 or later)."
+    )
+    cpu_seconds: float | None = Field(description="CPU time used by all its processes so far.")
+    pids_current: int | None = Field(description="Processes and threads now, PID 1 included.")
+    pids_peak: int | None = Field(description="The most processes and threads at once.")
+    oom_kills: int | None = Field(description="Processes the OOM killer has killed in it.")
+
+
 class SandboxCounts(BaseModel):
     running: int
     total: int
@@ -386,6 +436,8 @@ class SandboxService(Protocol):
     ) -> builtins.list[Sandbox]: ...
     async def get(self, ref: str) -> Sandbox: ...
     async def destroy(self, ref: str) -> None: ...
+    async def stats(self, ref: str) -> SandboxStats: ...
+    async def set_ttl(self, ref: str, ttl_seconds: float | None) -> Sandbox: ...
     async def exec(self, ref: str, spec: ExecCreate) -> Exec: ...
     async def list_execs(self, ref: str) -> builtins.list[Exec]: ...
     async def get_exec(self, ref: str, exec_id: str) -> Exec: ...

@@ -16,8 +16,9 @@ Creating a sandbox (the zygote is a warm, thread-free child of the daemon; A and
 Running (one JSON object a line, either way, over supervisor.sock):
 
     daemon                                      supervisor
-      │ EXEC {id, cmd, env, cwd, uid, gid, ...} ───►│ fork, join its cgroup, exec
-      │◄──────────────────────── STARTED {id, pid} ─│ (exec failed: EXITED 126/127 next)
+      │ EXEC {id, cmd, env, cwd, uid, gid, ...} ───►│ fork, join its cgroups, exec
+      │◄──────────────────────── STARTED {id, pid} ─│ (exec failed: EXITED 126/127 next;
+      │                                             │  fork failed: pid null, EXITED 126)
       │ SIGNAL {id, signal} ───────────────────────►│ kill(pid)
       │ SUBSCRIBE {id} ────────────────────────────►│ live output from now on:
       │◄──────────────── SUBSCRIBED {id, offsets} ──│ bytes before these are in the files
@@ -42,7 +43,7 @@ import enum
 import json
 import os
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MAIN_EXEC = "main"
@@ -116,6 +117,12 @@ class SpawnRequest:
     output_limit: int
     cgroup: str  # the sandbox's directory in the cgroup2 tree (daemon.cgroups)
     id_range: int = 65536
+    # Its cgroups beyond the cgroup2 tree (daemon.limits.Placement): v1 hierarchies A joins
+    # with the tree's init leaf; its memory cgroup, which counts OOM kills, and whether each
+    # exec's leaf has a count of its own there.
+    join: list[str] = field(default_factory=list)
+    memory_cgroup: str | None = None
+    memory_per_exec: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
@@ -138,6 +145,7 @@ class ExitStatus:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     finished_at: float = 0.0
+    oom_killed: bool = False  # SIGKILL while the exec's memory cgroup counted an OOM kill
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

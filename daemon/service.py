@@ -5,6 +5,7 @@ the store, builds sandboxes through the zygote, and talks to each supervisor ove
 Files on the host, per sandbox:
     STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers (removed when it ends)
     RUN/sandboxes/ID/                          the supervisor's socket and mailbox
+    CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.cgroups, daemon.limits)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import base, cgroups, hardening
+from daemon import base, cgroups, hardening, limits
 from daemon.config import Config
 from daemon.errors import Conflict, Invalid, SandboxError, SetupFailed
 from daemon.following import STREAMS, Follower, TextCursor, read_prefix
@@ -37,10 +38,10 @@ from daemon.models import (
     ExecExit,
     ExecOutput,
     Info,
-    Limits,
     Sandbox,
     SandboxCounts,
     SandboxCreate,
+    SandboxStats,
     hostname_from_name,
     kernel_release,
 )
@@ -112,6 +113,8 @@ class SandboxManager:
         self.runtime_dir = config.run_dir / "sandboxes"
         self.zygote = Zygote(str(config.run_dir))
         self.tree = cgroups.ProcessTree(config.cgroup_name, config.run_dir)
+        self.limits: limits.ResourceControl = limits.NoControllers(self.tree)
+        self.expiring: set[str] = set()  # sandboxes whose ttl ran out, being torn down
         self.housekeeping: asyncio.Task[None] | None = None
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -136,6 +139,8 @@ class SandboxManager:
             os.chmod(path, 0o700)
         self._store = Store(self.config.state_dir / "sandboxd.db")
         self.tree.start()
+        self.limits = limits.for_layout(cgroups.detect_layout(), self.tree)
+        self.limits.start()
         self.base_dir = base.prepare(self.config.state_dir / "bases")
         await self.zygote.start()
         for record in self.store.live_sandboxes():
@@ -162,6 +167,7 @@ class SandboxManager:
             live.release_waiters()
         self.live.clear()
         await self.zygote.stop()
+        self.limits.stop()
         self.tree.stop()
         if self._store is not None:
             self._store.close()
@@ -173,7 +179,7 @@ class SandboxManager:
         return Info(
             version=_version(),
             kernel=kernel_release(),
-            cgroup=cgroups.detect_layout(),
+            cgroup=self.limits.layout,
             sandboxes=SandboxCounts(running=running, total=total),
             pid=os.getpid(),
             state_dir=str(self.config.state_dir),
@@ -196,11 +202,30 @@ class SandboxManager:
         record = self.store.get_sandbox(ref)
         return exec_view(self.store.get_exec(record.id, exec_id))
 
+    async def stats(self, ref: str) -> SandboxStats:
+        """Read from its cgroups: a few small files, no waiting on the sandbox."""
+        record = self.store.get_sandbox(ref)
+        if record.state != SandboxState.RUNNING or record.id not in self.live:
+            raise Conflict(f"sandbox {record.id} is {record.state}, not running")
+        try:
+            usage = self.limits.usage(record.id)
+        except FileNotFoundError as exc:  # it ended meanwhile
+            raise Conflict(f"sandbox {record.id} is no longer running") from exc
+        return SandboxStats(
+            memory_current_bytes=usage.memory_current,
+            memory_peak_bytes=usage.memory_peak,
+            cpu_seconds=None if usage.cpu_usec is None else usage.cpu_usec / 1e6,
+            pids_current=usage.pids_current,
+            pids_peak=usage.pids_peak,
+            oom_kills=usage.oom_kills,
+        )
+
     # -- create -------------------------------------------------------------------------------
 
     async def create(self, spec: SandboxCreate) -> Sandbox:
-        # 1. validate what the schema cannot see: the host paths, what is not built yet
-        self._check_host_paths(spec)
+        # 1. validate what the schema cannot see: the host paths and controllers, what is
+        #    not built yet
+        self._check_host(spec)
         sandbox_id = new_id("sb")
         hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else sandbox_id)
         if "uts" not in spec.namespaces:
@@ -221,9 +246,11 @@ class SandboxManager:
         self.live[sandbox_id] = live
         async with live.lock:
             try:
-                # 3. its cgroup, writable layers and mailbox; 4. namespaces, mounts, supervisor
+                # 3. its cgroups (limits set before a process is in them), writable layers
+                #    and mailbox; 4. namespaces, mounts, supervisor
                 self.tree.create(sandbox_id)
-                request = self._prepare_files(record, spec)
+                placement = self.limits.create(sandbox_id, spec.limits)
+                request = self._prepare_files(record, spec, placement)
                 pid, start_time = await self.zygote.spawn(request)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
@@ -239,8 +266,8 @@ class SandboxManager:
                 if expires_at is not None:  # a failed record goes at its time like any
                     self._schedule_expiry(sandbox_id, expires_at)
                 await self._undo_create(live, exc)
-        if expires_at is not None:
-            self._schedule_expiry(sandbox_id, expires_at)
+        if record.expires_at is not None:  # as stored: POST …/ttl may have changed it meanwhile
+            self._schedule_expiry(sandbox_id, record.expires_at)
         return sandbox_view(record)
 
     async def _undo_create(self, live: LiveSandbox, exc: Exception) -> NoReturn:
@@ -262,12 +289,13 @@ class SandboxManager:
         )
         raise SetupFailed(f"sandbox {live.id} could not be set up: {message}") from exc
 
-    def _check_host_paths(self, spec: SandboxCreate) -> None:
-        """The host paths of a request: they must exist, and not expose the daemon's own."""
+    def _check_host(self, spec: SandboxCreate) -> None:
+        """What a request asks of this host: limits it can enforce, and host paths that
+        exist and do not expose the daemon's own."""
         if spec.network.mode == "bridge":
             raise Invalid("network mode 'bridge' is not implemented yet")
-        if spec.limits != Limits():
-            raise Invalid("resource limits are not implemented yet")
+        self.limits.check(spec.limits)
+        limits.check_cpus(spec.limits)
         private = [self.config.state_dir.resolve(), self.config.run_dir.resolve()]
         sources = [("rootfs", spec.rootfs)] if spec.rootfs else []
         sources += [("mount source", m.source) for m in spec.mounts]
@@ -284,7 +312,9 @@ class SandboxManager:
             if top in ("/proc", "/sys", "/dev"):
                 raise Invalid(f"mount target {mount.target}: nothing may be mounted under {top}")
 
-    def _prepare_files(self, record: SandboxRecord, spec: SandboxCreate) -> SpawnRequest:
+    def _prepare_files(
+        self, record: SandboxRecord, spec: SandboxCreate, placement: limits.Placement
+    ) -> SpawnRequest:
         """Make the sandbox's directories on the host and the request that builds it."""
         uid_base = None
         if "user" in spec.namespaces:
@@ -323,6 +353,9 @@ class SandboxManager:
             output_limit=self.config.output_limit,
             cgroup=str(self.tree.path(record.id)),
             id_range=ID_RANGE,
+            join=placement.join,
+            memory_cgroup=placement.memory,
+            memory_per_exec=placement.memory_per_exec,
         )
 
     async def _connect(self, live: LiveSandbox) -> dict[str, Any]:
@@ -340,18 +373,18 @@ class SandboxManager:
 
     # -- destroy ------------------------------------------------------------------------------
 
-    async def destroy(self, ref: str) -> None:
+    async def destroy(self, ref: str, *, expired: bool = False) -> None:
         record = self.store.get_sandbox(ref)
         live = self.live.get(record.id)
         if live is not None:
             async with live.lock:
+                if expired and self.live.get(record.id) is live:
+                    self._mark_expired(record.id)
                 await self._kill(live)
                 live.release_waiters()
                 self.live.pop(record.id, None)
         await self._remove_files(record.id)
-        timer = self.timers.pop(record.id, None)
-        if timer is not None:
-            timer.cancel()
+        self._cancel_expiry(record.id)
         self.store.delete_sandbox(record.id)
 
     async def _kill(self, live: LiveSandbox) -> None:
@@ -393,6 +426,7 @@ class SandboxManager:
         main = read_status(live.run_dir, MAIN_EXEC)
         if main is not None:
             reason = ExitReason.EXITED if main.signal is None else ExitReason.SIGNALED
+            reason = ExitReason.OOM if main.oom_killed else reason
             target = SandboxState.EXITED
         else:
             target, reason = SandboxState.FAILED, ExitReason.SUPERVISOR_LOST
@@ -421,9 +455,10 @@ class SandboxManager:
 
         def remove() -> None:
             try:
-                self.tree.remove(sandbox_id)
+                self.tree.remove(sandbox_id)  # kills what is left, and waits till it is gone
+                self.limits.remove(sandbox_id)
             except OSError as exc:
-                log.error("sandbox %s: its cgroup stays: %s", sandbox_id, exc)
+                log.error("sandbox %s: its cgroups stay: %s", sandbox_id, exc)
             # A writable layer may hold many files: off the event loop, so others go on.
             shutil.rmtree(self.runtime_dir / sandbox_id, ignore_errors=True)
             shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
@@ -433,7 +468,8 @@ class SandboxManager:
     async def _remove_strays(self) -> None:
         """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire)."""
         stray = {p.name for d in (self.runtime_dir, self.sandboxes_dir) for p in d.iterdir()}
-        for sandbox_id in (stray | set(self.tree.sandboxes())) - set(self.live):
+        stray |= {*self.tree.sandboxes(), *self.limits.sandboxes()}
+        for sandbox_id in stray - set(self.live):
             await self._remove_files(sandbox_id)
 
     # -- restart ------------------------------------------------------------------------------
@@ -600,11 +636,12 @@ class SandboxManager:
     def _on_message(self, live: LiveSandbox, kind: MessageType, message: dict[str, Any]) -> None:
         exec_id = str(message.get("id"))
         if kind is MessageType.STARTED:
-            if exec_id != MAIN_EXEC:
-                self.store.set_exec_pid(exec_id, int(message["pid"]))
+            pid = message.get("pid")  # null: no process could be forked (EXITED 126 follows)
+            if exec_id != MAIN_EXEC and pid is not None:
+                self.store.set_exec_pid(exec_id, int(pid))
             future = live.started.pop(exec_id, None)
             if future is not None and not future.done():
-                future.set_result(int(message["pid"]))
+                future.set_result(None if pid is None else int(pid))
         elif kind is MessageType.OUTPUT:
             chunk = (
                 str(message["stream"]),
@@ -643,6 +680,7 @@ class SandboxManager:
                 stdout_truncated=status.stdout_truncated,
                 stderr_truncated=status.stderr_truncated,
                 finished_at=datetime.fromtimestamp(status.finished_at, UTC),
+                oom_killed=status.oom_killed,
             )
         shutil.rmtree(path, ignore_errors=True)
         future = live.finished.pop(exec_id, None)
@@ -663,17 +701,51 @@ class SandboxManager:
 
     # -- ttl ----------------------------------------------------------------------------------
 
+    async def set_ttl(self, ref: str, ttl_seconds: float | None) -> Sandbox:
+        """Expire `ttl_seconds` from now (earlier or later than before), or never (None)."""
+        record = self.store.get_sandbox(ref)
+        if record.id in self.expiring:
+            raise Conflict(f"sandbox {record.id} has expired and is being destroyed")
+        expires_at = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        record = self.store.update_sandbox(record.id, expires_at=expires_at)
+        self._cancel_expiry(record.id)
+        if expires_at is not None:
+            self._schedule_expiry(record.id, expires_at)
+        return sandbox_view(record)
+
     def _schedule_expiry(self, sandbox_id: str, expires_at: datetime) -> None:
+        self._cancel_expiry(sandbox_id)
         delay = max(0.0, (expires_at - utcnow()).total_seconds())
         loop = asyncio.get_running_loop()
         self.timers[sandbox_id] = loop.call_later(
             delay, lambda: loop.create_task(self._expire(sandbox_id))
         )
 
+    def _cancel_expiry(self, sandbox_id: str) -> None:
+        timer = self.timers.pop(sandbox_id, None)
+        if timer is not None:
+            timer.cancel()
+
     async def _expire(self, sandbox_id: str) -> None:
         self.timers.pop(sandbox_id, None)
-        with contextlib.suppress(SandboxError):
-            await self.destroy(sandbox_id)
+        self.expiring.add(sandbox_id)
+        try:
+            with contextlib.suppress(SandboxError):
+                await self.destroy(sandbox_id, expired=True)
+        finally:
+            self.expiring.discard(sandbox_id)
+
+    def _mark_expired(self, sandbox_id: str) -> None:
+        """A running sandbox whose ttl ran out shows so while it is torn down: `exited`,
+        killed, reason `ttl_expired` (its record goes at the end of the teardown)."""
+        if self.store.get_sandbox(sandbox_id).state == SandboxState.RUNNING:
+            self.store.transition(
+                sandbox_id,
+                SandboxState.EXITED,
+                exit_reason=ExitReason.TTL_EXPIRED,
+                exit_signal="SIGKILL",
+                finished_at=utcnow(),
+            )
 
 
 # -- helpers ----------------------------------------------------------------------------------

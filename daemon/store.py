@@ -126,6 +126,7 @@ class ExecRecord(Base):
     stderr: Mapped[str] = mapped_column(sa.Text, default="")
     stdout_truncated: Mapped[bool] = mapped_column(default=False)
     stderr_truncated: Mapped[bool] = mapped_column(default=False)
+    oom_killed: Mapped[bool] = mapped_column(default=False)  # migration 0003_oom
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -343,6 +344,7 @@ class Store:
         stdout_truncated: bool,
         stderr_truncated: bool,
         finished_at: datetime,
+        oom_killed: bool = False,
     ) -> ExecRecord:
         """Record how an exec ended. The first result stored wins: the supervisor may report
         the same exit twice around a daemon restart, and the second report is ignored."""
@@ -357,6 +359,7 @@ class Store:
                 record.stderr = stderr
                 record.stdout_truncated = stdout_truncated
                 record.stderr_truncated = stderr_truncated
+                record.oom_killed = oom_killed
                 record.finished_at = finished_at
         return record
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from daemon import cgroups, execchild
+from daemon.execchild import EXIT_NOT_EXECUTABLE
 from daemon.protocol import (
     EXECS_DIR,
     MAIN_EXEC,
@@ -88,6 +89,7 @@ class RunningExec:
     subscribed: bool = False
     timed_out: bool = False
     wait_status: int | None = None  # set once reaped, while its killed tree drains
+    oom_kills_before: int = 0  # the OOM killer's count as it started (see finish)
 
     def stream(self, name: str) -> Stream:
         return next(s for s in self.streams if s.name == name)
@@ -99,7 +101,7 @@ class Supervisor:
         req: SpawnRequest,
         listener: socket.socket,
         run_fd: int,
-        cgroup_fd: int,
+        sandbox_cgroups: cgroups.SandboxCgroups,
         userns_fd: int | None,
         ptmx_fd: int,
         wakeup_r: int,
@@ -109,7 +111,7 @@ class Supervisor:
         self.execs_fd = os.open(
             EXECS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=run_fd
         )
-        self.cgroup_fd = cgroup_fd
+        self.cgroups = sandbox_cgroups
         self.userns_fd = userns_fd
         self.ptmx_fd = ptmx_fd
         self.wakeup_r = wakeup_r
@@ -250,26 +252,25 @@ class Supervisor:
         if not valid_exec_id(req.id) or req.id in self.running:
             raise ValueError(f"invalid or duplicate exec id {req.id!r}")
         os.mkdir(req.id, 0o700, dir_fd=self.execs_fd)
-        os.mkdir(req.id, dir_fd=self.cgroup_fd)
+        self.cgroups.make_leaf(req.id)
         dir_fd = os.open(req.id, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.execs_fd)
         try:
             running, child_stdio = self.open_stdio(req, dir_fd)
         except OSError:
-            os.rmdir(req.id, dir_fd=self.cgroup_fd)
+            self.cgroups.remove_leaf(req.id)
             raise
         finally:
             os.close(dir_fd)
         env = {**self.req.env, **req.env}
         child_req = ExecRequest(req.id, req.cmd, env, req.cwd, req.uid, req.gid, tty=req.tty)
+        running.oom_kills_before = self.cgroups.oom_kills(req.id)
         try:
             pid = os.fork()
-        except OSError:
-            for fd in {*child_stdio, *(s.fd for s in running.streams), running.stdin_fd}:
-                if fd is not None and fd >= 0:
-                    os.close(fd)
-            raise
+        except OSError as exc:  # at the pids limit (EAGAIN), or out of memory
+            self.not_started(req, running, child_stdio, exc)
+            return
         if pid == 0:  # Child, in the sandbox, host root: becomes the exec's process.
-            execchild.become(child_req, child_stdio, self.cgroup_fd, self.userns_fd)
+            execchild.become(child_req, child_stdio, self.cgroups, self.userns_fd)
         for fd in set(child_stdio):
             os.close(fd)
         running.pid = pid
@@ -285,6 +286,29 @@ class Supervisor:
         self.send(MessageType.STARTED, id=req.id, pid=pid)
         if req.stdin and running.stdin_fd is not None:
             self.feed(running, req.stdin.encode(), eof=not req.interactive)
+
+    def not_started(
+        self, req: ExecRequest, running: RunningExec, child_stdio: tuple[int, ...], exc: OSError
+    ) -> None:
+        """No process could be forked: the exec ends at once with 126 and says why on
+        stderr, as a shell does (and as `docker exec` exits 126), and the sandbox goes on."""
+        for fd in {*child_stdio, *(s.fd for s in running.streams), running.stdin_fd}:
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        why = f"sandboxd: cannot start {req.cmd[0]}: fork: {exc.strerror}"
+        if exc.errno == errno.EAGAIN:
+            why += " (the sandbox is at its limit of processes, limits.pids)"
+        out, err = running.streams
+        os.write(err.file_fd if err.file_fd >= 0 else out.file_fd, why.encode() + b"\n")
+        for stream in running.streams:
+            stream.close_file()
+        status = ExitStatus(EXIT_NOT_EXECUTABLE, None, finished_at=time.time())
+        write_status(self.execs_fd, req.id, status)
+        self.cgroups.remove_leaf(req.id)
+        self.send(MessageType.STARTED, id=req.id, pid=None)
+        self.send(MessageType.EXITED, id=req.id, **json.loads(status.to_json()))
+        if req.id == MAIN_EXEC:
+            self.shut_down()
 
     def open_stdio(self, req: ExecRequest, dir_fd: int) -> tuple[RunningExec, tuple[int, int, int]]:
         """The exec's output files and the fds its process gets as 0, 1 and 2."""
@@ -417,7 +441,7 @@ class Supervisor:
             if running is not None and not running.timed_out:
                 running.timed_out = True
                 # The exec's whole cgroup: setsid'd, double-forked and orphaned ones too.
-                cgroups.write_file(f"{exec_id}/cgroup.kill", b"1", dir_fd=self.cgroup_fd)
+                cgroups.write_file(f"{exec_id}/cgroup.kill", b"1", dir_fd=self.cgroups.tree)
 
     # -- endings ------------------------------------------------------------------------------
 
@@ -442,7 +466,7 @@ class Supervisor:
     def finish_drained(self) -> None:
         for running in [e for e in self.running.values() if e.wait_status is not None]:
             # A killed exec ends when its whole tree is gone, so none of it outlives the answer.
-            if not running.timed_out or not cgroups.populated(self.cgroup_fd, running.id):
+            if not running.timed_out or not cgroups.populated(self.cgroups.tree, running.id):
                 self.finish(running)
 
     def finish(self, running: RunningExec) -> None:
@@ -463,8 +487,19 @@ class Supervisor:
             code, sig = None, signal_name(os.WTERMSIG(wait_status))
         else:
             code, sig = os.waitstatus_to_exitcode(wait_status), None
+        # The OOM killer's victim dies of SIGKILL, its memory cgroup having counted the kill
+        # before the signal was sent. Killed so, while the count rose, and not by its
+        # deadline: the OOM killer's. (The count is the exec's own on cgroup v2, the
+        # sandbox's on v1: see the README's Limits.)
+        oom = (
+            sig == "SIGKILL"
+            and not running.timed_out
+            and self.cgroups.oom_kills(running.id) > running.oom_kills_before
+        )
         out, err = running.streams
-        status = ExitStatus(code, sig, running.timed_out, out.truncated, err.truncated, time.time())
+        status = ExitStatus(
+            code, sig, running.timed_out, out.truncated, err.truncated, time.time(), oom
+        )
         write_status(self.execs_fd, running.id, status)
         self.send(MessageType.EXITED, id=running.id, **json.loads(status.to_json()))
         self.remove_leaf(running.id)
@@ -473,10 +508,9 @@ class Supervisor:
 
     def remove_leaf(self, exec_id: str) -> None:
         """An ended exec's cgroup goes once its background processes are gone too."""
-        try:
-            os.rmdir(exec_id, dir_fd=self.cgroup_fd)
+        if self.cgroups.remove_leaf(exec_id):
             self.lingering.discard(exec_id)
-        except OSError:
+        else:
             self.lingering.add(exec_id)
 
     def shut_down(self) -> None:

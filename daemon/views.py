@@ -53,6 +53,7 @@ def exec_view(record: ExecRecord) -> Exec:
         stderr=record.stderr,
         stdout_truncated=record.stdout_truncated,
         stderr_truncated=record.stderr_truncated,
+        oom_killed=record.oom_killed,
         started_at=record.started_at,
         finished_at=record.finished_at,
     )

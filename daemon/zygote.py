@@ -24,6 +24,8 @@ from daemon import cgroups, hardening, setup, syscalls
 from daemon.protocol import INVALID_PREFIX, SETUP_ERROR_FILE, SUPERVISOR_ERROR_FILE, SpawnRequest
 from daemon.supervisor import Supervisor, install_signal_handlers
 
+OOM_SCORE_SUPERVISOR = -1000  # never chosen by the OOM killer
+
 
 def main() -> None:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -68,9 +70,12 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> tuple[int, int]:
 def _intermediate(req: SpawnRequest, report_w: int) -> None:
     """A, a fork of the zygote, host root in host namespaces: steps 1-4 of daemon.setup."""
     try:
-        # From here on, this process and all it forks are in the sandbox's cgroup.
+        # From here on, this process and all it forks are in the sandbox's cgroups (and under
+        # its limits): the cgroup2 tree's init leaf, and on a v1 host a cgroup per hierarchy.
         cgroups.write_file(f"{req.cgroup}/{cgroups.INIT_LEAF}/cgroup.procs", b"0")
-        cgroup_fd = os.open(req.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for path in req.join:
+            cgroups.write_file(f"{path}/cgroup.procs", b"0")
+        cgroup_fds = cgroups.SandboxCgroups.open(req.cgroup, req.memory_cgroup, req.memory_per_exec)
         userns_fd = base_userns_fd = None
         if req.uid_base is not None:
             userns_fd = setup.create_user_namespace(req.uid_base, req.id_range)
@@ -82,7 +87,7 @@ def _intermediate(req: SpawnRequest, report_w: int) -> None:
         proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            _supervisor(req, listener, run_fd, cgroup_fd, (userns_fd, base_userns_fd))
+            _supervisor(req, listener, run_fd, cgroup_fds, (userns_fd, base_userns_fd))
         # B is our child: until we exit, its pid cannot name another process.
         os.write(report_w, f"{pid} {syscalls.process_start_time(pid, proc_fd)}".encode())
         os._exit(0)
@@ -95,13 +100,14 @@ def _supervisor(
     req: SpawnRequest,
     listener: socket.socket,
     run_fd: int,
-    cgroup_fd: int,
+    cgroup_fds: cgroups.SandboxCgroups,
     usernses: tuple[int | None, int | None],
 ) -> None:
     """B, PID 1 of the new PID namespace, host root: steps 5-10, then the supervisor's loop."""
     userns_fd, base_userns_fd = usernses
     try:
-        keep = {listener.fileno(), run_fd, cgroup_fd, *(fd for fd in usernses if fd is not None)}
+        keep = {listener.fileno(), run_fd, *cgroup_fds.fds()}
+        keep.update(fd for fd in usernses if fd is not None)
         _detach_stdio()
         for fd in _open_fds():
             if fd > 2 and fd not in keep:
@@ -109,6 +115,12 @@ def _supervisor(
                     os.close(fd)
         # Not dumpable: no process inside may ptrace it or open its /proc/1 files.
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        # Under a memory limit the OOM killer should pick the sandbox's processes, never its
+        # PID 1 (each exec sets its own score back to 0). Lowering a score takes
+        # CAP_SYS_RESOURCE, which some hosts withhold even from root: then it stays 0, and the
+        # supervisor (a few MiB) is chosen only if it is the largest process left.
+        with contextlib.suppress(PermissionError), open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_SUPERVISOR))
         syscalls.set_name("sandboxd-sup")
         ptmx_fd = setup.build_root(req, userns_fd, base_userns_fd)
         if base_userns_fd is not None:
@@ -119,7 +131,7 @@ def _supervisor(
         # After the sysctls: /proc/sys becomes read-only here.
         hardening.protect_kernel_files(req.uid_base or 0)
         wakeup_r = install_signal_handlers()
-        supervisor = Supervisor(req, listener, run_fd, cgroup_fd, userns_fd, ptmx_fd, wakeup_r)
+        supervisor = Supervisor(req, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, wakeup_r)
     except BaseException as exc:
         # No traceback: formatting one reads source files, and the root is the sandbox's now.
         prefix = INVALID_PREFIX if isinstance(exc, setup.InvalidMount) else ""

@@ -1,4 +1,5 @@
-"""Sandboxes: create, list (filtered by state and labels), get by id or name, delete."""
+"""Sandboxes: create, list (filtered by state and labels), get by id or name, delete; their
+resource usage and their time to live."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from api.deps import Service
 from api.problems import documented
 from api.schemas import SandboxList
 from daemon.lifecycle import SandboxState
-from daemon.models import Sandbox, SandboxCreate
+from daemon.models import Sandbox, SandboxCreate, SandboxStats, TtlUpdate
 
 router = APIRouter(prefix="/sandboxes", tags=["sandboxes"])
 
@@ -72,3 +73,29 @@ async def get(ref: str, service: Service) -> Sandbox:
 )
 async def delete(ref: str, service: Service) -> None:
     await service.destroy(ref)
+
+
+@router.get(
+    "/{ref}/stats",
+    name="stats",
+    summary="A running sandbox's resource usage, from its cgroups",
+    description="Memory now and at its peak, CPU time, processes now and at their peak, and "
+    "OOM kills, read from the sandbox's cgroups at the time of the request. 409 if the "
+    "sandbox is not running.",
+    responses=documented(401, 404, 409),
+)
+async def stats(ref: str, service: Service) -> SandboxStats:
+    return await service.stats(ref)
+
+
+@router.post(
+    "/{ref}/ttl",
+    name="set_ttl",
+    summary="Set when a sandbox expires",
+    description="The sandbox is destroyed `ttl_seconds` from now, whatever its expiry was "
+    "(earlier or later), or never with `null`; 200 with the sandbox and its new `expires_at`. "
+    "409 if it has already expired and is being destroyed.",
+    responses=documented(400, 401, 404, 409, 413, 415, 422),
+)
+async def set_ttl(ref: str, body: TtlUpdate, service: Service) -> Sandbox:
+    return await service.set_ttl(ref, body.ttl_seconds)

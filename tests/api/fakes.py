@@ -10,7 +10,7 @@ import builtins
 import itertools
 import signal as signal_module
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from daemon.errors import Conflict, LimitReached, NotFound
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
@@ -25,10 +25,11 @@ from daemon.models import (
     Sandbox,
     SandboxCounts,
     SandboxCreate,
+    SandboxStats,
     hostname_from_name,
 )
 
-MUTATING = frozenset({"create", "destroy", "exec", "signal_exec"})
+MUTATING = frozenset({"create", "destroy", "exec", "signal_exec", "set_ttl"})
 
 
 class FakeService:
@@ -115,6 +116,28 @@ class FakeService:
         del self.sandboxes[sandbox.id]
         del self.execs[sandbox.id]
 
+    async def stats(self, ref: str) -> SandboxStats:
+        self.calls.append("stats")
+        sandbox = self._find(ref)
+        if sandbox.state != SandboxState.RUNNING:
+            raise Conflict(f"sandbox {sandbox.id} is {sandbox.state}, not running")
+        return SandboxStats(
+            memory_current_bytes=1 << 20,
+            memory_peak_bytes=2 << 20,
+            cpu_seconds=0.5,
+            pids_current=1,
+            pids_peak=3,
+            oom_kills=0,
+        )
+
+    async def set_ttl(self, ref: str, ttl_seconds: float | None) -> Sandbox:
+        self.calls.append("set_ttl")
+        sandbox = self._find(ref)
+        expires_at = datetime.now(UTC) + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        sandbox = sandbox.model_copy(update={"expires_at": expires_at})
+        self.sandboxes[sandbox.id] = sandbox
+        return sandbox
+
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
         self.calls.append("exec")
         sandbox = self._find(ref)
@@ -137,6 +160,7 @@ class FakeService:
             stderr="warning\n" if finished and spec.cmd[0] == "echo" else "",
             stdout_truncated=False,
             stderr_truncated=False,
+            oom_killed=False,
             started_at=datetime.now(UTC),
             finished_at=datetime.now(UTC) if finished else None,
         )

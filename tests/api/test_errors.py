@@ -110,12 +110,18 @@ def test_without_a_token_configured_no_header_is_needed() -> None:
         ("GET", "/sandboxes/box/execs/nope"),
         ("GET", "/sandboxes/nope/execs/ex1"),
         ("POST", "/sandboxes/box/execs/nope/signal"),
+        ("GET", "/sandboxes/nope/stats"),
+        ("POST", "/sandboxes/nope/ttl"),
     ],
 )
 def test_no_such_sandbox_or_exec_is_404(
     client: TestClient, running: str, service: FakeService, method: str, path: str
 ) -> None:
-    json = {"signal": "SIGTERM"} if path.endswith("signal") else None
+    json: dict[str, object] | None = None
+    if path.endswith("signal"):
+        json = {"signal": "SIGTERM"}
+    elif path.endswith("ttl"):
+        json = {"ttl_seconds": 5}
     assert_problem(client.request(method, path, json=json), 404, "not-found")
     service.calls.clear()  # the service looked and found nothing: that is not a change
 
@@ -205,6 +211,10 @@ def test_a_body_at_the_limit_is_accepted(client: TestClient) -> None:
         ({"network": {"mode": "bridge", "ports": [{"host_port": 0, "sandbox_port": 80}]}}, "ports"),
         ({"rootfs": "relative/path"}, "rootfs"),
         ({"limits": {"memory_bytes": -1}}, "memory_bytes"),
+        ({"limits": {"memory_bytes": 1 << 20}}, "memory_bytes"),
+        ({"limits": {"pids": 1}}, "pids"),
+        ({"limits": {"cpus": 0}}, "cpus"),
+        ({"limits": {"swap": 0}}, "swap"),
         ({"labels": {"a": 1}}, "labels"),
         ([], "body"),
         ("a string", "body"),
@@ -215,6 +225,22 @@ def test_a_body_breaking_the_schema_is_422(
 ) -> None:
     problem = assert_problem(client.post("/sandboxes", json=body), 422, "validation")
     assert any(where in [str(p) for p in issue["loc"]] for issue in problem["errors"]), problem
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"ttl_seconds": 0}, {"ttl_seconds": -5}, {"ttl_seconds": "soon"}, {"ttl": 5}],
+)
+def test_a_ttl_body_breaking_the_schema_is_422(
+    client: TestClient, running: str, body: object
+) -> None:
+    assert_problem(client.post("/sandboxes/box/ttl", json=body), 422)
+
+
+def test_stats_of_a_sandbox_not_running_is_409(client: TestClient, service: FakeService) -> None:
+    client.post("/sandboxes", json={"name": "ended"})
+    service.stop_sandbox("ended")
+    assert_problem(client.get("/sandboxes/ended/stats"), 409, "conflict")
 
 
 @pytest.mark.parametrize(

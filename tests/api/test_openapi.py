@@ -90,6 +90,8 @@ def test_a_generated_client_has_the_stable_names(tmp_path: Path) -> None:
         "execs_list",
         "execs_get",
         "execs_signal",
+        "sandboxes_stats",
+        "sandboxes_set_ttl",
     }
     problem = (out / "api" / "sandboxes" / "sandboxes_get.py").read_text()
     assert "Problem.from_dict" in problem

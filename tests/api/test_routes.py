@@ -155,6 +155,36 @@ def test_signal_takes_names_with_or_without_sig(client: TestClient, service: Fak
         assert response.json()["signal"] == expected
 
 
+def test_stats_answers_200_with_the_usage(client: TestClient) -> None:
+    create(client, name="box")
+    response = client.get("/sandboxes/box/stats")
+    assert response.status_code == 200
+    assert response.json() == {
+        "memory_current_bytes": 1 << 20,
+        "memory_peak_bytes": 2 << 20,
+        "cpu_seconds": 0.5,
+        "pids_current": 1,
+        "pids_peak": 3,
+        "oom_kills": 0,
+    }
+
+
+def test_ttl_answers_200_with_the_new_expiry(client: TestClient, service: FakeService) -> None:
+    create(client, name="box")
+    response = client.post("/sandboxes/box/ttl", json={"ttl_seconds": 60})
+    assert response.status_code == 200
+    assert response.json()["expires_at"] is not None
+    cleared = client.post("/sandboxes/box/ttl", json={"ttl_seconds": None})
+    assert cleared.json()["expires_at"] is None
+    assert service.mutations == ["create", "set_ttl", "set_ttl"]
+
+
+def test_an_exec_reports_oom_killed(client: TestClient) -> None:
+    create(client, name="box")
+    execution = client.post("/sandboxes/box/exec", json={"cmd": ["true"]}).json()
+    assert execution["oom_killed"] is False
+
+
 def test_the_lifespan_starts_and_stops_the_service() -> None:
     service = FakeService()
     with TestClient(create_app(service, token=TOKEN, max_body=1024)):
@@ -182,4 +212,6 @@ def test_operation_ids_are_stable_client_names() -> None:
         ("GET", "/sandboxes/{ref}/execs/{exec_id}"): "execs_get",
         ("POST", "/sandboxes/{ref}/execs/{exec_id}/signal"): "execs_signal",
         ("GET", "/sandboxes/{ref}/execs/{exec_id}/output"): "execs_output",
+        ("GET", "/sandboxes/{ref}/stats"): "sandboxes_stats",
+        ("POST", "/sandboxes/{ref}/ttl"): "sandboxes_set_ttl",
     }

@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlalchemy.exc import IntegrityError
 
 import daemon.store
+import migrations
 from daemon.errors import Conflict, InvalidTransition, LimitReached, NotFound
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
 from daemon.store import Base, Store, migrate
@@ -98,8 +102,40 @@ def test_migration_matches_the_models(db: Path) -> None:
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+        # One line of history (get_current_head refuses two heads), and the file is at its end.
+        assert MigrationContext.configure(conn).get_current_revision() == migration_head()
     engine.dispose()
+
+
+def migration_head() -> str | None:
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def test_a_database_of_the_first_schema_is_migrated(db: Path) -> None:
+    """A database made before execs knew of OOM kills keeps its execs, as not OOM-killed."""
+    db.parent.mkdir(parents=True)
+    engine = create_engine(f"sqlite:///{db}")
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.exec_driver_sql(
+            "INSERT INTO sandboxes (id, seq, state, hostname, spec, created_at) "
+            "VALUES ('sb_1', 1, 'running', 'h', '{}', '2025-01-01 00:00:00')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO execs (id, seq, sandbox_id, cmd, state, timed_out, stdout, stderr, "
+            "stdout_truncated, stderr_truncated, started_at) "
+            "VALUES ('ex_1', 1, 'sb_1', '[]', 'exited', 0, 'old', '', 0, 0, '2025-01-01 00:00:00')"
+        )
+    engine.dispose()
+    store = Store(db)
+    old = store.get_exec("sb_1", "ex_1")
+    assert (old.stdout, old.oom_killed) == ("old", False)
+    store.close()
 
 
 def test_migrate_twice_keeps_the_data(db: Path) -> None:
