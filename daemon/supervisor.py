@@ -115,6 +115,8 @@ class Supervisor:
             self.start(ExecRequest(MAIN_EXEC, self.req.cmd, {}, "/", 0, None))
         while True:
             for key, _ in self.selector.select():
+                if self.selector.get_map().get(key.fd) != key:
+                    continue  # an earlier handler of this round closed (or reused) the fd
                 if key.data == "accept":
                     self.accept()
                 elif key.data == "reap":
