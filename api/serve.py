@@ -31,6 +31,17 @@ def check_serve(config: Config) -> None:
         )
 
 
+def check_network(config: Config) -> None:
+    """Refuse a bridge subnet that the host already routes, or a bridge that is not ours."""
+    # Imported here: the kernel side, which `openapi` never needs.
+    from daemon.network import NetworkError, preflight
+
+    try:
+        asyncio.run(preflight(config))
+    except NetworkError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def private_dir(path: Path) -> None:
     """Create `path` (and missing parents) and make it 0700, also when it already exists."""
     path.mkdir(parents=True, exist_ok=True)
@@ -41,6 +52,7 @@ def serve(config: Config) -> int:
     """Serve until SIGTERM or SIGINT; 0 then. Sandboxes outlive this (the service's business)."""
     # Every setting is checked before the first side effect.
     check_serve(config)
+    check_network(config)
     # The private directories, 0700 even if they were there before.
     private_dir(config.run_dir)
     private_dir(config.state_dir)
