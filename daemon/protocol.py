@@ -87,6 +87,18 @@ class BindMount:
 
 
 @dataclass
+class NetworkPlan:
+    """A bridged sandbox's link, decided by the daemon: process A makes it (daemon/setup.py)."""
+
+    bridge: str  # the daemon's bridge, in the host's network namespace
+    host_ifname: str  # the host end of the veth pair, enslaved to the bridge
+    mac: str  # eth0's address, derived from `ip`, so a reused address keeps its MAC
+    ip: str
+    prefix: int
+    gateway: str  # the bridge's own address
+
+
+@dataclass
 class SpawnRequest:
     """Everything the zygote needs to build one sandbox, decided by the daemon beforehand."""
 
@@ -101,6 +113,7 @@ class SpawnRequest:
     cmd: list[str] | None
     output_limit: int
     id_range: int = 65536
+    network: NetworkPlan | None = None  # bridge mode; None: only lo (or the host's network)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
@@ -110,6 +123,8 @@ class SpawnRequest:
         raw = json.loads(data)
         raw["layers"] = [Layer(**layer) for layer in raw["layers"]]
         raw["mounts"] = [BindMount(**mount) for mount in raw["mounts"]]
+        if raw.get("network") is not None:
+            raw["network"] = NetworkPlan(**raw["network"])
         return cls(**raw)
 
 

@@ -60,14 +60,18 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> int:
 
 
 def _intermediate(req: SpawnRequest, report_w: int) -> None:
-    """A, a fork of the zygote, host root in host namespaces: steps 1-4 of daemon.setup."""
+    """A, a fork of the zygote, host root in host namespaces: steps 1-5 of daemon.setup."""
     try:
         userns_fd = None
         if req.uid_base is not None:
             userns_fd = setup.create_user_namespace(req.uid_base, req.id_range)
         listener = setup.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        host_netlink = setup.open_host_netlink(req)  # before the unshare: stays on the host
         setup.unshare_namespaces(req)
+        if host_netlink is not None:
+            with host_netlink:
+                setup.plug_network(req, host_netlink)
         pid = os.fork()
         if pid == 0:
             _supervisor(req, listener, run_fd, userns_fd)
@@ -81,7 +85,7 @@ def _intermediate(req: SpawnRequest, report_w: int) -> None:
 def _supervisor(
     req: SpawnRequest, listener: socket.socket, run_fd: int, userns_fd: int | None
 ) -> None:
-    """B, PID 1 of the new PID namespace, host root: steps 5-9, then the supervisor's loop."""
+    """B, PID 1 of the new PID namespace, host root: steps 6-10, then the supervisor's loop."""
     try:
         keep = {listener.fileno(), run_fd} | ({userns_fd} if userns_fd is not None else set())
         _detach_stdio()
