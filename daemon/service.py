@@ -5,6 +5,8 @@ the store, builds sandboxes through the zygote, and talks to each supervisor ove
 Files on the host, per sandbox:
     STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers (removed when it ends)
     RUN/sandboxes/ID/                          the supervisor's socket and mailbox
+and for a bridged one its host link and published ports (daemon/network.py, daemon/ports.py),
+removed before its address lease is released.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from daemon.models import (
     hostname_from_name,
     kernel_release,
 )
+from daemon.network import BridgeNetwork, NetworkError
 from daemon.parent import SpawnError, SupervisorLink, Zygote, open_pidfd, process_start_time
+from daemon.ports import PublishedPorts
 from daemon.protocol import (
     MAIN_EXEC,
     SOCKET_NAME,
@@ -71,6 +75,7 @@ class LiveSandbox:
     run_dir: Path
     pidfd: int | None = None
     link: SupervisorLink | None = None
+    ports: PublishedPorts | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started: dict[str, asyncio.Future[int | None]] = field(default_factory=dict)
     finished: dict[str, asyncio.Future[None]] = field(default_factory=dict)
@@ -91,6 +96,7 @@ class SandboxManager:
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"
         self.zygote = Zygote(str(config.run_dir))
+        self.network = BridgeNetwork(config)
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self._store: Store | None = None
@@ -114,10 +120,12 @@ class SandboxManager:
             os.chmod(path, 0o700)
         self._store = Store(self.config.state_dir / "sandboxd.db")
         self.base_dir = base.prepare(self.config.state_dir / "bases")
+        await self.network.start()
         await self.zygote.start()
         for record in self.store.live_sandboxes():
             await self._adopt(record)
         self._remove_strays()
+        await self.network.remove_stale(set(self.live))
         in_use = {r.base_dir for r in self.store.live_sandboxes() if r.base_dir}
         base.remove_unused(self.config.state_dir / "bases", in_use, self.base_dir)
         for record in self.store.list_sandboxes():
@@ -133,6 +141,8 @@ class SandboxManager:
                 await live.link.aclose()
             if live.pidfd is not None:
                 os.close(live.pidfd)
+            if live.ports is not None:
+                await live.ports.close()
             live.release_waiters()
         self.live.clear()
         await self.zygote.stop()
@@ -174,31 +184,41 @@ class SandboxManager:
     async def create(self, spec: SandboxCreate) -> Sandbox:
         # 1. validate what the schema cannot see: the host paths, what is not built yet
         check_host_paths(spec)
+        bridged = spec.network.mode == "bridge"
         sandbox_id = new_id("sb")
         hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else sandbox_id)
         now = utcnow()
         expires_at = now + timedelta(seconds=spec.ttl_seconds) if spec.ttl_seconds else None
-        # 2. allocate: the record, its uid range, its name (409 and 503 come from here)
-        record = self.store.create_sandbox(
-            id=sandbox_id,
-            name=spec.name,
-            hostname=hostname,
-            spec=spec.model_dump(mode="json"),
-            max_live=self.config.max_sandboxes,
-            now=now,
-            expires_at=expires_at,
-        )
-        live = LiveSandbox(sandbox_id, self.runtime_dir / sandbox_id)
+        # 2. take the published ports: one in use is a 409 before anything is stored
+        ports = PublishedPorts.bind(spec.network.ports) if spec.network.ports else None
+        # 3. allocate: the record, its uid range, its address, its name (409 and 503 from here)
+        try:
+            record = self.store.create_sandbox(
+                id=sandbox_id,
+                name=spec.name,
+                hostname=hostname,
+                spec=spec.model_dump(mode="json"),
+                max_live=self.config.max_sandboxes,
+                now=now,
+                expires_at=expires_at,
+                subnet=self.network.subnet if bridged else None,
+            )
+        except BaseException:
+            if ports is not None:
+                await ports.close()
+            raise
+        live = LiveSandbox(sandbox_id, self.runtime_dir / sandbox_id, ports=ports)
         self.live[sandbox_id] = live
         async with live.lock:
             try:
-                # 3. the writable layers and the mailbox; 4. namespaces, mounts, supervisor
+                # 4. the writable layers and the mailbox; 5. namespaces, network, mounts,
+                # supervisor
                 request = self._prepare_files(record, spec)
                 pid = await self.zygote.spawn(request)
                 start_time = process_start_time(pid)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
-                # 5. the record says running, with the supervisor's pid
+                # 6. the record says running, with the supervisor's pid
                 record = self.store.transition(
                     sandbox_id,
                     SandboxState.RUNNING,
@@ -206,9 +226,13 @@ class SandboxManager:
                     pid_start=start_time,
                     started_at=utcnow(),
                 )
+                # 7. the published ports relay to its address
+                if live.ports is not None and record.ip is not None:
+                    await live.ports.start(record.ip)
             except (OSError, SpawnError, ConnectionError, TimeoutError) as exc:
                 message = self._setup_error(live) or str(exc)
                 await self._kill(live)
+                await self._unplug(live, record)
                 self._remove_files(record.id)
                 self.store.transition(
                     sandbox_id,
@@ -217,6 +241,7 @@ class SandboxManager:
                     exit_reason=ExitReason.SETUP_FAILED,
                     exit_message=message,
                     uid_slot=None,
+                    ip=None,
                 )
                 raise SetupFailed(f"sandbox {sandbox_id} could not be set up: {message}") from exc
         if expires_at is not None:
@@ -248,7 +273,8 @@ class SandboxManager:
             os.chmod(upper, os.stat(lower).st_mode & 0o7777)
             os.chown(upper, owner, owner)
             layers.append(Layer(lower, target, str(upper), str(work)))
-        write_identity_files(Path(layers[0].upper), record.hostname, owner)
+        hosts_ip, resolv = self.network.identity(record.ip) if record.ip else (None, "")
+        write_identity_files(Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv)
         return SpawnRequest(
             sandbox_id=record.id,
             hostname=record.hostname,
@@ -261,6 +287,7 @@ class SandboxManager:
             cmd=spec.cmd,
             output_limit=self.config.output_limit,
             id_range=ID_RANGE,
+            network=self.network.plan(record.id, record.ip) if record.ip else None,
         )
 
     async def _connect(self, live: LiveSandbox) -> dict[str, Any]:
@@ -286,8 +313,11 @@ class SandboxManager:
         if live is not None:
             async with live.lock:
                 await self._kill(live)
+                await self._unplug(live, record)
                 live.release_waiters()
                 self.live.pop(record.id, None)
+        else:
+            await self._unplug(None, record)  # ended already: only a crash could have left any
         self._remove_files(record.id)
         timer = self.timers.pop(record.id, None)
         if timer is not None:
@@ -307,6 +337,17 @@ class SandboxManager:
         os.close(live.pidfd)
         live.pidfd = None
 
+    async def _unplug(self, live: LiveSandbox | None, record: SandboxRecord) -> None:
+        """Close its published ports and delete its link: before its address is released."""
+        if live is not None and live.ports is not None:
+            await live.ports.close()
+            live.ports = None
+        if record.spec.get("network", {}).get("mode") == "bridge":
+            try:
+                await self.network.unplug(record.id)
+            except NetworkError as exc:
+                log.error("sandbox %s: %s", record.id, exc)
+
     # -- the supervisor is gone ---------------------------------------------------------------
 
     async def _on_gone(self, live: LiveSandbox) -> None:
@@ -318,10 +359,11 @@ class SandboxManager:
                 if not await wait_readable(live.pidfd, _GONE_TIMEOUT):
                     log.warning("sandbox %s: link closed but supervisor alive; killing", live.id)
                 await self._kill(live)
-            self._retire(live, self.store.get_sandbox(live.id))
+            await self._retire(live, self.store.get_sandbox(live.id))
 
-    def _retire(self, live: LiveSandbox, record: SandboxRecord) -> None:
+    async def _retire(self, live: LiveSandbox, record: SandboxRecord) -> None:
         """Store what the dead supervisor left in its mailbox, end the record, clean up."""
+        await self._unplug(live, record)
         for exec_id in finished_in_mailbox(live.run_dir):
             self._collect(live, exec_id)
         for running in self.store.running_execs(record.id):
@@ -345,6 +387,7 @@ class SandboxManager:
             exit_reason=reason,
             finished_at=utcnow(),
             uid_slot=None,
+            ip=None,
             pid=None,
             **fields,
         )
@@ -373,6 +416,7 @@ class SandboxManager:
         if record.state == SandboxState.CREATING or live.pidfd is None:
             await self._kill(live)
             if record.state == SandboxState.CREATING:
+                await self._unplug(live, record)
                 self._remove_files(record.id)
                 self.store.transition(
                     record.id,
@@ -381,17 +425,19 @@ class SandboxManager:
                     exit_reason=ExitReason.SETUP_FAILED,
                     exit_message="the daemon stopped while the sandbox was being created",
                     uid_slot=None,
+                    ip=None,
                 )
                 self.live.pop(record.id, None)
             else:
-                self._retire(live, record)
+                await self._retire(live, record)
             return
         try:
             hello = await self._connect(live)
         except (OSError, ConnectionError, TimeoutError, ValueError):
             await self._kill(live)
-            self._retire(live, record)
+            await self._retire(live, record)
             return
+        await self._publish_again(live, record)
         running = hello.get("running", {})
         for exec_id in hello.get("finished", []):
             if exec_id != MAIN_EXEC:
@@ -400,6 +446,17 @@ class SandboxManager:
             if lost.id not in running:
                 lost_fields = {"signal": None, "exit_code": 255, "stderr": _LOST_EXEC_MESSAGE}
                 self.store.finish_exec(lost.id, **killed_exec_fields() | lost_fields)
+
+    async def _publish_again(self, live: LiveSandbox, record: SandboxRecord) -> None:
+        """A running sandbox's published ports, bound again by this daemon."""
+        spec = SandboxCreate.model_validate(record.spec)
+        if not spec.network.ports or record.ip is None:
+            return
+        try:
+            live.ports = PublishedPorts.bind(spec.network.ports)
+            await live.ports.start(record.ip)
+        except (SandboxError, OSError) as exc:
+            log.error("sandbox %s: cannot publish its ports again: %s", record.id, exc)
 
     # -- exec ---------------------------------------------------------------------------------
 
@@ -503,8 +560,6 @@ class SandboxManager:
 
 
 def check_host_paths(spec: SandboxCreate) -> None:
-    if spec.network.mode == "bridge":
-        raise Invalid("network mode 'bridge' is not implemented yet")
     if spec.limits != Limits():
         raise Invalid("resource limits are not implemented yet")
     if spec.rootfs is not None and not os.path.isdir(spec.rootfs):
@@ -514,17 +569,23 @@ def check_host_paths(spec: SandboxCreate) -> None:
             raise Invalid(f"mount source {mount.source} does not exist on the host")
 
 
-def write_identity_files(upper: Path, hostname: str, owner: int) -> None:
-    """The sandbox's own /etc/hostname, /etc/hosts and /etc/resolv.conf, in its upper layer."""
+def write_identity_files(
+    upper: Path, hostname: str, owner: int, ip: str | None = None, resolv: str = ""
+) -> None:
+    """The sandbox's own /etc/hostname, /etc/hosts and /etc/resolv.conf, in its upper layer.
+
+    Its host name stands for its bridge address if it has one, else for 127.0.1.1 (as on
+    Debian). `resolv` names servers only when the sandbox can reach them (egress): with none,
+    a lookup fails at once instead of waiting for a timeout.
+    """
     etc = upper / "etc"
     etc.mkdir(mode=0o755, exist_ok=True)
     os.chown(etc, owner, owner)
     files = {
         "hostname": f"{hostname}\n",
         "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        f"127.0.1.1\t{hostname}\n",
-        # No name server: with no route out, a lookup should fail at once, not time out.
-        "resolv.conf": "",
+        f"{ip or '127.0.1.1'}\t{hostname}\n",
+        "resolv.conf": resolv,
     }
     for name, content in files.items():
         path = etc / name
