@@ -36,7 +36,7 @@ def test_sandboxes_survive_a_daemon_restart(daemon: Daemon, how: int) -> None:
 
 def test_an_exec_running_across_the_restart_is_followed(daemon: Daemon) -> None:
     box = daemon.create()
-    background = daemon.sh(box["id"], "sleep 1.5; echo done", wait=False)
+    background = daemon.sh(box["id"], "sleep 4; echo done", wait=False)
     daemon.stop(signal.SIGKILL)
     daemon.start()
     url = f"/sandboxes/{box['id']}/execs/{background['id']}"
