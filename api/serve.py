@@ -70,15 +70,16 @@ def serve(config: Config) -> int:
 
 
 def run(app: FastAPI, listeners: list[Listener]) -> int:
-    """Run uvicorn on the bound listeners until a signal; then close them and remove the files."""
+    """Run uvicorn on the bound listeners until a signal; then close them and remove the files.
+    0, or 1 if the app never started (uvicorn has logged why)."""
     try:
-        asyncio.run(_run(app, listeners))
+        started = asyncio.run(_run(app, listeners))
     finally:
         close_listeners(listeners)
-    return 0
+    return 0 if started else 1
 
 
-async def _run(app: FastAPI, listeners: list[Listener]) -> None:
+async def _run(app: FastAPI, listeners: list[Listener]) -> bool:
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -100,3 +101,4 @@ async def _run(app: FastAPI, listeners: list[Listener]) -> None:
     for listener in listeners:
         log.info("listening on %s", listener.url)
     await server.serve(sockets=[listener.sock for listener in listeners])
+    return server.started

@@ -87,7 +87,7 @@ class BridgeNetwork:
         """Make the bridge (or check the one there is ours), then egress on or off."""
         try:
             async with _ipr() as ipr:
-                await check_subnet(ipr, self.subnet, self.bridge, self.alias)
+                await check_bridge(ipr, self.subnet, self.bridge, self.alias)
                 await self._ensure_bridge(ipr)
             if self.egress:
                 _IP_FORWARD.write_text("1\n")
@@ -98,30 +98,19 @@ class BridgeNetwork:
             raise NetworkError(f"cannot set up the bridge {self.bridge}: {exc}") from exc
 
     async def _ensure_bridge(self, ipr: AsyncIPRoute) -> None:
-        address = f"{self.gateway}/{self.subnet.prefixlen}"
+        """Make the bridge if it is missing (check_bridge vouched for one that is there)."""
         found = await ipr.link_lookup(ifname=self.bridge)
         if not found:
             # A MAC of its own: a bridge left to take its ports' lowest MAC changes it as ports
             # come and go, and every sandbox's ARP entry for the gateway goes stale with it.
             mac = "02:5a:" + ":".join(f"{b:02x}" for b in self.subnet.network_address.packed)
             await ipr.link("add", ifname=self.bridge, kind="bridge", address=mac)
-            index = (await ipr.link_lookup(ifname=self.bridge))[0]
-            await ipr.link("set", index=index, ifalias=self.alias)
-            await ipr.addr("add", index=index, address=address)
+            found = await ipr.link_lookup(ifname=self.bridge)
+            await ipr.link("set", index=found[0], ifalias=self.alias)
+            address = f"{self.gateway}/{self.subnet.prefixlen}"
+            await ipr.addr("add", index=found[0], address=address)
             log.info("made the bridge %s with %s", self.bridge, address)
-        else:
-            index = found[0]
-            addresses = [
-                f"{a.get('address')}/{a['prefixlen']}"
-                async for a in await ipr.addr("dump", family=socket.AF_INET, index=index)
-            ]
-            if addresses != [address]:
-                raise ConfigError(
-                    f"the bridge {self.bridge} has the address(es) {', '.join(addresses)}, not "
-                    f"{address} for bridge_subnet {self.subnet}: run `sandboxd cleanup` to "
-                    "remove it, or configure its subnet again"
-                )
-        await ipr.link("set", index=index, state="up")
+        await ipr.link("set", index=found[0], state="up")
 
     async def unplug(self, sandbox_id: str) -> None:
         """Delete a sandbox's host link (its eth0 goes with it) and wait until it is gone.
@@ -159,14 +148,15 @@ async def preflight(config: Config) -> None:
     if not (`sandboxd serve` does this before it binds anything)."""
     try:
         async with _ipr() as ipr:
-            await check_subnet(ipr, config.bridge_subnet, config.bridge_name, owner_alias(config))
+            await check_bridge(ipr, config.bridge_subnet, config.bridge_name, owner_alias(config))
     except (NetlinkError, OSError) as exc:
         raise NetworkError(f"cannot read the host's links and routes: {exc}") from exc
 
 
-async def check_subnet(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alias: str) -> None:
-    """Refuse a subnet that any route but our own bridge's covers or falls within, and a
-    link of the bridge's name that is not ours (not a bridge, or another daemon's)."""
+async def check_bridge(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alias: str) -> None:
+    """ConfigError for a link of the bridge's name that is not ours (not a bridge, or another
+    daemon's), for our bridge with another subnet, and for a subnet that any route but our
+    bridge's covers or falls within."""
     ours = None
     async for link in await ipr.link("dump"):
         if link.get("ifname") != bridge:
@@ -179,6 +169,17 @@ async def check_subnet(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alia
                 "choose another bridge_name"
             )
         ours = link["index"]
+        address = f"{subnet.network_address + 1}/{subnet.prefixlen}"
+        addresses = [
+            f"{a.get('address')}/{a['prefixlen']}"
+            async for a in await ipr.addr("dump", family=socket.AF_INET, index=ours)
+        ]
+        if addresses != [address]:
+            raise ConfigError(
+                f"the bridge {bridge} has the address(es) {', '.join(addresses) or 'none'}, "
+                f"not {address} for bridge_subnet {subnet}: remove it with `sandboxd cleanup` "
+                "(with the old settings) or set bridge_subnet back"
+            )
     async for route in await ipr.route("dump", family=socket.AF_INET):
         table = route.get("table")
         if table == _RT_TABLE_LOCAL or route["dst_len"] == 0 or route.get("oif") == ours:

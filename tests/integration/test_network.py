@@ -26,7 +26,15 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2.nftables.main import NFTables
 
-from tests.conftest import ROOT, SYS_NET, Daemon, bridge_ports, host_ifname, wait_for
+from tests.conftest import (
+    ROOT,
+    SYS_NET,
+    Daemon,
+    bridge_ports,
+    free_subnet,
+    host_ifname,
+    wait_for,
+)
 
 SERVE = "cd /tmp && echo {text} > index.html && exec python3 -m http.server 80"
 FETCH = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read())"
@@ -319,14 +327,16 @@ def test_a_subnet_the_host_routes_or_a_bridge_of_another_daemon_is_refused(
 ) -> None:
     inside = str(next(ipaddress.IPv4Network(daemon.subnet).subnets(new_prefix=25)))
     (tmp_path / "none.toml").write_text("")
-    for args, said in [
-        (["--bridge-name", "sbtother0", "--bridge-subnet", inside], "clashes with"),
-        (["--bridge-name", daemon.bridge, "--bridge-subnet", daemon.subnet], "did not make"),
+    elsewhere, ours = str(tmp_path / "state"), str(daemon.state_dir)
+    for state_dir, name, subnet, said in [
+        (elsewhere, "sbtother0", inside, "clashes with"),
+        (elsewhere, daemon.bridge, daemon.subnet, "did not make"),
+        (ours, daemon.bridge, free_subnet(), "has the address(es)"),
     ]:
         result = subprocess.run(
             [sys.executable, "-m", "api", "serve", "--config", str(tmp_path / "none.toml"),
-             "--listen", f"unix://{tmp_path}/s.sock", "--state-dir", str(tmp_path / "state"),
-             "--run-dir", str(tmp_path / "run"), *args],
+             "--listen", f"unix://{tmp_path}/s.sock", "--state-dir", state_dir,
+             "--run-dir", str(tmp_path / "run"), "--bridge-name", name, "--bridge-subnet", subnet],
             capture_output=True, text=True, timeout=60, cwd=ROOT,
         )  # fmt: skip
         assert result.returncode == 2, result.stderr
