@@ -11,7 +11,8 @@ What it owns on the host, and how it tells its own from anyone else's:
     the bridge (config bridge_name)   its alias says "sandboxd STATE_DIR": a bridge of that name
                                       with another alias belongs to another daemon, and is refused
     sbxXXXXXXXXXXXX                   a sandbox's host link (from its id), enslaved to the bridge
-    nft table ip sandboxd-BRIDGE      the egress masquerade rule, only while egress is on
+    nft table ip sandboxd-BRIDGE      egress on: the masquerade rule; off: a forward rule that
+                                      drops what the sandboxes send beyond the bridge
 The bridge stays when the daemon stops; only `sandboxd cleanup` removes it.
 """
 
@@ -29,8 +30,8 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nftsocket import Cmp
-from pyroute2.nftables.expressions import ipv4addr, masq
+from pyroute2.netlink.nfnetlink.nftsocket import Cmp, Meta, Regs
+from pyroute2.nftables.expressions import genex, ipv4addr, masq, verdict
 from pyroute2.nftables.main import AsyncNFTables
 
 from daemon.config import Config, ConfigError
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 HOST_IFNAME_PREFIX = "sbx"
 _RT_TABLE_LOCAL = 255
+_NF_DROP = 0
 _GONE_TIMEOUT = 5.0
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 _RESOLV_CONF = Path("/etc/resolv.conf")
@@ -91,9 +93,7 @@ class BridgeNetwork:
                 await self._ensure_bridge(ipr)
             if self.egress:
                 _IP_FORWARD.write_text("1\n")
-                await set_masquerade(self.bridge, self.subnet)
-            else:
-                await remove_masquerade(self.bridge)
+            await set_egress(self.bridge, self.subnet, self.egress)
         except (NetlinkError, OSError) as exc:
             raise NetworkError(f"cannot set up the bridge {self.bridge}: {exc}") from exc
 
@@ -223,31 +223,47 @@ def nft_table(bridge: str) -> str:
     return f"sandboxd-{bridge}"
 
 
-async def set_masquerade(bridge: str, subnet: IPv4Network) -> None:
-    """`ip saddr SUBNET ip daddr != SUBNET masquerade` in a nat postrouting chain of a table
-    of our own, made afresh. Traffic within the subnet (sandbox to sandbox, host to sandbox)
-    keeps its addresses."""
+async def set_egress(bridge: str, subnet: IPv4Network, egress: bool) -> None:
+    """Our nft table, made afresh. Egress on: `ip saddr SUBNET ip daddr != SUBNET masquerade`
+    in a nat postrouting chain. Off: `iifname BRIDGE oifname != BRIDGE drop` in a filter
+    forward chain, so that a host that forwards anyway (ip_forward on for something else)
+    still does not carry the sandboxes' packets out. Traffic within the subnet keeps its
+    addresses; bridged traffic (sandbox to sandbox, which br_netfilter shows to the forward
+    hook as from the bridge to the bridge) and traffic to and from the host pass."""
     table = nft_table(bridge)
     async with _nft() as nft:
         if table in await _tables(nft):
             await nft.table("del", name=table)
         await nft.table("add", name=table)
-        await nft.chain(
-            "add", table=table, name="postrouting", hook="postrouting", type="nat", priority=100
-        )
-        await nft.rule(
-            "add",
-            table=table,
-            chain="postrouting",
-            expressions=(
+        if egress:
+            chain, hook, kind = "postrouting", "postrouting", "nat"
+            rule = (
                 ipv4addr(src=str(subnet)),
                 ipv4addr(dst=str(subnet), op=Cmp.NFT_CMP_NEQ),
                 masq(),
-            ),
-        )
+            )
+        else:
+            chain, hook, kind = "forward", "forward", "filter"
+            rule = (
+                _ifname_is(Meta.NFT_META_IIFNAME, bridge, Cmp.NFT_CMP_EQ),
+                _ifname_is(Meta.NFT_META_OIFNAME, bridge, Cmp.NFT_CMP_NEQ),
+                verdict(code=_NF_DROP),
+            )
+        await nft.chain("add", table=table, name=chain, hook=hook, type=kind, priority=100)
+        await nft.rule("add", table=table, chain=chain, expressions=rule)
 
 
-async def remove_masquerade(bridge: str) -> bool:
+def _ifname_is(key: Meta, name: str, op: Cmp) -> list[dict[str, Any]]:
+    """`meta iifname|oifname ==|!= NAME` as nftables expressions."""
+    value = name.encode().ljust(16, b"\0")  # names compare as IFNAMSIZ bytes
+    return [
+        genex("meta", {"dreg": Regs.NFT_REG_1, "key": key}),
+        genex("cmp", {"sreg": Regs.NFT_REG_1, "op": op,
+                      "data": {"attrs": [("NFTA_DATA_VALUE", value)]}}),
+    ]  # fmt: skip
+
+
+async def remove_egress_table(bridge: str) -> bool:
     """Drop our nft table if it is there; whether it was."""
     table = nft_table(bridge)
     async with _nft() as nft:
@@ -308,7 +324,7 @@ async def cleanup(config: Config) -> list[str]:
                     removed.append(f"link {name}")
                 await delete_link(ipr, config.bridge_name)
                 removed.append(f"bridge {config.bridge_name}")
-        if await remove_masquerade(config.bridge_name):
+        if await remove_egress_table(config.bridge_name):
             removed.append(f"nft table ip {nft_table(config.bridge_name)}")
     except (NetlinkError, OSError) as exc:
         raise NetworkError(f"cannot clean up the bridge {config.bridge_name}: {exc}") from exc

@@ -2,28 +2,32 @@
 ports), none and host; and that destroy, a failed create and a dead supervisor leave no link,
 lease or port behind.
 
-Traffic goes only to 127.0.0.1, [::1], the module's bridge address and the sandboxes' own
-addresses: nothing leaves the machine (egress is checked by its rule, never by traffic).
+Traffic goes only to 127.0.0.1, [::1], the module's bridge address, the sandboxes' own
+addresses and a test host of our own in a network namespace made here (egress): nothing
+leaves the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
+import random
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.nftables.main import NFTables
 
 from tests.conftest import (
@@ -38,6 +42,19 @@ from tests.conftest import (
 
 SERVE = "cd /tmp && echo {text} > index.html && exec python3 -m http.server 80"
 FETCH = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read())"
+
+
+def table_rules(table: str) -> list[tuple[str, list[str]]]:
+    """The rules of an nft table: (chain, the names of their expressions)."""
+    with NFTables() as nft:
+        return [
+            (
+                rule.get("NFTA_RULE_CHAIN"),
+                [e.get("NFTA_EXPR_NAME") for e in rule.get("NFTA_RULE_EXPRESSIONS")],
+            )
+            for rule in nft.get_rules()
+            if rule.get("NFTA_RULE_TABLE") == table
+        ]
 
 
 def free_port() -> int:
@@ -344,21 +361,83 @@ def test_a_subnet_the_host_routes_or_a_bridge_of_another_daemon_is_refused(
     assert not (SYS_NET / "sbtother0").exists()
 
 
+@pytest.fixture
+def outside() -> Iterator[str]:
+    """A test host of our own beyond the bridge: a network namespace behind a veth of the
+    host's, routing everything back through the host, with a TCP server on port 8099 that says
+    "outside". Its address."""
+    tag = f"{random.randrange(16**8):08x}"
+    name, link = f"sbt-out-{tag}", f"sbo{tag}"
+    subnet = ipaddress.IPv4Network(free_subnet())
+    near, far = str(subnet.network_address + 1), str(subnet.network_address + 2)
+    netns.create(name)
+    server = None
+    try:
+        with IPRoute() as ipr:
+            peer = {"ifname": "eth0", "net_ns_fd": f"/var/run/netns/{name}"}
+            ipr.link("add", ifname=link, kind="veth", peer=peer)
+            ipr.addr("add", index=ipr.link_lookup(ifname=link)[0], address=f"{near}/24")
+            ipr.link("set", ifname=link, state="up")
+        with NetNS(name) as ns:
+            eth0 = ns.link_lookup(ifname="eth0")[0]
+            ns.addr("add", index=eth0, address=f"{far}/24")
+            ns.link("set", index=eth0, state="up")
+            ns.route("add", dst="0.0.0.0/0", gateway=near)
+        server = subprocess.Popen([sys.executable, "-c", OUTSIDE_SERVER, name, far])
+        wait_for(lambda: _answers(far), timeout=10)
+        yield far
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        with IPRoute() as ipr, contextlib.suppress(Exception):
+            ipr.link("del", ifname=link)
+        netns.remove(name)
+
+
+OUTSIDE_SERVER = """
+import socket, sys
+from pyroute2 import netns
+netns.setns(sys.argv[1])
+server = socket.socket()
+server.bind((sys.argv[2], 8099))
+server.listen()
+while True:
+    conn, _ = server.accept()
+    conn.sendall(b"outside")
+    conn.close()
+"""
+REACH = "import socket; print(socket.create_connection(('{ip}', 8099), timeout=2).recv(99))"
+
+
+def _answers(ip: str) -> bool:
+    try:
+        with socket.create_connection((ip, 8099), timeout=1) as conn:
+            return conn.recv(99) == b"outside"
+    except OSError:
+        return False
+
+
 def test_egress_masquerades_the_subnet_and_cleanup_removes_everything(
-    daemon: Daemon, web: list[dict[str, Any]]
+    daemon: Daemon, web: list[dict[str, Any]], outside: str
 ) -> None:
     table = f"sandboxd-{daemon.bridge}"
     forward = Path("/proc/sys/net/ipv4/ip_forward")
     was = forward.read_text()
+    reach = f'python3 -c "{REACH.format(ip=outside)}"'
     try:
+        # Egress off (the tests' setting): even on a host that forwards, and to a host that
+        # would route the answers back, what a sandbox sends beyond the bridge is dropped.
+        forward.write_text("1\n")
+        assert table_rules(table) == [("forward", ["meta", "cmp", "meta", "cmp", "immediate"])]
+        assert daemon.sh(web[0]["id"], reach)["exit_code"] != 0
         daemon.stop()
         daemon.start("--egress")
         assert forward.read_text().strip() == "1"
+        assert table_rules(table) == [("postrouting", ["payload", "bitwise", "cmp"] * 2 + ["masq"])]
+        assert out(daemon, web[0], reach).strip() == "b'outside'"
         with NFTables() as nft:
             rules = [r for r in nft.get_rules() if r.get("NFTA_RULE_TABLE") == table]
-        assert len(rules) == 1
-        expressions = [e.get("NFTA_EXPR_NAME") for e in rules[0].get("NFTA_RULE_EXPRESSIONS")]
-        assert expressions[-1] == "masq"
         subnet = ipaddress.IPv4Network(daemon.subnet)
         assert f"{subnet.network_address.packed!r}" in str(rules[0])
         box = bridged(daemon)
@@ -376,6 +455,7 @@ def test_egress_masquerades_the_subnet_and_cleanup_removes_everything(
         result = daemon.cleanup()
         assert result.returncode == 0, result.stderr
         assert f"removed bridge {daemon.bridge}" in result.stdout
+        assert f"removed nft table ip {table}" in result.stdout
         assert not (SYS_NET / daemon.bridge).exists()
         with NFTables() as nft:
             assert table not in {t.get("NFTA_TABLE_NAME") for t in nft.get_tables()}
