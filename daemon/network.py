@@ -125,14 +125,20 @@ class BridgeNetwork:
             raise NetworkError(f"cannot remove the link of {sandbox_id}: {exc}") from exc
 
     async def remove_stale(self, live: set[str]) -> list[str]:
-        """Delete links on our bridge that belong to no live sandbox; their names."""
+        """Delete our links on our bridge that belong to no live sandbox; their names. A
+        failure is logged: it is no reason to refuse to serve the sandboxes that do live."""
         keep = {host_ifname(sandbox_id) for sandbox_id in live}
-        async with _ipr() as ipr:
-            stale = [name for name in await bridge_ports(ipr, self.bridge) if name not in keep]
-            for name in stale:
-                log.warning("removing %s, a link of a sandbox this daemon no longer has", name)
-                await delete_link(ipr, name)
-        return stale
+        removed = []
+        try:
+            async with _ipr() as ipr:
+                for name in await bridge_ports(ipr, self.bridge):
+                    if name not in keep:
+                        log.warning("removing %s, a link of no sandbox this daemon has", name)
+                        await delete_link(ipr, name)
+                        removed.append(name)
+        except (NetlinkError, OSError) as exc:
+            log.error("cannot remove stale links from the bridge %s: %s", self.bridge, exc)
+        return removed
 
     def identity(self, ip: str) -> tuple[str, str]:
         """The /etc/hosts address of a bridged sandbox's name, and its /etc/resolv.conf."""
@@ -193,14 +199,15 @@ async def check_bridge(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alia
 
 
 async def bridge_ports(ipr: AsyncIPRoute, bridge: str) -> list[str]:
-    """The names of the links enslaved to `bridge` (none if it does not exist)."""
+    """The names of our links (sbx...) enslaved to `bridge`: anything else an operator put
+    there is left alone."""
     found = await ipr.link_lookup(ifname=bridge)
     if not found:
         return []
     return [
         link.get("ifname")
         async for link in await ipr.link("dump")
-        if link.get("master") == found[0]
+        if link.get("master") == found[0] and link.get("ifname").startswith(HOST_IFNAME_PREFIX)
     ]
 
 
