@@ -26,6 +26,12 @@ def out(daemon: Daemon, box: dict[str, Any], script: str) -> str:
 
 def host_pid_of(sandbox: dict[str, Any], comm: str) -> int:
     """The host pid of a process named `comm` among the supervisor's children."""
+    found = wait_for(lambda: _child_named(sandbox, comm))
+    assert found, f"no {comm} under the supervisor {sandbox['pid']}"
+    return int(found)
+
+
+def _child_named(sandbox: dict[str, Any], comm: str) -> int | None:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -36,7 +42,14 @@ def host_pid_of(sandbox: dict[str, Any], comm: str) -> int:
         name, fields = stat.split("(", 1)[1].rsplit(")", 1)
         if name == comm and int(fields.split()[1]) == sandbox["pid"]:
             return int(pid)
-    raise AssertionError(f"no {comm} under the supervisor {sandbox['pid']}")
+    return None
+
+
+def sleeping(sandbox: dict[str, Any]) -> int | None:
+    try:
+        return host_pid_of(sandbox, "sleep")
+    except AssertionError:
+        return None
 
 
 def test_every_namespace_is_the_sandboxs_own(box: dict[str, Any]) -> None:
@@ -86,7 +99,7 @@ def test_root_inside_is_an_unprivileged_host_uid(daemon: Daemon, box: dict[str, 
     assert out(daemon, box, "id -u; id -g").split() == ["0", "0"]
     started = daemon.exec(box["id"], ["sleep", "30"], wait=False)
     assert started["state"] == "running"
-    host_pid = host_pid_of(box, "sleep")
+    host_pid = wait_for(lambda: sleeping(box))  # started is not yet exec'd
     status = Path(f"/proc/{host_pid}/status").read_text()
     uid = int(status.split("\nUid:")[1].split()[0])
     region = range(daemon.uid_base, daemon.uid_base + SLOTS_PER_DAEMON * 65536)
