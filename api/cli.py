@@ -1,4 +1,5 @@
-"""The `sandboxd` command: `serve` the API, `migrate` the database, print the `openapi` document.
+"""The `sandboxd` command: `serve` the API, `migrate` the database, print the `openapi` document,
+`cleanup` what the daemon made on the host's network.
 
 Exit codes: 0 done, 1 a runtime failure (such as a socket in use), 2 a usage or configuration
 error, reported in one line rather than a traceback.
@@ -70,8 +71,33 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long finished execs are kept [SANDBOXD_EXEC_RETENTION; default 86400]",
     )
+    _bridge(serve)
+    serve.add_argument(
+        "--bridge-subnet",
+        metavar="CIDR",
+        help="IPv4 subnet of the bridge; the bridge takes its first address "
+        "[SANDBOXD_BRIDGE_SUBNET; default 10.88.0.0/16]",
+    )
+    serve.add_argument(
+        "--egress",
+        action=argparse.BooleanOptionalAction,
+        help="let bridged sandboxes reach the outside through NAT, and give them the host's "
+        "name servers [SANDBOXD_EGRESS; default off]",
+    )
     _config_file(serve)
     serve.set_defaults(run=_serve)
+
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="remove the bridge, its links and the egress rule (the daemon never does)",
+        description="Remove what sandboxd made on the host's network: the links on its bridge, "
+        "the bridge (only if this daemon's state directory made it) and the egress NAT table. "
+        "Refused while the state directory lists bridged sandboxes that are still live.",
+    )
+    _state_dir(cleanup)
+    _bridge(cleanup)
+    _config_file(cleanup)
+    cleanup.set_defaults(run=_cleanup)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the state database")
     _state_dir(migrate)
@@ -86,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
 def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir", metavar="DIR", help="database and writable layers [SANDBOXD_STATE_DIR]"
+    )
+
+
+def _bridge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bridge-name",
+        metavar="NAME",
+        help="the bridge of bridged sandboxes [SANDBOXD_BRIDGE_NAME; default sandboxd0]",
     )
 
 
@@ -123,6 +157,42 @@ def _migrate(args: argparse.Namespace) -> int:
     config = load_config(_settings(args), os.environ)
     private_dir(config.state_dir)
     migrate(config.state_dir / "sandboxd.db")
+    return 0
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from daemon.lifecycle import SandboxState
+    from daemon.network import NetworkError, cleanup
+    from daemon.store import Store
+
+    config = load_config(_settings(args), os.environ)
+    database = config.state_dir / "sandboxd.db"
+    if database.exists():
+        store = Store(database)
+        try:
+            live = [
+                r.id
+                for r in store.list_sandboxes([SandboxState.CREATING, SandboxState.RUNNING])
+                if (r.spec.get("network") or {}).get("mode") == "bridge"
+            ]
+        finally:
+            store.close()
+        if live:
+            print(
+                f"sandboxd: error: {len(live)} bridged sandbox(es) are still live "
+                f"({', '.join(live[:5])}): delete them first",
+                file=sys.stderr,
+            )
+            return 1
+    try:
+        removed = asyncio.run(cleanup(config))
+    except NetworkError as exc:
+        print(f"sandboxd: error: {exc}", file=sys.stderr)
+        return 1
+    for line in removed:
+        print(f"removed {line}")
     return 0
 
 

@@ -31,6 +31,17 @@ def check_serve(config: Config) -> None:
         )
 
 
+def check_network(config: Config) -> None:
+    """Refuse a bridge subnet that the host already routes, or a bridge that is not ours."""
+    # Imported here: the kernel side, which `openapi` never needs.
+    from daemon.network import NetworkError, preflight
+
+    try:
+        asyncio.run(preflight(config))
+    except NetworkError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def private_dir(path: Path) -> None:
     """Create `path` (and missing parents) and make it 0700, also when it already exists."""
     path.mkdir(parents=True, exist_ok=True)
@@ -41,6 +52,7 @@ def serve(config: Config) -> int:
     """Serve until SIGTERM or SIGINT; 0 then. Sandboxes outlive this (the service's business)."""
     # Every setting is checked before the first side effect.
     check_serve(config)
+    check_network(config)
     # The private directories, 0700 even if they were there before.
     private_dir(config.run_dir)
     private_dir(config.state_dir)
@@ -58,15 +70,16 @@ def serve(config: Config) -> int:
 
 
 def run(app: FastAPI, listeners: list[Listener]) -> int:
-    """Run uvicorn on the bound listeners until a signal; then close them and remove the files."""
+    """Run uvicorn on the bound listeners until a signal; then close them and remove the files.
+    0, or 1 if the app never started (uvicorn has logged why)."""
     try:
-        asyncio.run(_run(app, listeners))
+        started = asyncio.run(_run(app, listeners))
     finally:
         close_listeners(listeners)
-    return 0
+    return 0 if started else 1
 
 
-async def _run(app: FastAPI, listeners: list[Listener]) -> None:
+async def _run(app: FastAPI, listeners: list[Listener]) -> bool:
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -88,3 +101,4 @@ async def _run(app: FastAPI, listeners: list[Listener]) -> None:
     for listener in listeners:
         log.info("listening on %s", listener.url)
     await server.serve(sockets=[listener.sock for listener in listeners])
+    return server.started

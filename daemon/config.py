@@ -13,11 +13,13 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_SOCKET = "unix:///run/sandboxd/sandboxd.sock"
 DEFAULT_CONFIG_FILE = Path("/etc/sandboxd/config.toml")
+DEFAULT_SUBNET = IPv4Network("10.88.0.0/16")
 SOCKET_NAME = "sandboxd.sock"
 
 # Each live sandbox owns a range of this many host uids (see Config.uid_base).
@@ -25,6 +27,10 @@ UID_RANGE = 65536
 _MAX_UID = 0xFFFFFFFE
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+# IFNAMSIZ is 16, including the terminating NUL.
+_MAX_IFNAME = 15
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,13 @@ class Config:
     cgroup_name: str = "sandboxd"
     # How long a finished exec's record (status and output) is kept, in seconds.
     exec_retention: int = 86400
+    # The bridge that bridged sandboxes are plugged into, and its subnet: the bridge holds the
+    # first address, sandboxes lease the rest. 10.88/16 is podman's default and rarely used
+    # elsewhere; the daemon refuses to start if anything else on the host routes it.
+    bridge_name: str = "sandboxd0"
+    bridge_subnet: IPv4Network = DEFAULT_SUBNET
+    # Masquerade the bridge's subnet to the outside (and turn on ip_forward).
+    egress: bool = False
 
 
 class ConfigError(ValueError):
@@ -100,10 +113,14 @@ ENVIRONMENT = {
     "output_limit": "SANDBOXD_OUTPUT_LIMIT",
     "max_body": "SANDBOXD_MAX_BODY",
     "exec_retention": "SANDBOXD_EXEC_RETENTION",
+    "bridge_name": "SANDBOXD_BRIDGE_NAME",
+    "bridge_subnet": "SANDBOXD_BRIDGE_SUBNET",
+    "egress": "SANDBOXD_EGRESS",
 }
 FILE_KEYS = frozenset(
     {"listen", "state_dir", "run_dir", "token", "token_file", "max_sandboxes"}
     | {"output_limit", "max_body", "uid_base", "cgroup_name", "exec_retention"}
+    | {"bridge_name", "bridge_subnet", "egress"}
 )
 
 
@@ -123,7 +140,8 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
     """Merge flags (`argv_values`, None meaning not given), environment and file into a Config.
 
     `argv_values` uses the setting names (listen, state_dir, run_dir, token, token_file,
-    max_sandboxes, output_limit, max_body, config). Empty environment variables count as unset.
+    max_sandboxes, output_limit, max_body, bridge_name, bridge_subnet, egress, config). Empty
+    environment variables count as unset.
     Raises ConfigError for an unreadable file, an unknown key or a value that cannot be used.
     """
     flags = {k: _Setting(v, _flag(k)) for k, v in argv_values.items() if v is not None}
@@ -156,12 +174,10 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         uid_base=_integer(get("uid_base"), Config.uid_base),
         cgroup_name=_name(get("cgroup_name"), Config.cgroup_name),
         exec_retention=_integer(get("exec_retention"), Config.exec_retention),
+        bridge_name=_ifname(get("bridge_name"), Config.bridge_name),
+        bridge_subnet=_subnet(get("bridge_subnet"), Config.bridge_subnet),
+        egress=_boolean(get("egress"), Config.egress),
     )
-    # Each supervisor listens on RUN/sandboxes/ID/supervisor.sock: a unix socket path holds
-    # at most 107 bytes, and ids are 19 characters.
-    longest = config.run_dir / "sandboxes" / ("sb_" + "0" * 16) / "supervisor.sock"
-    if len(os.fsencode(longest)) > 107:
-        raise ConfigError(f"run_dir {config.run_dir} is too long for the supervisors' sockets")
     last_uid = config.uid_base + config.max_sandboxes * UID_RANGE - 1
     if config.uid_base < UID_RANGE or last_uid > _MAX_UID:
         raise ConfigError(
@@ -249,6 +265,55 @@ def _name(setting: _Setting | None, default: str) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
         raise ConfigError(f"{setting.where}: expected a name of letters, digits, _ . -")
     return value
+
+
+def _ifname(setting: _Setting | None, default: str) -> str:
+    if setting is None:
+        return default
+    value = setting.value
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= _MAX_IFNAME
+        or value in (".", "..")
+        or not all(c.isascii() and (c.isalnum() or c in "_.-") for c in value)
+    ):
+        raise ConfigError(
+            f"{setting.where}: expected an interface name of 1 to {_MAX_IFNAME} letters, "
+            f"digits, '_', '.' or '-', got {value!r}"
+        )
+    return value
+
+
+def _subnet(setting: _Setting | None, default: IPv4Network) -> IPv4Network:
+    """An IPv4 network with room for the bridge and at least one sandbox, that is not
+    loopback, link-local, multicast or reserved."""
+    if setting is None:
+        return default
+    try:
+        if not isinstance(setting.value, str):
+            raise ValueError("not a string")
+        subnet = IPv4Network(setting.value)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{setting.where}: expected an IPv4 network like 10.88.0.0/16, got "
+            f"{setting.value!r} ({exc})"
+        ) from None
+    if not 8 <= subnet.prefixlen <= 30:
+        raise ConfigError(f"{setting.where}: expected a prefix from /8 to /30, got {subnet}")
+    if subnet.is_loopback or subnet.is_link_local or subnet.is_multicast or subnet.is_reserved:
+        raise ConfigError(f"{setting.where}: {subnet} is not usable for a bridge")
+    return subnet
+
+
+def _boolean(setting: _Setting | None, default: bool) -> bool:
+    if setting is None:
+        return default
+    value = setting.value
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{setting.where}: expected true or false, got {value!r}")
 
 
 def _token(layer: Mapping[str, _Setting]) -> str | None:

@@ -94,14 +94,27 @@ class MountSpec(_Input):
 
 
 class PortSpec(_Input):
-    host_port: int = Field(ge=1, le=65535)
-    sandbox_port: int = Field(ge=1, le=65535)
+    host_port: int = Field(
+        ge=1, le=65535, description="Listened on at every host address, loopback included."
+    )
+    sandbox_port: int = Field(ge=1, le=65535, description="Where connections are relayed to.")
     protocol: Literal["tcp"] = "tcp"
 
 
 class NetworkSpec(_Input):
     mode: Literal["none", "bridge", "host"] = "none"
-    ports: list[PortSpec] = Field(default_factory=list)
+    ports: list[PortSpec] = Field(
+        default_factory=list,
+        description="Published ports (bridge mode): a host port already in use answers 409.",
+    )
+
+    @field_validator("ports")
+    @classmethod
+    def _distinct_host_ports(cls, value: list[PortSpec]) -> list[PortSpec]:
+        host_ports = [p.host_port for p in value]
+        if len(set(host_ports)) != len(host_ports):
+            raise ValueError("a host_port may be published only once")
+        return value
 
 
 # The supervisor (PID 1, a fork of the warm zygote) is charged about 3 MiB; a sandbox should

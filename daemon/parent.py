@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from daemon.protocol import MessageType, SpawnRequest, decode, encode
+from daemon.protocol import MessageType, SpawnRequest, decode, encode, short_path
 from daemon.syscalls import process_start_time
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,14 @@ class SupervisorLink:
 
         Raises ConnectionError when the supervisor is gone or failed its setup.
         """
-        reader, writer = await asyncio.open_unix_connection(self.path, limit=_LINE_LIMIT)
+        directory, name = os.path.split(self.path)
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            reader, writer = await asyncio.open_unix_connection(
+                short_path(dir_fd, name), limit=_LINE_LIMIT
+            )
+        finally:
+            os.close(dir_fd)
         line = await reader.readline()
         if not line:
             writer.close()

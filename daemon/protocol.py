@@ -102,6 +102,18 @@ class BindMount:
 
 
 @dataclass
+class NetworkPlan:
+    """A bridged sandbox's link, decided by the daemon: process A makes it (daemon/setup.py)."""
+
+    bridge: str  # the daemon's bridge, in the host's network namespace
+    host_ifname: str  # the host end of the veth pair, enslaved to the bridge
+    mac: str  # eth0's address, derived from `ip`, so a reused address keeps its MAC
+    ip: str
+    prefix: int
+    gateway: str  # the bridge's own address
+
+
+@dataclass
 class SpawnRequest:
     """Everything the zygote needs to build one sandbox, decided by the daemon beforehand."""
 
@@ -123,6 +135,7 @@ class SpawnRequest:
     join: list[str] = field(default_factory=list)
     memory_cgroup: str | None = None
     memory_per_exec: bool = False
+    network: NetworkPlan | None = None  # bridge mode; None: only lo (or the host's network)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
@@ -132,6 +145,8 @@ class SpawnRequest:
         raw = json.loads(data)
         raw["layers"] = [Layer(**layer) for layer in raw["layers"]]
         raw["mounts"] = [BindMount(**mount) for mount in raw["mounts"]]
+        if raw.get("network") is not None:
+            raw["network"] = NetworkPlan(**raw["network"])
         return cls(**raw)
 
 
@@ -185,3 +200,9 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"SIG{number}"
+
+
+def short_path(dir_fd: int, name: str) -> str:
+    """A path to `name` in the directory `dir_fd` short enough for a unix socket (108 bytes),
+    however deep the directory lies: through the fd's magic link in /proc."""
+    return f"/proc/self/fd/{dir_fd}/{name}"

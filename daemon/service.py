@@ -6,6 +6,8 @@ Files on the host, per sandbox:
     STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers (removed when it ends)
     RUN/sandboxes/ID/                          the supervisor's socket and mailbox
     CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.cgroups, daemon.limits)
+and for a bridged one its host link and published ports (daemon/network.py, daemon/ports.py),
+removed before its address lease is released.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ from daemon.models import (
     hostname_from_name,
     kernel_release,
 )
+from daemon.network import BridgeNetwork, NetworkError
 from daemon.parent import SpawnError, SupervisorLink, Zygote, open_pidfd
+from daemon.ports import PublishedPorts
 from daemon.protocol import (
     INVALID_PREFIX,
     MAIN_EXEC,
@@ -81,6 +85,7 @@ class LiveSandbox:
     run_dir: Path
     pidfd: int | None = None
     link: SupervisorLink | None = None
+    ports: PublishedPorts | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started: dict[str, asyncio.Future[int | None]] = field(default_factory=dict)
     finished: dict[str, asyncio.Future[None]] = field(default_factory=dict)
@@ -116,6 +121,7 @@ class SandboxManager:
         self.limits: limits.ResourceControl = limits.NoControllers(self.tree)
         self.expiring: set[str] = set()  # sandboxes whose ttl ran out, being torn down
         self.housekeeping: asyncio.Task[None] | None = None
+        self.network = BridgeNetwork(config)
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self._store: Store | None = None
@@ -142,10 +148,12 @@ class SandboxManager:
         self.limits = limits.for_layout(cgroups.detect_layout(), self.tree)
         self.limits.start()
         self.base_dir = base.prepare(self.config.state_dir / "bases")
+        await self.network.start()
         await self.zygote.start()
         for record in self.store.live_sandboxes():
             await self._adopt(record)
         await self._remove_strays()
+        await self.network.remove_stale(set(self.live))
         in_use = {r.base_dir for r in self.store.live_sandboxes() if r.base_dir}
         base.remove_unused(self.config.state_dir / "bases", in_use, self.base_dir)
         for record in self.store.list_sandboxes():
@@ -164,6 +172,8 @@ class SandboxManager:
                 await live.link.aclose()
             if live.pidfd is not None:
                 os.close(live.pidfd)
+            if live.ports is not None:
+                await live.ports.close()
             live.release_waiters()
         self.live.clear()
         await self.zygote.stop()
@@ -226,35 +236,44 @@ class SandboxManager:
         # 1. validate what the schema cannot see: the host paths and controllers, what is
         #    not built yet
         self._check_host(spec)
+        bridged = spec.network.mode == "bridge"
         sandbox_id = new_id("sb")
         hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else sandbox_id)
         if "uts" not in spec.namespaces:
             hostname = socket.gethostname()  # the host's, which it shares
         now = utcnow()
         expires_at = now + timedelta(seconds=spec.ttl_seconds) if spec.ttl_seconds else None
-        # 2. allocate: the record, its uid range, its name (409 and 503 come from here)
-        record = self.store.create_sandbox(
-            id=sandbox_id,
-            name=spec.name,
-            hostname=hostname,
-            spec=spec.model_dump(mode="json"),
-            max_live=self.config.max_sandboxes,
-            now=now,
-            expires_at=expires_at,
-        )
-        live = LiveSandbox(sandbox_id, self.runtime_dir / sandbox_id)
+        # 2. take the published ports: one in use is a 409 before anything is stored
+        ports = PublishedPorts.bind(spec.network.ports) if spec.network.ports else None
+        # 3. allocate: the record, its uid range, its address, its name (409 and 503 from here)
+        try:
+            record = self.store.create_sandbox(
+                id=sandbox_id,
+                name=spec.name,
+                hostname=hostname,
+                spec=spec.model_dump(mode="json"),
+                max_live=self.config.max_sandboxes,
+                now=now,
+                expires_at=expires_at,
+                subnet=self.network.subnet if bridged else None,
+            )
+        except BaseException:
+            if ports is not None:
+                await ports.close()
+            raise
+        live = LiveSandbox(sandbox_id, self.runtime_dir / sandbox_id, ports=ports)
         self.live[sandbox_id] = live
         async with live.lock:
             try:
-                # 3. its cgroups (limits set before a process is in them), writable layers
-                #    and mailbox; 4. namespaces, mounts, supervisor
+                # 4. its cgroups (limits set before a process is in them), writable layers
+                #    and mailbox; 5. namespaces, network, mounts, supervisor
                 self.tree.create(sandbox_id)
                 placement = self.limits.create(sandbox_id, spec.limits)
                 request = self._prepare_files(record, spec, placement)
                 pid, start_time = await self.zygote.spawn(request)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
-                # 5. the record says running, with the supervisor's pid
+                # 6. the record says running, with the supervisor's pid
                 record = self.store.transition(
                     sandbox_id,
                     SandboxState.RUNNING,
@@ -262,6 +281,9 @@ class SandboxManager:
                     pid_start=start_time,
                     started_at=utcnow(),
                 )
+                # 7. the published ports relay to its address
+                if live.ports is not None and record.ip is not None:
+                    await live.ports.start(record.ip)
             except (OSError, SpawnError, ConnectionError, TimeoutError) as exc:
                 if expires_at is not None:  # a failed record goes at its time like any
                     self._schedule_expiry(sandbox_id, expires_at)
@@ -274,6 +296,7 @@ class SandboxManager:
         """Undo a create that failed: kill what started, remove what was made, and say why."""
         message = self._setup_error(live) or str(exc)
         await self._kill(live)
+        await self._unplug(live, self.store.get_sandbox(live.id))
         self.live.pop(live.id, None)
         await self._remove_files(live.id)
         if message.startswith(INVALID_PREFIX):  # its mounts were bad input after all
@@ -286,14 +309,13 @@ class SandboxManager:
             exit_reason=ExitReason.SETUP_FAILED,
             exit_message=message,
             uid_slot=None,
+            ip=None,
         )
         raise SetupFailed(f"sandbox {live.id} could not be set up: {message}") from exc
 
     def _check_host(self, spec: SandboxCreate) -> None:
         """What a request asks of this host: limits it can enforce, and host paths that
         exist and do not expose the daemon's own."""
-        if spec.network.mode == "bridge":
-            raise Invalid("network mode 'bridge' is not implemented yet")
         self.limits.check(spec.limits)
         limits.check_cpus(spec.limits)
         private = [self.config.state_dir.resolve(), self.config.run_dir.resolve()]
@@ -339,7 +361,8 @@ class SandboxManager:
             os.chmod(upper, os.stat(lower).st_mode & 0o7777)
             os.chown(upper, owner, owner)
             layers.append(Layer(lower, target, str(upper), str(work)))
-        write_identity_files(Path(layers[0].upper), record.hostname, owner)
+        hosts_ip, resolv = self.network.identity(record.ip) if record.ip else (None, "")
+        write_identity_files(Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv)
         return SpawnRequest(
             sandbox_id=record.id,
             hostname=record.hostname,
@@ -356,6 +379,7 @@ class SandboxManager:
             join=placement.join,
             memory_cgroup=placement.memory,
             memory_per_exec=placement.memory_per_exec,
+            network=self.network.plan(record.id, record.ip) if record.ip else None,
         )
 
     async def _connect(self, live: LiveSandbox) -> dict[str, Any]:
@@ -381,8 +405,11 @@ class SandboxManager:
                 if expired and self.live.get(record.id) is live:
                     self._mark_expired(record.id)
                 await self._kill(live)
+                await self._unplug(live, record)
                 live.release_waiters()
                 self.live.pop(record.id, None)
+        else:
+            await self._unplug(None, record)  # ended already: only a crash could have left any
         await self._remove_files(record.id)
         self._cancel_expiry(record.id)
         self.store.delete_sandbox(record.id)
@@ -405,6 +432,17 @@ class SandboxManager:
         os.close(live.pidfd)
         live.pidfd = None
 
+    async def _unplug(self, live: LiveSandbox | None, record: SandboxRecord) -> None:
+        """Close its published ports and delete its link: before its address is released."""
+        if live is not None and live.ports is not None:
+            await live.ports.close()
+            live.ports = None
+        if record.spec.get("network", {}).get("mode") == "bridge":
+            try:
+                await self.network.unplug(record.id)
+            except NetworkError as exc:
+                log.error("sandbox %s: %s", record.id, exc)
+
     # -- the supervisor is gone ---------------------------------------------------------------
 
     async def _on_gone(self, live: LiveSandbox) -> None:
@@ -419,6 +457,7 @@ class SandboxManager:
 
     async def _retire(self, live: LiveSandbox, record: SandboxRecord) -> None:
         """Store what the dead supervisor left in its mailbox, end the record, clean up."""
+        await self._unplug(live, record)
         for exec_id in finished_in_mailbox(live.run_dir):
             self._collect(live, exec_id)
         for running in self.store.running_execs(record.id):
@@ -444,6 +483,7 @@ class SandboxManager:
             exit_signal=main.signal if main else None,
             finished_at=utcnow(),
             uid_slot=None,
+            ip=None,
             pid=None,
         )
         live.release_waiters()
@@ -482,6 +522,7 @@ class SandboxManager:
             live.pidfd = open_pidfd(record.pid, record.pid_start)
         if record.state == SandboxState.CREATING:
             await self._kill(live)  # its cgroup holds it, whether or not its pid was stored
+            await self._unplug(live, record)
             self.live.pop(record.id, None)
             await self._remove_files(record.id)
             self.store.transition(
@@ -491,6 +532,7 @@ class SandboxManager:
                 exit_reason=ExitReason.SETUP_FAILED,
                 exit_message="the daemon stopped while the sandbox was being created",
                 uid_slot=None,
+                ip=None,
             )
             return
         try:
@@ -501,6 +543,7 @@ class SandboxManager:
             await self._kill(live)
             await self._retire(live, record)
             return
+        await self._publish_again(live, record)
         running: dict[str, int] = hello.get("running", {})
         for exec_id in hello.get("finished", []):
             if exec_id != MAIN_EXEC:
@@ -511,6 +554,17 @@ class SandboxManager:
             else:
                 lost = {"signal": None, "exit_code": 255, "stderr": _LOST_EXEC_MESSAGE}
                 self.store.finish_exec(unfinished.id, **killed_exec_fields() | lost)
+
+    async def _publish_again(self, live: LiveSandbox, record: SandboxRecord) -> None:
+        """A running sandbox's published ports, bound again by this daemon."""
+        spec = SandboxCreate.model_validate(record.spec)
+        if not spec.network.ports or record.ip is None:
+            return
+        try:
+            live.ports = PublishedPorts.bind(spec.network.ports)
+            await live.ports.start(record.ip)
+        except (SandboxError, OSError) as exc:
+            log.error("sandbox %s: cannot publish its ports again: %s", record.id, exc)
 
     # -- exec ---------------------------------------------------------------------------------
 
@@ -751,17 +805,23 @@ class SandboxManager:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def write_identity_files(upper: Path, hostname: str, owner: int) -> None:
-    """The sandbox's own /etc/hostname, /etc/hosts and /etc/resolv.conf, in its upper layer."""
+def write_identity_files(
+    upper: Path, hostname: str, owner: int, ip: str | None = None, resolv: str = ""
+) -> None:
+    """The sandbox's own /etc/hostname, /etc/hosts and /etc/resolv.conf, in its upper layer.
+
+    Its host name stands for its bridge address if it has one, else for 127.0.1.1 (as on
+    Debian). `resolv` names servers only when the sandbox can reach them (egress): with none,
+    a lookup fails at once instead of waiting for a timeout.
+    """
     etc = upper / "etc"
     etc.mkdir(mode=0o755, exist_ok=True)
     os.chown(etc, owner, owner)
     files = {
         "hostname": f"{hostname}\n",
         "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        f"127.0.1.1\t{hostname}\n",
-        # No name server: with no route out, a lookup should fail at once, not time out.
-        "resolv.conf": "",
+        f"{ip or '127.0.1.1'}\t{hostname}\n",
+        "resolv.conf": resolv,
     }
     for name, content in files.items():
         path = etc / name

@@ -22,15 +22,21 @@ The steps (bubblewrap's order: everything validated by the daemon before the fir
     1. user namespace: a throwaway child unshares it; A writes its uid_map/gid_map, keeps an fd
     2. listen on the supervisor socket in the runtime directory
     3. unshare mnt, pid (for children), uts, ipc, net; set the host name
-    4. fork B, the sandbox's PID 1, and report its host pid
+    4. bridge mode: a veth pair from the daemon's bridge to eth0 in the new network namespace,
+       with its address and a default route via the bridge (made through a netlink socket
+       opened before the unshare, which stays in the host's namespace)
+    5. fork B, the sandbox's PID 1, and report its host pid
   B, PID 1 in the new PID namespace, still host root:
-    5. make every mount private, so nothing propagates back to the host
-    6. overlay each base layer: lower read-only and idmapped, upper in the state directory
-    7. pivot_root into the new root and detach the old one
-    8. /proc, /sys (read-only), a minimal /dev, /dev/pts, /dev/shm, /tmp, the bind mounts
-    9. lo up, unprivileged ports from 0
-   10. mask kernel files and make /proc/sys & co. read-only (daemon/hardening.py)
+    6. make every mount private, so nothing propagates back to the host
+    7. overlay each base layer: lower read-only and idmapped, upper in the state directory
+    8. pivot_root into the new root and detach the old one
+    9. /proc, /sys (read-only), a minimal /dev, /dev/pts, /dev/shm, /tmp, the bind mounts
+   10. lo up, unprivileged ports from 0
+   11. mask kernel files and make /proc/sys & co. read-only (daemon/hardening.py)
 Each exec's process then drops capabilities and loads the seccomp filter (daemon/execchild.py).
+A's network step is done before B exists, so the main cmd sees eth0 from its first instruction.
+If A fails after making the veth, the new namespace dies with A and takes eth0 with it; the
+daemon still deletes the host end by name and waits for it (daemon/network.py).
 """
 
 from __future__ import annotations
@@ -41,8 +47,10 @@ import os
 import socket
 import struct
 
+from pyroute2 import IPRoute
+
 from daemon import syscalls as sc
-from daemon.protocol import SOCKET_NAME, STAGING_DIR, SpawnRequest
+from daemon.protocol import SOCKET_NAME, STAGING_DIR, SpawnRequest, short_path
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {
@@ -95,10 +103,13 @@ def create_user_namespace(uid_base: int, count: int) -> int:
 
 
 def listen_supervisor_socket(run_dir: str) -> socket.socket:
-    path = os.path.join(run_dir, SOCKET_NAME)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o600)
+    dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(short_path(dir_fd, SOCKET_NAME))
+        os.chmod(SOCKET_NAME, 0o600, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
     sock.listen(8)
     return sock
 
@@ -113,6 +124,42 @@ def unshare_namespaces(req: SpawnRequest) -> None:
         socket.sethostname(req.hostname)
 
 
+def open_host_netlink(req: SpawnRequest) -> IPRoute | None:
+    """For bridge mode, a netlink socket opened before the unshare: it stays in the host's
+    network namespace after A has left it."""
+    return IPRoute() if req.network is not None else None
+
+
+def plug_network(req: SpawnRequest, host: IPRoute) -> None:
+    """Step 4, in A after the unshare: the veth pair, eth0's address and the default route.
+
+    `host` speaks to the host's namespace: the pair is made there with its peer placed
+    straight into ours (/proc/self/ns/net), so no temporary name ever appears on the host.
+    """
+    plan = req.network
+    assert plan is not None
+    bridge = host.link_lookup(ifname=plan.bridge)
+    if not bridge:
+        raise OSError(errno.ENODEV, f"the bridge {plan.bridge} is missing")
+    netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        host.link(
+            "add",
+            ifname=plan.host_ifname,
+            kind="veth",
+            master=bridge[0],
+            peer={"ifname": "eth0", "net_ns_fd": netns_fd, "address": plan.mac},
+        )
+    finally:
+        os.close(netns_fd)
+    host.link("set", ifname=plan.host_ifname, state="up")
+    with IPRoute() as inside:  # opened now, so in the sandbox's namespace
+        eth0 = inside.link_lookup(ifname="eth0")[0]
+        inside.addr("add", index=eth0, address=f"{plan.ip}/{plan.prefix}")
+        inside.link("set", index=eth0, state="up")
+        inside.route("add", dst="0.0.0.0/0", gateway=plan.gateway)
+
+
 # -- B: PID 1 of the sandbox, host root, new mount namespace ----------------------------------
 
 
@@ -121,7 +168,7 @@ class InvalidMount(Exception):
 
 
 def build_root(req: SpawnRequest, userns_fd: int | None, base_userns_fd: int | None) -> int:
-    """Steps 5-8: leave B chrooted (by pivot_root) in the sandbox's finished root.
+    """Steps 6-9: leave B chrooted (by pivot_root) in the sandbox's finished root.
 
     The base layers are idmapped through `base_userns_fd`, which maps host root alone (to
     root inside): the host's other users' files show as nobody's, so root inside gets no
@@ -230,7 +277,7 @@ def mount_at(
 
 
 def configure_network() -> None:
-    """Step 9: bring lo up and let root inside bind low ports in its own namespace.
+    """Step 10: bring lo up and let root inside bind low ports in its own namespace.
 
     The namespace is owned by the host's user namespace, so without this only host root could
     bind ports below 1024 in it. An ioctl, not netlink: one interface flag, no link setup.

@@ -13,6 +13,7 @@ import os
 import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,6 +97,8 @@ class SandboxRecord(Base):
     # The supervisor's start time (field 22 of /proc/PID/stat): a reused pid has another.
     pid_start: Mapped[int | None] = mapped_column(sa.Integer)
     base_dir: Mapped[str | None] = mapped_column(sa.String)
+    # A bridged sandbox's address on the daemon's bridge, leased while it lives; unique (the
+    # index below), so two sandboxes never hold one, also across restarts.
     ip: Mapped[str | None] = mapped_column(sa.String)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -105,6 +108,8 @@ class SandboxRecord(Base):
     exit_signal: Mapped[str | None] = mapped_column(sa.String)
     exit_reason: Mapped[ExitReason | None] = mapped_column(StrEnumType(ExitReason))
     exit_message: Mapped[str | None] = mapped_column(sa.Text)
+
+    __table_args__ = (sa.Index("ix_sandboxes_ip", "ip", unique=True),)
 
 
 class ExecRecord(Base):
@@ -126,7 +131,7 @@ class ExecRecord(Base):
     stderr: Mapped[str] = mapped_column(sa.Text, default="")
     stdout_truncated: Mapped[bool] = mapped_column(default=False)
     stderr_truncated: Mapped[bool] = mapped_column(default=False)
-    oom_killed: Mapped[bool] = mapped_column(default=False)  # migration 0003_oom
+    oom_killed: Mapped[bool] = mapped_column(default=False)  # migration 0003
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -207,8 +212,10 @@ class Store:
         max_live: int,
         now: datetime,
         expires_at: datetime | None,
+        subnet: IPv4Network | None = None,
     ) -> SandboxRecord:
-        """Record a new sandbox in `creating`, with the lowest free uid slot."""
+        """Record a new sandbox in `creating`, with the lowest free uid slot and, given a
+        `subnet`, the lowest free address in it (its first address is the bridge's)."""
         try:
             with self._writer.begin() as session:
                 live = session.scalar(
@@ -229,6 +236,7 @@ class Store:
                     hostname=hostname,
                     spec=spec,
                     uid_slot=_lowest_free_slot(session),
+                    ip=None if subnet is None else _lowest_free_address(session, subnet),
                     created_at=now,
                     expires_at=expires_at,
                 )
@@ -431,6 +439,18 @@ def _lowest_free_slot(session: Session) -> int:
             break
         slot += 1
     return slot
+
+
+def _lowest_free_address(session: Session, subnet: IPv4Network) -> str:
+    """The lowest address of `subnet` that no record holds, past the network's own address
+    and the bridge's (the first host); LimitReached when every one is taken."""
+    held = set(session.scalars(select(SandboxRecord.ip).where(SandboxRecord.ip.is_not(None))))
+    first, last = int(subnet.network_address) + 2, int(subnet.broadcast_address) - 1
+    for number in range(first, last + 1):
+        address = str(IPv4Address(number))
+        if address not in held:
+            return address
+    raise LimitReached(f"every address of the bridge's subnet {subnet} is in use")
 
 
 def _check_fields(fields: Mapping[str, Any]) -> None:

@@ -68,7 +68,7 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> tuple[int, int]:
 
 
 def _intermediate(req: SpawnRequest, report_w: int) -> None:
-    """A, a fork of the zygote, host root in host namespaces: steps 1-4 of daemon.setup."""
+    """A, a fork of the zygote, host root in host namespaces: steps 1-5 of daemon.setup."""
     try:
         # From here on, this process and all it forks are in the sandbox's cgroups (and under
         # its limits): the cgroup2 tree's init leaf, and on a v1 host a cgroup per hierarchy.
@@ -82,7 +82,11 @@ def _intermediate(req: SpawnRequest, report_w: int) -> None:
             base_userns_fd = setup.create_user_namespace(req.uid_base, 1)
         listener = setup.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        host_netlink = setup.open_host_netlink(req)  # before the unshare: stays on the host
         setup.unshare_namespaces(req)
+        if host_netlink is not None:
+            with host_netlink:
+                setup.plug_network(req, host_netlink)
         # B's pivot_root moves our root too (we share its mount namespace): keep the host's /proc.
         proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pid = os.fork()
@@ -103,7 +107,7 @@ def _supervisor(
     cgroup_fds: cgroups.SandboxCgroups,
     usernses: tuple[int | None, int | None],
 ) -> None:
-    """B, PID 1 of the new PID namespace, host root: steps 5-10, then the supervisor's loop."""
+    """B, PID 1 of the new PID namespace, host root: steps 6-11, then the supervisor's loop."""
     userns_fd, base_userns_fd = usernses
     try:
         keep = {listener.fileno(), run_fd, *cgroup_fds.fds()}

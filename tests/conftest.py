@@ -1,13 +1,19 @@
 """Fixtures that run the real daemon as root, and the leak check that ends every module.
 
 Each test module gets its own directory /tmp/sandboxd-test-XXXX holding the daemon's socket,
-state and run directories. When the module ends, its daemons are stopped and the machine is
-searched for anything of that directory: processes, mounts (in any mount namespace), host
-processes in a sandbox uid range, and leftover sandbox files. Any find fails the module.
+state and run directories, a uid region, and a bridge and subnet of its own (so test runs side
+by side never meet). When the module ends, its daemons are stopped, `sandboxd cleanup` removes
+the bridge, and the machine is searched for anything of that module: processes, mounts (in any
+mount namespace), host processes in a sandbox uid range, leftover sandbox files, links on the
+bridge or named after its sandboxes, the bridge itself and its nft table. Any find fails the
+module. While a daemon runs, `Daemon.leaks` also reports TCP ports it listens on beyond those
+it had at start (published ports not released).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import random
 import shutil
@@ -22,38 +28,58 @@ from typing import Any
 
 import httpx
 import pytest
+from pyroute2.nftables.main import NFTables
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOTS_PER_DAEMON = 128
 UID_BASE = 1_000_000_000  # the daemon's default; each test daemon gets a region above it
 REGIONS = 360  # uid regions: they end below 2**32 with room for 1000 slots past the last
+SYS_NET = Path("/sys/class/net")
 
 
 class Daemon:
     """One `sandboxd serve` process on a private directory."""
 
-    def __init__(self, root: Path, uid_base: int, cgroup_name: str) -> None:
+    def __init__(
+        self, root: Path, uid_base: int, cgroup_name: str, bridge: str, subnet: str
+    ) -> None:
         self.root = root
         self.uid_base = uid_base
         self.cgroup_name = cgroup_name
+        self.bridge = bridge
+        self.subnet = subnet
         self.socket = root / "sandboxd.sock"
         self.state_dir = root / "state"
         self.run_dir = root / "run"
+        self.config = root / "config.toml"
         self.log = root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.listening: set[int] = set()
+        self.created: set[str] = set()  # ids of the sandboxes made through `client`
         self.client = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(self.socket)),
             base_url="http://localhost",
             timeout=60,
+            event_hooks={"response": [self._remember]},
         )
 
+    def _remember(self, response: httpx.Response) -> None:
+        request = response.request
+        created = response.status_code == 201 and request.url.path == "/sandboxes"
+        if created and request.method == "POST":
+            response.read()
+            self.created.add(response.json()["id"])
+
     def start(self, *args: str) -> Daemon:
-        config = self.root / "config.toml"
-        # A cgroup of its own too: daemons sharing one would remove each other's sandboxes.
-        config.write_text(f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n')
+        # A cgroup, a bridge and a subnet of its own: daemons sharing a cgroup would remove
+        # each other's sandboxes, and a bridge belongs to one state directory.
+        self.config.write_text(
+            f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
+            f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
+        )
         # This checkout's code (python -m api, from ROOT), whatever `sandboxd` is installed.
         command = [
-            sys.executable, "-m", "api", "serve", "--config", str(config),
+            sys.executable, "-m", "api", "serve", "--config", str(self.config),
             "--listen", f"unix://{self.socket}",
             "--state-dir", str(self.state_dir), "--run-dir", str(self.run_dir), *args,
         ]  # fmt: skip
@@ -65,6 +91,7 @@ class Daemon:
                 raise RuntimeError(f"sandboxd exited {self.proc.returncode}:\n{self.log_text()}")
             try:
                 if self.client.get("/healthz").status_code == 200:
+                    self.listening = listening_ports(self.proc.pid)
                     return self
             except httpx.TransportError:
                 pass
@@ -82,7 +109,18 @@ class Daemon:
         """What is left of deleted or ended sandboxes while the daemon (and its zygote) run."""
         assert self.proc is not None
         own = {self.proc.pid} | {pid for pid in _pids() if _parent(pid) == self.proc.pid}
-        return find_leaks(self.root, self.uid_base, frozenset(own))
+        leaks = find_leaks(self.root, self.uid_base, frozenset(own), self.bridge, self.created)
+        ports = listening_ports(self.proc.pid) - self.listening
+        leaks.extend(f"the daemon listens on TCP port {port}" for port in sorted(ports))
+        return leaks
+
+    def cleanup(self) -> subprocess.CompletedProcess[str]:
+        """`sandboxd cleanup` for this daemon's state directory and bridge."""
+        return subprocess.run(
+            [sys.executable, "-m", "api", "cleanup", "--config", str(self.config),
+             "--state-dir", str(self.state_dir)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -107,9 +145,15 @@ class Daemon:
             self.client.delete(f"/sandboxes/{sandbox['id']}")
 
 
-def find_leaks(root: Path, uid_base: int, ignore: frozenset[int] = frozenset()) -> list[str]:
-    """Everything of the test directory `root` (and the daemon's uid region) still on the
-    machine, but the `ignore` pids."""
+def find_leaks(
+    root: Path,
+    uid_base: int,
+    ignore: frozenset[int] = frozenset(),
+    bridge: str | None = None,
+    sandbox_ids: set[str] | frozenset[str] = frozenset(),
+) -> list[str]:
+    """Everything of the test directory `root` (and the daemon's uid region, bridge and
+    sandboxes) still on the machine, but the `ignore` pids."""
     uids = range(uid_base, uid_base + SLOTS_PER_DAEMON * 65536)
     marker = str(root)
     leaks = []
@@ -134,13 +178,67 @@ def find_leaks(root: Path, uid_base: int, ignore: frozenset[int] = frozenset()) 
     for parent in (root / "run" / "sandboxes", root / "state" / "sandboxes"):
         if parent.is_dir():
             leaks.extend(f"file {p}" for p in parent.iterdir())
-    cgroup = Path("/sys/fs/cgroup")
-    for hierarchy in [cgroup, *(p for p in cgroup.iterdir() if p.is_dir())]:
+    cgroup_root = Path("/sys/fs/cgroup")
+    for hierarchy in [cgroup_root, *(p for p in cgroup_root.iterdir() if p.is_dir())]:
         for path in hierarchy.glob(f"{root.name}*"):
             # A running daemon keeps its own cgroup: only sandboxes' ones in it are leaks.
             found = [p for p in path.iterdir() if p.is_dir()] if ignore else [path]
             leaks.extend(f"cgroup {p}" for p in found)
+    if bridge is not None:
+        leaks.extend(f"link {name} on the bridge {bridge}" for name in bridge_ports(bridge))
+    for sandbox_id in sandbox_ids:
+        if (SYS_NET / host_ifname(sandbox_id)).exists():
+            leaks.append(f"link {host_ifname(sandbox_id)} of sandbox {sandbox_id}")
     return leaks
+
+
+def host_ifname(sandbox_id: str) -> str:
+    """The host end of a bridged sandbox's veth (as daemon/network.py names it)."""
+    return "sbx" + sandbox_id.removeprefix("sb_")[:12]
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    brif = SYS_NET / bridge / "brif"
+    return sorted(os.listdir(brif)) if brif.is_dir() else []
+
+
+def nft_tables() -> set[str]:
+    with NFTables() as nft:
+        return {table.get("NFTA_TABLE_NAME") for table in nft.get_tables()}
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports on which the process `pid` holds a listening socket."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def free_subnet() -> str:
+    """A random 10.X.Y.0/24 that no route of the host's main table covers or falls in."""
+    routes = []
+    for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+        fields = line.split()
+        dst, mask = (ipaddress.IPv4Address(bytes.fromhex(f)[::-1]) for f in (fields[1], fields[7]))
+        if int(mask):
+            routes.append(ipaddress.IPv4Network(f"{dst}/{mask}", strict=False))
+    while True:
+        subnet = ipaddress.IPv4Network(
+            f"10.{random.randrange(200, 255)}.{random.randrange(256)}.0/24"
+        )
+        if not any(subnet.overlaps(route) for route in routes):
+            return str(subnet)
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
@@ -174,31 +272,57 @@ class Daemons:
         self.regions = random.sample(range(REGIONS), 8)
 
     def new(self, *args: str) -> Daemon:
-        """Another daemon, with a directory (below the module's) and a uid region of its own."""
+        """Another daemon, with a directory (below the module's), a uid region, a cgroup, a
+        bridge and a subnet of its own."""
         index = len(self.started)
         root = self.root if index == 0 else self.root / f"daemon{index}"
         root.mkdir(exist_ok=True)
         uid_base = UID_BASE + self.regions[index] * SLOTS_PER_DAEMON * 65536
-        daemon = Daemon(root, uid_base, self.root.name + (f"-{index}" if index else ""))
+        cgroup_name = self.root.name + (f"-{index}" if index else "")
+        bridge = f"sbt{random.randrange(16**8):08x}"
+        daemon = Daemon(root, uid_base, cgroup_name, bridge, free_subnet())
         self.started.append(daemon)
         return daemon.start(*args)
 
     def close(self) -> list[str]:
+        created: set[str] = set()
+        leaks: list[str] = []
         for daemon in self.started:
-            if daemon.proc is None:
-                daemon.start()
-            daemon.destroy_all()
-            daemon.stop()
+            try:
+                if daemon.proc is None:
+                    daemon.start()
+                daemon.destroy_all()
+                daemon.stop()
+            except (RuntimeError, httpx.HTTPError) as exc:  # still clean up the bridge
+                leaks.append(f"the daemon could not be stopped cleanly: {exc}")
+                if daemon.proc is not None:
+                    daemon.stop(signal.SIGKILL)
             daemon.client.close()
+            created |= daemon.created
+            # Links left on the bridge before cleanup takes them away with it.
+            leaks += [
+                f"link {n} on the bridge {daemon.bridge}" for n in bridge_ports(daemon.bridge)
+            ]
+            result = daemon.cleanup()
+            if result.returncode != 0:
+                leaks.append(f"sandboxd cleanup failed: {result.stderr.strip()}")
+            if (SYS_NET / daemon.bridge).exists():
+                leaks.append(f"the bridge {daemon.bridge}")
+            if f"sandboxd-{daemon.bridge}" in nft_tables():
+                leaks.append(f"the nft table ip sandboxd-{daemon.bridge}")
 
-        def leaks() -> list[str]:
-            return [leak for d in self.started for leak in find_leaks(self.root, d.uid_base)]
+        def found() -> list[str]:
+            return [
+                leak
+                for daemon in self.started
+                for leak in find_leaks(self.root, daemon.uid_base, sandbox_ids=created)
+            ]
 
-        wait_for(lambda: not leaks(), timeout=5)
-        found = sorted(set(leaks()))
+        wait_for(lambda: not found(), timeout=5)
+        leaks.extend(sorted(set(found())))
         if not os.environ.get("SANDBOXD_TEST_KEEP"):  # set it to read the daemons' logs
             shutil.rmtree(self.root, ignore_errors=True)
-        return found
+        return leaks
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Execs remember whether the OOM killer ended them (`oom_killed`).
 
-Revision ID: 0003_oom
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2025-11-30
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_oom"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

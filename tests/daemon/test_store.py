@@ -9,6 +9,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,25 @@ def test_a_database_of_the_first_schema_is_migrated(db: Path) -> None:
     store = Store(db)
     old = store.get_exec("sb_1", "ex_1")
     assert (old.stdout, old.oom_killed) == ("old", False)
+
+
+def test_a_0001_database_with_sandboxes_upgrades(db: Path) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    db.parent.mkdir()
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    engine.dispose()
+    raw(
+        db,
+        "INSERT INTO sandboxes (id, seq, state, hostname, spec, created_at) "
+        "VALUES ('old', 1, 'running', 'old', '{}', '2025-01-01 00:00:00')",
+    )
+    store = Store(db)
+    assert store.get_sandbox("old").ip is None
+    assert create(store, "new", subnet=IPv4Network("10.9.0.0/24")).ip == "10.9.0.2"
     store.close()
 
 
@@ -237,6 +257,24 @@ def test_uid_slots_lowest_free_unique_and_reused(store: Store) -> None:
     with pytest.raises(IntegrityError):
         store.update_sandbox("g", uid_slot=0)  # the database refuses to share a slot
     assert store.get_sandbox("g").uid_slot == 4
+
+
+def test_addresses_lowest_free_unique_released_and_exhausted(store: Store) -> None:
+    subnet = IPv4Network("10.9.0.0/29")  # .1 is the bridge's; .2 to .6 are for sandboxes
+    assert create(store, "none").ip is None
+    ips = [create(store, id, subnet=subnet).ip for id in "abcde"]
+    assert ips == ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"]
+    with pytest.raises(LimitReached):
+        create(store, "f", subnet=subnet)
+    with pytest.raises(NotFound):
+        store.get_sandbox("f")  # refused whole
+    store.delete_sandbox("b")
+    store.transition("d", SandboxState.FAILED, ip=None)  # released on death
+    assert create(store, "g", subnet=subnet).ip == "10.9.0.3"
+    assert create(store, "h", subnet=subnet).ip == "10.9.0.5"
+    with pytest.raises(IntegrityError):
+        store.update_sandbox("h", ip="10.9.0.2")  # the database refuses to share an address
+    assert store.get_sandbox("h").ip == "10.9.0.5"
 
 
 # Reading sandboxes.

@@ -90,3 +90,14 @@ def test_tcp_without_a_token_is_refused(tmp_path: object) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "token" in result.stderr.lower()
+
+
+def test_a_deep_run_dir_serves(daemons: Daemons) -> None:
+    """A socket path holds 108 bytes: the supervisors' sockets are reached through /proc
+    magic links, so the run directory may lie as deep as an operator likes."""
+    deep = daemons.root / ("d" * 100) / "run"
+    long_daemon = daemons.new("--run-dir", str(deep))
+    box = long_daemon.create()
+    assert long_daemon.exec(box["id"], ["echo", "deep"])["stdout"] == "deep\n"
+    assert (deep / "sandboxes" / box["id"] / "supervisor.sock").is_socket()
+    long_daemon.client.delete(f"/sandboxes/{box['id']}")
