@@ -211,6 +211,11 @@ class SandboxCgroups:
         """Move the calling process into the leaf `name`."""
         write_file(f"{name}/cgroup.procs", b"0", dir_fd=self.tree)
 
+    def fork_into_leaf(self, name: str) -> tuple[int, bool]:
+        """Fork a child born in the leaf `name`: (0 in the child, else its pid; whether it
+        is in the leaf already, or must join it, on a kernel without clone3's cgroup)."""
+        return fork_into(name, self.tree)
+
     def remove_leaf(self, name: str) -> bool:
         """rmdir the leaf if it is empty; whether it is gone."""
         try:
@@ -238,3 +243,18 @@ class SandboxCgroups:
             finally:
                 os.close(fd)
         return 0
+
+
+def fork_into(cgroup: str, dir_fd: int | None = None) -> tuple[int, bool]:
+    """Fork, the child born in the cgroup2 directory `cgroup` (see syscalls.fork_into_cgroup):
+    (0 in the child, else its pid; whether the child is in it already). A kernel before 5.7
+    has no CLONE_INTO_CGROUP: then a plain fork, and the child must join by itself."""
+    fd = os.open(cgroup, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return syscalls.fork_into_cgroup(fd), True
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.E2BIG, errno.EINVAL):
+            raise
+        return os.fork(), False
+    finally:
+        os.close(fd)

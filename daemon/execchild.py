@@ -31,6 +31,7 @@ def become(
     stdio: tuple[int, int, int],
     sandbox_cgroups: cgroups.SandboxCgroups,
     userns_fd: int | None,
+    joined: bool = True,
 ) -> None:
     """Child, in the sandbox, host root: set up the process and exec it. Never returns."""
     code = EXIT_NOT_EXECUTABLE
@@ -39,7 +40,8 @@ def become(
         #    and an OOM kill among them is counted as its own; and back to an OOM score of 0
         #    (the supervisor's keeps the OOM killer off it). As host root: a process inside
         #    cannot lower it again.
-        sandbox_cgroups.join_leaf(req.id)
+        if not joined:  # born in it (clone3), unless the kernel could not
+            sandbox_cgroups.join_leaf(req.id)
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("0")
         # 1. Python ignores SIGPIPE and SIGXFSZ and we block nothing: hand over clean defaults.

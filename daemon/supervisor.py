@@ -265,12 +265,12 @@ class Supervisor:
         child_req = ExecRequest(req.id, req.cmd, env, req.cwd, req.uid, req.gid, tty=req.tty)
         running.oom_kills_before = self.cgroups.oom_kills(req.id)
         try:
-            pid = os.fork()
+            pid, joined = self.cgroups.fork_into_leaf(req.id)
         except OSError as exc:  # at the pids limit (EAGAIN), or out of memory
             self.not_started(req, running, child_stdio, exc)
             return
         if pid == 0:  # Child, in the sandbox, host root: becomes the exec's process.
-            execchild.become(child_req, child_stdio, self.cgroups, self.userns_fd)
+            execchild.become(child_req, child_stdio, self.cgroups, self.userns_fd, joined)
         for fd in set(child_stdio):
             os.close(fd)
         running.pid = pid

@@ -50,11 +50,13 @@ def main() -> None:
 def spawn(req: SpawnRequest, zygote_fd: int) -> tuple[int, int]:
     """Fork A, which forks B (the supervisor); B's host pid and start time."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    # A is born in the sandbox's init leaf: from its first instruction, it and all it forks
+    # are the sandbox's (and, on cgroup v2, under its limits).
+    pid, joined = cgroups.fork_into(f"{req.cgroup}/{cgroups.INIT_LEAF}")
     if pid == 0:
         os.close(report_r)
         os.close(zygote_fd)
-        _intermediate(req, report_w)
+        _intermediate(req, report_w, joined)
     os.close(report_w)
     try:
         with os.fdopen(report_r, "rb") as report:
@@ -67,12 +69,13 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> tuple[int, int]:
     return int(supervisor), int(start)
 
 
-def _intermediate(req: SpawnRequest, report_w: int) -> None:
+def _intermediate(req: SpawnRequest, report_w: int, joined: bool) -> None:
     """A, a fork of the zygote, host root in host namespaces: steps 1-5 of daemon.setup."""
     try:
-        # From here on, this process and all it forks are in the sandbox's cgroups (and under
-        # its limits): the cgroup2 tree's init leaf, and on a v1 host a cgroup per hierarchy.
-        cgroups.write_file(f"{req.cgroup}/{cgroups.INIT_LEAF}/cgroup.procs", b"0")
+        # Before anything else, into the rest of the sandbox's cgroups (a v1 host's
+        # hierarchies: their limits bound it from here on).
+        if not joined:
+            cgroups.write_file(f"{req.cgroup}/{cgroups.INIT_LEAF}/cgroup.procs", b"0")
         for path in req.join:
             cgroups.write_file(f"{path}/cgroup.procs", b"0")
         cgroup_fds = cgroups.SandboxCgroups.open(req.cgroup, req.memory_cgroup, req.memory_per_exec)
