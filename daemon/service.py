@@ -88,7 +88,10 @@ class LiveSandbox:
     ports: PublishedPorts | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started: dict[str, asyncio.Future[int | None]] = field(default_factory=dict)
-    finished: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    finished: dict[str, asyncio.Future[ExecRecord | None]] = field(default_factory=dict)
+    # Waited-for execs: their pid is stored with their end (one write fewer), kept here till then.
+    quiet: set[str] = field(default_factory=set)
+    pids: dict[str, int] = field(default_factory=dict)
     followers: dict[str, set[Follower]] = field(default_factory=dict)
     subscribing: dict[str, deque[Follower]] = field(default_factory=dict)
 
@@ -98,11 +101,12 @@ class LiveSandbox:
         self.subscribing.pop(exec_id, None)
 
     def release_waiters(self) -> None:
-        for future in self.started.values():
-            if not future.done():
-                future.set_result(None)
-        for done in self.finished.values():
-            _resolve(done)
+        for started in self.started.values():
+            if not started.done():
+                started.set_result(None)
+        for finished in self.finished.values():
+            if not finished.done():
+                finished.set_result(None)
         self.started.clear()
         self.finished.clear()
         for exec_id in list(self.followers):
@@ -577,8 +581,10 @@ class SandboxManager:
         exec_id = new_id("ex")
         loop = asyncio.get_running_loop()
         started: asyncio.Future[int | None] = loop.create_future()
-        finished: asyncio.Future[None] = loop.create_future()
+        finished: asyncio.Future[ExecRecord | None] = loop.create_future()
         live.started[exec_id], live.finished[exec_id] = started, finished
+        if spec.wait:
+            live.quiet.add(exec_id)
         self.store.insert_exec(id=exec_id, sandbox_id=record.id, cmd=spec.cmd, now=utcnow())
         try:
             live.link.send(
@@ -606,8 +612,8 @@ class SandboxManager:
             live.finished.pop(exec_id, None)
             self.store.finish_exec(exec_id, **killed_exec_fields())
             raise
-        if spec.wait:
-            await finished
+        if spec.wait and (ended := await finished) is not None:
+            return exec_view(ended)
         return exec_view(self.store.get_exec(record.id, exec_id))
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
@@ -691,7 +697,9 @@ class SandboxManager:
         exec_id = str(message.get("id"))
         if kind is MessageType.STARTED:
             pid = message.get("pid")  # null: no process could be forked (EXITED 126 follows)
-            if exec_id != MAIN_EXEC and pid is not None:
+            if exec_id in live.quiet and pid is not None:
+                live.pids[exec_id] = int(pid)
+            elif exec_id != MAIN_EXEC and pid is not None:
                 self.store.set_exec_pid(exec_id, int(pid))
             future = live.started.pop(exec_id, None)
             if future is not None and not future.done():
@@ -723,9 +731,11 @@ class SandboxManager:
         if status is None:
             return
         path = Path(exec_dir(str(live.run_dir), exec_id))
+        ended = None
         with contextlib.suppress(SandboxError):
-            self.store.finish_exec(
+            ended = self.store.finish_exec(
                 exec_id,
+                pid=live.pids.pop(exec_id, None),
                 exit_code=status.exit_code,
                 signal=status.signal,
                 timed_out=status.timed_out,
@@ -737,9 +747,10 @@ class SandboxManager:
                 oom_killed=status.oom_killed,
             )
         shutil.rmtree(path, ignore_errors=True)
+        live.quiet.discard(exec_id)
         future = live.finished.pop(exec_id, None)
         if future is not None and not future.done():
-            future.set_result(None)
+            future.set_result(ended)
         live.end_followers(exec_id)
 
     # -- housekeeping -------------------------------------------------------------------------

@@ -321,19 +321,22 @@ class Store:
     def insert_exec(
         self, *, id: str, sandbox_id: str, cmd: Sequence[str], now: datetime
     ) -> ExecRecord:
-        """Record a new exec, `running`."""
-        with self._writer.begin() as session:
-            _load(session, sandbox_id)
-            seq = session.scalar(select(func.max(ExecRecord.seq)))
-            record = ExecRecord(
-                id=id,
-                seq=(seq or 0) + 1,
-                sandbox_id=sandbox_id,
-                cmd=list(cmd),
-                state=ExecState.RUNNING,
-                started_at=now,
-            )
-            session.add(record)
+        """Record a new exec, `running`. NotFound if the sandbox is gone (the foreign key
+        says so, without a query of its own)."""
+        try:
+            with self._writer.begin() as session:
+                seq = session.scalar(select(func.max(ExecRecord.seq)))
+                record = ExecRecord(
+                    id=id,
+                    seq=(seq or 0) + 1,
+                    sandbox_id=sandbox_id,
+                    cmd=list(cmd),
+                    state=ExecState.RUNNING,
+                    started_at=now,
+                )
+                session.add(record)
+        except IntegrityError as exc:
+            raise NotFound(f"no sandbox {sandbox_id}") from exc
         return record
 
     def set_exec_pid(self, exec_id: str, pid: int) -> None:
@@ -353,12 +356,14 @@ class Store:
         stderr_truncated: bool,
         finished_at: datetime,
         oom_killed: bool = False,
+        pid: int | None = None,
     ) -> ExecRecord:
         """Record how an exec ended. The first result stored wins: the supervisor may report
         the same exit twice around a daemon restart, and the second report is ignored."""
         with self._writer.begin() as session:
             record = _load_exec(session, exec_id)
             if record.state == ExecState.RUNNING:
+                record.pid = record.pid if pid is None else pid
                 record.state = ExecState.EXITED
                 record.exit_code = exit_code
                 record.signal = signal
