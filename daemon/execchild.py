@@ -42,12 +42,17 @@ def become(
         #    cannot lower it again.
         if not joined:  # born in it (clone3), unless the kernel could not
             sandbox_cgroups.join_leaf(req.id)
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("0")
+        score = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        os.write(score, b"0")
+        os.close(score)
         # 1. Python ignores SIGPIPE and SIGXFSZ and we block nothing: hand over clean defaults.
         signal.set_wakeup_fd(-1)
         for sig in signal.valid_signals():
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            # getsignal is Python's own table, no syscall: only what was changed is set back.
+            if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) not in (
+                signal.SIG_DFL,
+                None,
+            ):
                 with contextlib.suppress(OSError, ValueError):
                     signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
