@@ -400,16 +400,20 @@ def run_bench(
 # -- the report -----------------------------------------------------------------------------
 
 
-def render(report: dict[str, Any]) -> str:
+def heading(report: dict[str, Any]) -> list[str]:
+    """Where and when the report was made, and on what: the lines above its tables."""
     m = report["meta"]
-    lines = [
+    return [
         f"sandboxd bench, {m['date']}, {m['host']}: Linux {m['kernel']}, {m['cpus']} CPUs, "
         f"{m['memory_gib']} GiB; load {_load(m['load_before'])} before, "
         f"{_load(m['load_after'])} after",
         f"daemon {m['daemon']['url']} (sandboxd {m['daemon']['version']}); {m['options']['count']} "
         f"samples a row after {m['options']['warmup']} warm-up rounds",
-        "",
     ]
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [*heading(report), ""]
     notes = []
     rows = []
     for row in report["latency"]:
