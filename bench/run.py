@@ -10,6 +10,7 @@ time, after a few untimed warm-up rounds):
   create (bridge)   the same with network.mode bridge; skipped when the daemon answers 422
   first exec        POST /sandboxes/ID/exec {"cmd": ["true"]} (wait mode), once into each of them
   exec true         the same, again and again into one of them (warm)
+  exec, spaced      the same, 50 ms after the last one (untimed quiet in between)
   exec 1 MiB        the same for a command writing 1 MiB to stdout (all of it kept)
   destroy           DELETE /sandboxes/ID of each, running
   lifecycle         create, exec `true`, destroy, one after another
@@ -46,6 +47,9 @@ TRUE = ["true"]
 OUTPUT_BYTES = 1 << 20
 # `yes` never stops: head takes exactly 1 MiB (the default output limit: all of it is kept).
 OUTPUT_CMD = ["sh", "-c", f"yes abcdefghijklmnopqrstuvwxyz0123456789 | head -c {OUTPUT_BYTES}"]
+# Execs back to back share some kernel costs (a cgroup join is cheap for a few ms after the
+# last one): the spaced row shows what a lone exec costs.
+SPACED_MS = 50
 _HEALTHZ_SAMPLES = 200
 _MEMORY_WORKERS = 4
 _SETTLE_SECONDS = 1.0
@@ -192,6 +196,15 @@ class Bench:
         warm = ids[0]
         rows.append(
             measure("exec", "exec `true` (wait)", lambda: self.exec(client, warm, TRUE), count)
+        )
+        rows.append(
+            measure(
+                "exec_spaced",
+                f"exec `true`, {SPACED_MS} ms after the last",
+                lambda: self.exec(client, warm, TRUE),
+                count,
+                pause=SPACED_MS / 1000,
+            )
         )
         rows.append(
             measure(

@@ -57,11 +57,18 @@ def timed(operation: Operation) -> float:
     return (time.perf_counter_ns() - start) / 1e6
 
 
-def measure(name: str, label: str, operation: Operation, count: int, warmup: int = 0) -> Latency:
-    """`warmup` untimed calls, then `count` timed ones, one after another."""
+def measure(
+    name: str, label: str, operation: Operation, count: int, warmup: int = 0, pause: float = 0.0
+) -> Latency:
+    """`warmup` untimed calls, then `count` timed ones, one after another, each after `pause`
+    seconds of quiet (untimed): some costs show only when calls are spaced like real ones."""
     for _ in range(warmup):
         operation()
-    return Latency(name, label, [timed(operation) for _ in range(count)])
+    samples = []
+    for _ in range(count):
+        time.sleep(pause)
+        samples.append(timed(operation))
+    return Latency(name, label, samples)
 
 
 @dataclass

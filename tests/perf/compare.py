@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from bench import memory  # noqa: E402
-from bench.run import OUTPUT_BYTES, OUTPUT_CMD, TRUE, Options, heading, run_bench  # noqa: E402
+from bench.run import OUTPUT_BYTES, OUTPUT_CMD, SPACED_MS, TRUE, Options, heading, run_bench  # noqa: E402
 from bench.stats import Latency, format_table, measure, run_concurrently  # noqa: E402
 from daemon import syscalls  # noqa: E402
 from tests.perf.peers import (  # noqa: E402
@@ -95,6 +95,15 @@ def measure_peer(peer: Peer, options: Options, say: Callable[[str], None]) -> di
             )
             warm = ids[0]
             rows.append(measure("exec", "exec `true`", lambda: worker.run(warm, TRUE), count))
+            rows.append(
+                measure(
+                    "exec_spaced",
+                    "exec `true`, spaced",
+                    lambda: worker.run(warm, TRUE),
+                    count,
+                    pause=SPACED_MS / 1000,
+                )
+            )
             peer.tidy()
             rows.append(
                 measure(
@@ -196,6 +205,7 @@ LATENCY_FIGURES = [
     ("create_bridge", "create with a bridge"),
     ("first_exec", "first exec `true` in a new sandbox"),
     ("exec", "exec `true`, again in one sandbox"),
+    ("exec_spaced", f"the same, {SPACED_MS} ms after the last"),
     ("exec_1mib", "exec with 1 MiB of output"),
     ("destroy", "destroy"),
     ("lifecycle", "create → exec `true` → destroy"),
