@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import random
 import socket
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
@@ -143,6 +144,23 @@ class BridgeNetwork:
     def identity(self, ip: str) -> tuple[str, str]:
         """The /etc/hosts address of a bridged sandbox's name, and its /etc/resolv.conf."""
         return ip, resolv_conf() if self.egress else ""
+
+
+def unrouted_subnet(prefix: str = "10", first: int = 200) -> IPv4Network:
+    """A random PREFIX.X.Y.0/24 (X from `first`) that no route of the host's main table covers
+    or falls in: for daemons beside the host's own (a bench's, a test module's)."""
+    routes = []
+    for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+        fields = line.split()
+        dst, mask = (IPv4Address(bytes.fromhex(f)[::-1]) for f in (fields[1], fields[7]))
+        if int(mask):
+            routes.append(IPv4Network(f"{dst}/{mask}", strict=False))
+    while True:
+        subnet = IPv4Network(
+            f"{prefix}.{random.randrange(first, 255)}.{random.randrange(256)}.0/24"
+        )
+        if not any(subnet.overlaps(route) for route in routes):
+            return subnet
 
 
 def owner_alias(config: Config) -> str:

@@ -13,7 +13,6 @@ it had at start (published ports not released).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import random
 import shutil
@@ -29,6 +28,8 @@ from typing import Any
 import httpx
 import pytest
 from pyroute2.nftables.main import NFTables
+
+from daemon.network import unrouted_subnet
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOTS_PER_DAEMON = 128
@@ -226,19 +227,8 @@ def listening_ports(pid: int) -> set[int]:
 
 
 def free_subnet() -> str:
-    """A random 10.X.Y.0/24 that no route of the host's main table covers or falls in."""
-    routes = []
-    for line in Path("/proc/net/route").read_text().splitlines()[1:]:
-        fields = line.split()
-        dst, mask = (ipaddress.IPv4Address(bytes.fromhex(f)[::-1]) for f in (fields[1], fields[7]))
-        if int(mask):
-            routes.append(ipaddress.IPv4Network(f"{dst}/{mask}", strict=False))
-    while True:
-        subnet = ipaddress.IPv4Network(
-            f"10.{random.randrange(200, 255)}.{random.randrange(256)}.0/24"
-        )
-        if not any(subnet.overlaps(route) for route in routes):
-            return str(subnet)
+    """A random unrouted 10.X.Y.0/24 for a test daemon's bridge."""
+    return str(unrouted_subnet())
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
