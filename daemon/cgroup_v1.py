@@ -25,7 +25,7 @@ from typing import Literal
 
 from daemon import cgroups
 from daemon.errors import Invalid
-from daemon.limits import CPU_PERIOD_USEC, Placement, Usage, cpu_quota
+from daemon.limits import CPU_PERIOD_USEC, Placement, Usage, cpu_quota, unavailable
 from daemon.models import Limits
 
 HIERARCHIES = ("memory", "pids", "cpu", "cpuacct")
@@ -55,10 +55,7 @@ class CgroupV1:
         return {controller: root / sandbox_id for controller, root in self.roots.items()}
 
     def check(self, limits: Limits) -> None:
-        wanted = {"memory": limits.memory_bytes, "pids": limits.pids, "cpu": limits.cpus}
-        missing = [name for name, value in wanted.items() if value is not None]
-        missing = [name for name in missing if name not in self.roots]
-        if missing:
+        if missing := unavailable(limits, self.roots):
             names = ", ".join(missing)
             raise Invalid(f"this host mounts no cgroup hierarchy for {names}: no such limit")
 

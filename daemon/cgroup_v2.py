@@ -22,7 +22,7 @@ from typing import Literal
 
 from daemon import cgroups
 from daemon.errors import Invalid
-from daemon.limits import CPU_PERIOD_USEC, Placement, Usage, cpu_quota
+from daemon.limits import CPU_PERIOD_USEC, Placement, Usage, cpu_quota, unavailable
 from daemon.models import Limits
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,7 @@ class CgroupV2:
         pass  # the ProcessTree removes the directories
 
     def check(self, limits: Limits) -> None:
-        wanted = {"memory": limits.memory_bytes, "pids": limits.pids, "cpu": limits.cpus}
-        missing = [name for name, value in wanted.items() if value is not None]
-        missing = [name for name in missing if name not in self.controllers]
-        if missing:
+        if missing := unavailable(limits, self.controllers):
             names = ", ".join(missing)
             raise Invalid(f"this host's cgroup2 tree gives sandboxd no {names} controller")
 

@@ -14,6 +14,7 @@ teardown stay with the cgroup2 tree, which every host has.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -130,3 +131,10 @@ def check_cpus(limits: Limits) -> None:
 def cpu_quota(cpus: float) -> int:
     """Microseconds of CPU time per CPU_PERIOD_USEC (the kernel's minimum is 1000)."""
     return max(1000, round(cpus * CPU_PERIOD_USEC))
+
+
+def unavailable(limits: Limits, available: Iterable[str]) -> list[str]:
+    """The controllers `limits` asks for that are not in `available`."""
+    wanted = {"memory": limits.memory_bytes, "pids": limits.pids, "cpu": limits.cpus}
+    have = set(available)
+    return [name for name, value in wanted.items() if value is not None and name not in have]
