@@ -416,7 +416,8 @@ class SandboxManager:
             await self._unplug(None, record)  # ended already: only a crash could have left any
         await self._remove_files(record.id)
         self._cancel_expiry(record.id)
-        self.store.delete_sandbox(record.id)
+        # Off the event loop: deleting much stored output takes SQLite a while.
+        await asyncio.to_thread(self.store.delete_sandbox, record.id)
 
     async def _kill(self, live: LiveSandbox) -> None:
         """Kill every process of the sandbox at once through its cgroup, and wait for PID 1.
@@ -759,7 +760,8 @@ class SandboxManager:
         """Finished execs are kept `exec_retention` seconds, then their records go."""
         retention = timedelta(seconds=self.config.exec_retention)
         while True:
-            forgotten = self.store.delete_execs_finished_before(utcnow() - retention)
+            cutoff = utcnow() - retention
+            forgotten = await asyncio.to_thread(self.store.delete_execs_finished_before, cutoff)
             if forgotten:
                 log.info("forgot %d execs finished more than %s ago", forgotten, retention)
             await asyncio.sleep(min(60.0, self.config.exec_retention / 4))
