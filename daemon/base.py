@@ -79,3 +79,28 @@ def remove_unused(bases_dir: Path, in_use: set[str], keep: Path) -> None:
     for path in bases_dir.iterdir():
         if str(path) not in in_use and path != keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def write_identity_files(
+    upper: Path, hostname: str, owner: int, ip: str | None = None, resolv: str = ""
+) -> None:
+    """The sandbox's own /etc/hostname, /etc/hosts and /etc/resolv.conf, in its upper layer.
+
+    Its host name stands for its bridge address if it has one, else for 127.0.1.1 (as on
+    Debian). `resolv` names servers only when the sandbox can reach them (egress): with none,
+    a lookup fails at once instead of waiting for a timeout.
+    """
+    etc = upper / "etc"
+    etc.mkdir(mode=0o755, exist_ok=True)
+    os.chown(etc, owner, owner)
+    files = {
+        "hostname": f"{hostname}\n",
+        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        f"{ip or '127.0.1.1'}\t{hostname}\n",
+        "resolv.conf": resolv,
+    }
+    for name, content in files.items():
+        path = etc / name
+        path.write_text(content)
+        os.chmod(path, 0o644)
+        os.chown(path, owner, owner)

@@ -164,3 +164,22 @@ def open_pidfd(pid: int, start_time: int | None) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+async def wait_readable(fd: int, timeout: float) -> bool:
+    """Wait until a pidfd says its process has exited; False on timeout."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _resolve, ready)
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -34,6 +34,13 @@ from daemon.config import Config
 from daemon.errors import Conflict, Invalid, SandboxError, SetupFailed
 from daemon.following import STREAMS, Follower, TextCursor, read_prefix
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
+from daemon.mailbox import (
+    finished_in_mailbox,
+    killed_exec_fields,
+    read_output,
+    read_status,
+    read_text,
+)
 from daemon.models import (
     Exec,
     ExecCreate,
@@ -48,7 +55,7 @@ from daemon.models import (
     kernel_release,
 )
 from daemon.network import BridgeNetwork, NetworkError
-from daemon.parent import SpawnError, SupervisorLink, Zygote, open_pidfd
+from daemon.parent import SpawnError, SupervisorLink, Zygote, open_pidfd, wait_readable
 from daemon.ports import PublishedPorts
 from daemon.protocol import (
     INVALID_PREFIX,
@@ -56,10 +63,8 @@ from daemon.protocol import (
     SETUP_ERROR_FILE,
     SOCKET_NAME,
     STAGING_DIR,
-    STATUS_FILE,
     SUPERVISOR_ERROR_FILE,
     BindMount,
-    ExitStatus,
     Layer,
     MessageType,
     SpawnRequest,
@@ -366,7 +371,7 @@ class SandboxManager:
             os.chown(upper, owner, owner)
             layers.append(Layer(lower, target, str(upper), str(work)))
         hosts_ip, resolv = self.network.identity(record.ip) if record.ip else (None, "")
-        write_identity_files(Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv)
+        base.write_identity_files(Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv)
         return SpawnRequest(
             sandbox_id=record.id,
             hostname=record.hostname,
@@ -816,93 +821,6 @@ class SandboxManager:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def write_identity_files(
-    upper: Path, hostname: str, owner: int, ip: str | None = None, resolv: str = ""
-) -> None:
-    """The sandbox's own /etc/hostname, /etc/hosts and /etc/resolv.conf, in its upper layer.
-
-    Its host name stands for its bridge address if it has one, else for 127.0.1.1 (as on
-    Debian). `resolv` names servers only when the sandbox can reach them (egress): with none,
-    a lookup fails at once instead of waiting for a timeout.
-    """
-    etc = upper / "etc"
-    etc.mkdir(mode=0o755, exist_ok=True)
-    os.chown(etc, owner, owner)
-    files = {
-        "hostname": f"{hostname}\n",
-        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        f"{ip or '127.0.1.1'}\t{hostname}\n",
-        "resolv.conf": resolv,
-    }
-    for name, content in files.items():
-        path = etc / name
-        path.write_text(content)
-        os.chmod(path, 0o644)
-        os.chown(path, owner, owner)
-
-
-def finished_in_mailbox(run_dir: Path) -> list[str]:
-    """Execs (not the main cmd) whose status.json is in the mailbox, not yet stored."""
-    execs = run_dir / "execs"
-    if not execs.is_dir():
-        return []
-    return [p.name for p in execs.iterdir() if p.name != MAIN_EXEC and (p / STATUS_FILE).exists()]
-
-
-def read_status(run_dir: Path, exec_id: str) -> ExitStatus | None:
-    try:
-        data = (Path(exec_dir(str(run_dir), exec_id)) / STATUS_FILE).read_bytes()
-    except OSError:
-        return None
-    return ExitStatus.from_json(data)
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def read_output(path: Path) -> str:
-    try:
-        return path.read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def killed_exec_fields() -> dict[str, Any]:
-    return {
-        "exit_code": None,
-        "signal": "SIGKILL",
-        "timed_out": False,
-        "stdout": "",
-        "stderr": "",
-        "stdout_truncated": False,
-        "stderr_truncated": False,
-        "finished_at": utcnow(),
-    }
-
-
-async def wait_readable(fd: int, timeout: float) -> bool:
-    """Wait until a pidfd says its process has exited; False on timeout."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, _resolve, ready)
-    try:
-        await asyncio.wait_for(ready, timeout)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def new_id(prefix: str) -> str:

@@ -138,6 +138,17 @@ class Daemon:
         assert response.status_code in (200, 202), response.text
         return response.json()  # type: ignore[no-any-return]
 
+    def await_state(self, path: str, state: str, timeout: float = 10) -> dict[str, Any]:
+        """GET `path` (a sandbox or an exec) until its record is in `state`; that record."""
+        last: dict[str, Any] = {}
+
+        def reached() -> bool:
+            last.update(self.client.get(path).json())
+            return last.get("state") == state
+
+        assert wait_for(reached, timeout), f"{path} never reached {state}: {last}"
+        return last
+
     def sh(self, ref: str, script: str, **body: Any) -> dict[str, Any]:
         return self.exec(ref, ["sh", "-c", script], **body)
 

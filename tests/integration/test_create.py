@@ -50,15 +50,14 @@ def test_a_name_in_use_is_409(daemon: Daemon) -> None:
 
 def test_main_cmd_exit_code_ends_the_sandbox(daemon: Daemon) -> None:
     box = daemon.create(cmd=["sh", "-c", "sleep 0.2; exit 7"])
-    record = wait_for(lambda: (r := state_of(daemon, box["id"]))["state"] == "exited" and r)
-    assert record, state_of(daemon, box["id"])
+    record = daemon.await_state(f"/sandboxes/{box['id']}", "exited")
     assert record["exit"] == {"exit_code": 7, "signal": None, "reason": "exited", "message": None}
     assert record["pid"] is None and record["finished_at"]
 
 
 def test_main_cmd_killed_by_a_signal_reports_it(daemon: Daemon) -> None:
     box = daemon.create(cmd=["sh", "-c", "sleep 0.2; kill -TERM $$"])
-    record = wait_for(lambda: (r := state_of(daemon, box["id"]))["state"] == "exited" and r)
+    record = daemon.await_state(f"/sandboxes/{box['id']}", "exited")
     assert record["exit"]["signal"] == "SIGTERM" and record["exit"]["exit_code"] is None
     assert record["exit"]["reason"] == "signaled"
 

@@ -85,11 +85,7 @@ def test_background_exec_and_the_records(daemon: Daemon, box: dict[str, Any]) ->
     assert started["state"] == "running" and started["pid"] > 1
     url = f"/sandboxes/{box['id']}/execs/{started['id']}"
 
-    def finished() -> dict[str, Any] | None:
-        record = daemon.client.get(url).json()
-        return record if record["state"] == "exited" else None
-
-    record = wait_for(finished, timeout=10)
+    record = daemon.await_state(url, "exited")
     assert record and record["stdout"] == "late\n" and record["exit_code"] == 0
     items = daemon.client.get(f"/sandboxes/{box['id']}/execs").json()["items"]
     assert started["id"] in [e["id"] for e in items]
@@ -102,7 +98,7 @@ def test_signal_a_running_exec(daemon: Daemon, box: dict[str, Any]) -> None:
     started = daemon.exec(box["id"], ["sleep", "60"], wait=False)
     url = f"/sandboxes/{box['id']}/execs/{started['id']}"
     assert daemon.client.post(f"{url}/signal", json={"signal": "SIGTERM"}).status_code == 202
-    record = wait_for(lambda: (r := daemon.client.get(url).json())["state"] == "exited" and r)
+    record = daemon.await_state(url, "exited")
     assert record["signal"] == "SIGTERM" and record["exit_code"] is None
     assert daemon.client.post(f"{url}/signal", json={"signal": "TERM"}).status_code == 409
     assert daemon.client.post(f"{url}/signal", json={"signal": "SIGNOPE"}).status_code == 422

@@ -23,14 +23,6 @@ def exec_url(box: dict[str, Any], exec_id: str) -> str:
     return f"/sandboxes/{box['id']}/execs/{exec_id}"
 
 
-def finished(daemon: Daemon, url: str, timeout: float = 10) -> dict[str, Any]:
-    record = wait_for(
-        lambda: (r := daemon.client.get(url).json())["state"] == "exited" and r, timeout
-    )
-    assert record, daemon.client.get(url).json()
-    return record  # type: ignore[no-any-return]
-
-
 def sleeps(daemon: Daemon, box: dict[str, Any]) -> list[str]:
     ps = daemon.exec(box["id"], ["ps", "-e", "-o", "comm="])["stdout"]
     return [line for line in ps.split() if line == "sleep"]
@@ -43,7 +35,7 @@ def test_background_sleep_signalled_with_sigterm(daemon: Daemon, box: dict[str, 
     assert daemon.client.get(url).json()["state"] == "running"
     answer = daemon.client.post(f"{url}/signal", json={"signal": "SIGTERM"})
     assert answer.status_code == 202
-    record = finished(daemon, url)
+    record = daemon.await_state(url, "exited")
     assert (record["signal"], record["exit_code"], record["timed_out"]) == ("SIGTERM", None, False)
     again = daemon.client.post(f"{url}/signal", json={"signal": "SIGTERM"})
     assert again.status_code == 409
@@ -78,7 +70,7 @@ def test_deadline_holds_when_the_client_goes_away(daemon: Daemon, box: dict[str,
         client.sendall(request.encode())
         last = wait_for(started)  # it runs; then the client hangs up without an answer
     assert last is not None
-    record = finished(daemon, exec_url(box, last["id"]))
+    record = daemon.await_state(exec_url(box, last["id"]), "exited")
     assert record["timed_out"] is True and record["signal"] == "SIGKILL"
     assert sleeps(daemon, box) == []
 

@@ -201,11 +201,7 @@ def test_a_killed_supervisor_leaves_no_link_lease_or_port(daemon: Daemon) -> Non
     box = bridged(daemon, ports=[{"host_port": port, "sandbox_port": 80}])
     os.kill(box["pid"], signal.SIGKILL)
 
-    def failed() -> dict[str, Any] | None:
-        record = daemon.client.get(f"/sandboxes/{box['id']}").json()
-        return record if record["state"] == "failed" else None
-
-    record = wait_for(failed, timeout=5)
+    record = daemon.await_state(f"/sandboxes/{box['id']}", "failed", timeout=5)
     assert record and record["exit"]["reason"] == "supervisor_lost"
     assert record["network"]["ip"] is None and box["id"] not in leases(daemon)
     assert not (SYS_NET / host_ifname(box["id"])).exists()

@@ -9,7 +9,6 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -51,7 +50,7 @@ def test_an_exec_running_across_the_restart_is_followed(daemon: Daemon) -> None:
     daemon.start()
     url = f"/sandboxes/{box['id']}/execs/{background['id']}"
     assert daemon.client.get(url).json()["state"] == "running"
-    record = wait_for(lambda: (r := daemon.client.get(url).json())["state"] == "exited" and r)
+    record = daemon.await_state(url, "exited")
     assert record and record["stdout"] == "done\n" and record["exit_code"] == 0
     daemon.client.delete(f"/sandboxes/{box['id']}")
 
@@ -72,11 +71,7 @@ def test_supervisor_killed_from_the_host(daemon: Daemon) -> None:
     running = daemon.exec(box["id"], ["sleep", "300"], wait=False)
     os.kill(box["pid"], signal.SIGKILL)
 
-    def failed() -> dict[str, Any] | None:
-        record = daemon.client.get(f"/sandboxes/{box['id']}").json()
-        return record if record["state"] == "failed" else None
-
-    record = wait_for(failed, timeout=5)
+    record = daemon.await_state(f"/sandboxes/{box['id']}", "failed", timeout=5)
     assert record and record["exit"]["reason"] == "supervisor_lost"
     exec_record = daemon.client.get(f"/sandboxes/{box['id']}/execs/{running['id']}").json()
     assert exec_record["state"] == "exited" and exec_record["signal"] == "SIGKILL"

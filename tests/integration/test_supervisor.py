@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Daemon, wait_for
+from tests.conftest import Daemon
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,8 @@ def test_a_flood_of_execs(daemon: Daemon, box: dict[str, Any]) -> None:
 def test_main_cmds_that_end_at_once(daemon: Daemon) -> None:
     boxes = [daemon.create(cmd=["true"]) for _ in range(20)]
 
-    def ended(sandbox_id: str) -> dict[str, Any] | None:
-        record = daemon.client.get(f"/sandboxes/{sandbox_id}").json()
-        return record if record["state"] == "exited" else None
-
     for sandbox in boxes:
-        record = wait_for(lambda s=sandbox: ended(s["id"]))
+        record = daemon.await_state(f"/sandboxes/{sandbox['id']}", "exited")
         assert record and record["exit"]["exit_code"] == 0, record
         daemon.client.delete(f"/sandboxes/{sandbox['id']}")
 

@@ -1,0 +1,55 @@
+"""The daemon's side of a supervisor's mailbox (RUN/sandboxes/ID/execs/EXEC/): what it reads
+there once an exec, or the whole supervisor, has ended. The layout is daemon/protocol.py's.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.protocol import MAIN_EXEC, STATUS_FILE, ExitStatus, exec_dir
+
+
+def finished_in_mailbox(run_dir: Path) -> list[str]:
+    """Execs (not the main cmd) whose status.json is in the mailbox, not yet stored."""
+    execs = run_dir / "execs"
+    if not execs.is_dir():
+        return []
+    return [p.name for p in execs.iterdir() if p.name != MAIN_EXEC and (p / STATUS_FILE).exists()]
+
+
+def read_status(run_dir: Path, exec_id: str) -> ExitStatus | None:
+    try:
+        data = (Path(exec_dir(str(run_dir), exec_id)) / STATUS_FILE).read_bytes()
+    except OSError:
+        return None
+    return ExitStatus.from_json(data)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def read_output(path: Path) -> str:
+    try:
+        return path.read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def killed_exec_fields() -> dict[str, Any]:
+    """An exec that ended with its sandbox, before it could report: killed, no output."""
+    return {
+        "exit_code": None,
+        "signal": "SIGKILL",
+        "timed_out": False,
+        "stdout": "",
+        "stderr": "",
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "finished_at": datetime.now(UTC),
+    }
