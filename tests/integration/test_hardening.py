@@ -18,6 +18,7 @@ from tests.conftest import Daemon, wait_for
 PROBE = (Path(__file__).resolve().parent.parent / "syscall_probe.py").read_text()
 DOCKER_CAPABILITIES = "00000000a80425fb"
 CAP_SYS_ADMIN = 21
+CLOCK_NANOSLEEP = 230  # x86_64
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,21 @@ def host_children(supervisor: int) -> dict[str, int]:
     return children
 
 
+def sleeping_child(supervisor: int) -> int:
+    """Host pid of the supervisor's `sleep` child once it sleeps. Its name changes at execve,
+    before the dynamic loader opens the libraries (as fd 3, for a moment): wait for its
+    clock_nanosleep."""
+
+    def sleeping() -> int | None:
+        pid = host_children(supervisor).get("sleep")
+        syscall = Path(f"/proc/{pid}/syscall").read_text().split()[0] if pid else None
+        return pid if syscall == str(CLOCK_NANOSLEEP) else None
+
+    pid = wait_for(sleeping)
+    assert pid, "no sleeping child"
+    return int(pid)
+
+
 def test_root_has_dockers_capabilities_no_new_privs_and_seccomp(
     daemon: Daemon, box: dict[str, Any]
 ) -> None:
@@ -88,7 +104,7 @@ def test_another_user_has_no_capabilities(daemon: Daemon, box: dict[str, Any]) -
 def test_the_main_command_is_hardened_too(daemon: Daemon) -> None:
     box = daemon.create(cmd=["sleep", "60"])
     try:
-        host_pid = wait_for(lambda: host_children(box["pid"]).get("sleep"))
+        host_pid = sleeping_child(box["pid"])
         fields = status_fields(Path(f"/proc/{host_pid}/status").read_text())
         assert (fields["NoNewPrivs"], fields["Seccomp"]) == ("1", "2")
         assert fields["CapBnd"] == DOCKER_CAPABILITIES
@@ -156,7 +172,7 @@ def test_only_stdio_reaches_a_process(daemon: Daemon, box: dict[str, Any]) -> No
     assert out(daemon, box, "ls /proc/self/fd").split() == ["0", "1", "2", "3"]  # 3: ls's own
     started = daemon.exec(box["id"], ["sleep", "30"], wait=False)
     try:
-        host_pid = wait_for(lambda: host_children(box["pid"]).get("sleep"))
+        host_pid = sleeping_child(box["pid"])
         fds = {
             fd: os.readlink(f"/proc/{host_pid}/fd/{fd}")
             for fd in os.listdir(f"/proc/{host_pid}/fd")
