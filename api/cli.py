@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long finished execs are kept [SANDBOXD_EXEC_RETENTION; default 86400]",
     )
+    serve.add_argument(
+        "--pool-size",
+        metavar="N",
+        help="sandboxes kept started for creates on the default options "
+        "[SANDBOXD_POOL_SIZE; default 0]",
+    )
     _bridge(serve)
     serve.add_argument(
         "--bridge-subnet",

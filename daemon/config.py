@@ -56,6 +56,9 @@ class Config:
     bridge_subnet: IPv4Network = DEFAULT_SUBNET
     # Masquerade the bridge's subnet to the outside (and turn on ip_forward).
     egress: bool = False
+    # Sandboxes kept started on the default options, so that a create that asks for no more
+    # than a name, host name, labels, env and ttl takes one at once (see the README's Pool).
+    pool_size: int = 0
 
 
 class ConfigError(ValueError):
@@ -116,11 +119,12 @@ ENVIRONMENT = {
     "bridge_name": "SANDBOXD_BRIDGE_NAME",
     "bridge_subnet": "SANDBOXD_BRIDGE_SUBNET",
     "egress": "SANDBOXD_EGRESS",
+    "pool_size": "SANDBOXD_POOL_SIZE",
 }
 FILE_KEYS = frozenset(
     {"listen", "state_dir", "run_dir", "token", "token_file", "max_sandboxes"}
     | {"output_limit", "max_body", "uid_base", "cgroup_name", "exec_retention"}
-    | {"bridge_name", "bridge_subnet", "egress"}
+    | {"bridge_name", "bridge_subnet", "egress", "pool_size"}
 )
 
 
@@ -140,8 +144,8 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
     """Merge flags (`argv_values`, None meaning not given), environment and file into a Config.
 
     `argv_values` uses the setting names (listen, state_dir, run_dir, token, token_file,
-    max_sandboxes, output_limit, max_body, bridge_name, bridge_subnet, egress, config). Empty
-    environment variables count as unset.
+    max_sandboxes, output_limit, max_body, bridge_name, bridge_subnet, egress, pool_size,
+    config). Empty environment variables count as unset.
     Raises ConfigError for an unreadable file, an unknown key or a value that cannot be used.
     """
     flags = {k: _Setting(v, _flag(k)) for k, v in argv_values.items() if v is not None}
@@ -177,11 +181,14 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         bridge_name=_ifname(get("bridge_name"), Config.bridge_name),
         bridge_subnet=_subnet(get("bridge_subnet"), Config.bridge_subnet),
         egress=_boolean(get("egress"), Config.egress),
+        pool_size=_integer(get("pool_size"), Config.pool_size, minimum=0),
     )
-    last_uid = config.uid_base + config.max_sandboxes * UID_RANGE - 1
+    # Pooled sandboxes hold uid ranges too.
+    last_uid = config.uid_base + (config.max_sandboxes + config.pool_size) * UID_RANGE - 1
     if config.uid_base < UID_RANGE or last_uid > _MAX_UID:
         raise ConfigError(
-            f"uid_base {config.uid_base} with max_sandboxes {config.max_sandboxes}: the "
+            f"uid_base {config.uid_base} with max_sandboxes {config.max_sandboxes} and pool_size "
+            f"{config.pool_size}: the "
             f"sandboxes' uid ranges must lie within [{UID_RANGE}, {_MAX_UID}]"
         )
     return config
@@ -242,7 +249,7 @@ def _path(setting: _Setting | None, default: Path) -> Path:
     return path.absolute()
 
 
-def _integer(setting: _Setting | None, default: int) -> int:
+def _integer(setting: _Setting | None, default: int, minimum: int = 1) -> int:
     if setting is None:
         return default
     value = setting.value
@@ -253,8 +260,8 @@ def _integer(setting: _Setting | None, default: int) -> int:
             raise ConfigError(f"{setting.where}: expected a whole number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{setting.where}: expected a whole number, got {value!r}")
-    if value < 1:
-        raise ConfigError(f"{setting.where}: must be at least 1, got {value}")
+    if value < minimum:
+        raise ConfigError(f"{setting.where}: must be at least {minimum}, got {value}")
     return value
 
 

@@ -427,11 +427,17 @@ class SandboxCounts(BaseModel):
     total: int
 
 
+class PoolCounts(BaseModel):
+    size: int = Field(description="Pooled sandboxes the daemon keeps started (`pool_size`).")
+    ready: int = Field(description="How many are ready now for a create to take.")
+
+
 class Info(BaseModel):
     version: str
     kernel: str
     cgroup: Literal["v1", "v2"] | None
-    sandboxes: SandboxCounts
+    sandboxes: SandboxCounts = Field(description="Those created through the API; not the pool.")
+    pool: PoolCounts
     pid: int = Field(description="The daemon's own pid.")
     state_dir: str
     run_dir: str

@@ -26,6 +26,8 @@ Running (one JSON object a line, either way, over supervisor.sock):
       │ UNSUBSCRIBE {id} ──────────────────────────►│
       │ INPUT {id, data, eof} ─────────────────────►│ to its stdin (pipe or terminal)
       │ RESIZE {id, rows, cols} ───────────────────►│ the terminal's window size
+      │ CONFIGURE {hostname, env} ─────────────────►│ a pooled sandbox taken: its host name,
+      │                                             │ and the env of every later exec
       │◄─────────────── EXITED {id, status fields} ─│ after status.json is on disk
       │◄──────────────────────── ERROR {id, message}│ a request it could not act on
 
@@ -70,6 +72,7 @@ class MessageType(enum.StrEnum):
     OUTPUT = "output"
     INPUT = "input"
     RESIZE = "resize"
+    CONFIGURE = "configure"
 
 
 def encode(kind: MessageType, **fields: Any) -> bytes:

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 from daemon import base, cgroups, hardening, limits
 from daemon.config import Config
-from daemon.errors import Conflict, Invalid, SandboxError, SetupFailed
+from daemon.errors import Conflict, Invalid, NotFound, SandboxError, SetupFailed
 from daemon.following import STREAMS, Follower, TextCursor, read_prefix
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
 from daemon.mailbox import (
@@ -47,6 +47,7 @@ from daemon.models import (
     ExecExit,
     ExecOutput,
     Info,
+    PoolCounts,
     Sandbox,
     SandboxCounts,
     SandboxCreate,
@@ -56,6 +57,7 @@ from daemon.models import (
 )
 from daemon.network import BridgeNetwork, NetworkError
 from daemon.parent import SpawnError, SupervisorLink, Zygote, open_pidfd, wait_readable
+from daemon.pool import Pool, poolable
 from daemon.ports import PublishedPorts
 from daemon.protocol import (
     INVALID_PREFIX,
@@ -135,6 +137,7 @@ class SandboxManager:
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self._store: Store | None = None
         self.base_dir = Path()
+        self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
 
     @property
     def store(self) -> Store:
@@ -169,9 +172,12 @@ class SandboxManager:
             if record.expires_at is not None:
                 self._schedule_expiry(record.id, record.expires_at)
         self.housekeeping = asyncio.create_task(self._forget_old_execs())
+        self.pool.start()
 
     async def stop(self) -> None:
-        """Stop talking to supervisors; the sandboxes keep running for the next daemon."""
+        """Stop talking to supervisors; the sandboxes keep running for the next daemon (but
+        the pooled ones, which nobody asked for, are destroyed)."""
+        await self.pool.stop()
         for timer in self.timers.values():
             timer.cancel()
         if self.housekeeping is not None:
@@ -200,6 +206,7 @@ class SandboxManager:
             kernel=kernel_release(),
             cgroup=self.limits.layout,
             sandboxes=SandboxCounts(running=running, total=total),
+            pool=PoolCounts(size=self.pool.size, ready=len(self.pool.ready)),
             pid=os.getpid(),
             state_dir=str(self.config.state_dir),
             run_dir=str(self.config.run_dir),
@@ -242,6 +249,13 @@ class SandboxManager:
     # -- create -------------------------------------------------------------------------------
 
     async def create(self, spec: SandboxCreate) -> Sandbox:
+        if poolable(spec):
+            taken = self._take_pooled(spec)
+            if taken is not None:
+                return taken
+        return sandbox_view(await self._create(spec))
+
+    async def _create(self, spec: SandboxCreate, *, pooled: bool = False) -> SandboxRecord:
         # 1. validate what the schema cannot see: the host paths and controllers, what is
         #    not built yet
         self._check_host(spec)
@@ -265,6 +279,7 @@ class SandboxManager:
                 now=now,
                 expires_at=expires_at,
                 subnet=self.network.subnet if bridged else None,
+                pooled=pooled,
             )
         except BaseException:
             if ports is not None:
@@ -299,17 +314,62 @@ class SandboxManager:
                 await self._undo_create(live, exc)
         if record.expires_at is not None:  # as stored: POST …/ttl may have changed it meanwhile
             self._schedule_expiry(sandbox_id, record.expires_at)
-        return sandbox_view(record)
+        return record
+
+    def _take_pooled(self, spec: SandboxCreate) -> Sandbox | None:
+        """Serve a create from the pool: the oldest pooled sandbox becomes the asker's, with
+        its name, host name, env, labels and ttl. None if the pool has none ready."""
+        while (sandbox_id := self.pool.next()) is not None:
+            live = self.live.get(sandbox_id)
+            if live is None or live.link is None or live.lock.locked():
+                self.pool.taken(sandbox_id)  # dying: its retirement removes it
+                continue
+            hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else None)
+            now = utcnow()
+            ttl = spec.ttl_seconds
+            try:
+                record = self.store.take_pooled(
+                    sandbox_id,
+                    name=spec.name,
+                    hostname=hostname or sandbox_id,
+                    spec=spec.model_dump(mode="json"),
+                    max_live=self.config.max_sandboxes,
+                    now=now,
+                    expires_at=now + timedelta(seconds=ttl) if ttl else None,
+                )
+            except NotFound:  # not pooled after all (ended meanwhile): the next one
+                self.pool.taken(sandbox_id)
+                continue
+            self.pool.taken(sandbox_id)
+            # What makes it the asker's, before any exec of theirs can run: the supervisor
+            # reads the link in order.
+            assert record.uid_slot is not None
+            owner = self.config.uid_base + record.uid_slot * ID_RANGE
+            base.write_identity_files(self._upper(sandbox_id, 0), record.hostname, owner)
+            live.link.send(MessageType.CONFIGURE, hostname=record.hostname, env=spec.env)
+            if record.expires_at is not None:
+                self._schedule_expiry(sandbox_id, record.expires_at)
+            return sandbox_view(record)
+        return None
+
+    async def _fill_pool(self) -> str:
+        return (await self._create(SandboxCreate(), pooled=True)).id
+
+    async def _drain_pool(self, sandbox_id: str) -> None:
+        await self._destroy(self.store.get_sandbox(sandbox_id, pooled_too=True))
 
     async def _undo_create(self, live: LiveSandbox, exc: Exception) -> NoReturn:
         """Undo a create that failed: kill what started, remove what was made, and say why."""
         message = self._setup_error(live) or str(exc)
         await self._kill(live)
-        await self._unplug(live, self.store.get_sandbox(live.id))
+        record = self.store.get_sandbox(live.id, pooled_too=True)
+        await self._unplug(live, record)
         self.live.pop(live.id, None)
         await self._remove_files(live.id)
-        if message.startswith(INVALID_PREFIX):  # its mounts were bad input after all
+        if message.startswith(INVALID_PREFIX) or record.pooled:  # bad mounts; nobody asked
             self.store.delete_sandbox(live.id)
+            if record.pooled:
+                raise SetupFailed(f"a pooled sandbox could not be set up: {message}") from exc
             raise Invalid(message.removeprefix(INVALID_PREFIX)) from exc
         self.store.transition(
             live.id,
@@ -363,8 +423,8 @@ class SandboxManager:
             sources = [(spec.rootfs, "/")]
         layers = []
         for index, (lower, target) in enumerate(sources):
-            layer_dir = self.sandboxes_dir / record.id / "layers" / str(index)
-            upper, work = layer_dir / "upper", layer_dir / "work"
+            upper = self._upper(record.id, index)
+            work = upper.parent / "work"
             upper.mkdir(parents=True, mode=0o755)
             work.mkdir(mode=0o700)
             os.chmod(upper, os.stat(lower).st_mode & 0o7777)
@@ -391,6 +451,10 @@ class SandboxManager:
             network=self.network.plan(record.id, record.ip) if record.ip else None,
         )
 
+    def _upper(self, sandbox_id: str, layer: int) -> Path:
+        """The writable layer over its `layer`th lower one (0: the root)."""
+        return self.sandboxes_dir / sandbox_id / "layers" / str(layer) / "upper"
+
     async def _connect(self, live: LiveSandbox) -> dict[str, Any]:
         link = SupervisorLink(
             str(live.run_dir / SOCKET_NAME),
@@ -407,7 +471,9 @@ class SandboxManager:
     # -- destroy ------------------------------------------------------------------------------
 
     async def destroy(self, ref: str, *, expired: bool = False) -> None:
-        record = self.store.get_sandbox(ref)
+        await self._destroy(self.store.get_sandbox(ref), expired=expired)
+
+    async def _destroy(self, record: SandboxRecord, *, expired: bool = False) -> None:
         live = self.live.get(record.id)
         if live is not None:
             async with live.lock:
@@ -463,7 +529,7 @@ class SandboxManager:
             if live.pidfd is not None and not await wait_readable(live.pidfd, _GONE_TIMEOUT):
                 log.warning("sandbox %s: link closed but supervisor alive; killing", live.id)
             await self._kill(live)
-            await self._retire(live, self.store.get_sandbox(live.id))
+            await self._retire(live, self.store.get_sandbox(live.id, pooled_too=True))
 
     async def _retire(self, live: LiveSandbox, record: SandboxRecord) -> None:
         """Store what the dead supervisor left in its mailbox, end the record, clean up."""
@@ -482,20 +548,24 @@ class SandboxManager:
         crash = read_text(live.run_dir / SUPERVISOR_ERROR_FILE)
         if crash:
             log.error("sandbox %s: its supervisor failed: %s", record.id, crash)
-        if record.state == SandboxState.CREATING and target == SandboxState.EXITED:
-            self.store.transition(record.id, SandboxState.RUNNING, started_at=utcnow())
         # The record first: should the daemon die now, the files left are strays at start.
-        self.store.transition(
-            record.id,
-            target,
-            exit_reason=reason,
-            exit_code=main.exit_code if main else None,
-            exit_signal=main.signal if main else None,
-            finished_at=utcnow(),
-            uid_slot=None,
-            ip=None,
-            pid=None,
-        )
+        if record.pooled:  # nobody asked for it: it is forgotten, and the pool makes another
+            self.pool.taken(record.id)
+            self.store.delete_sandbox(record.id)
+        else:
+            if record.state == SandboxState.CREATING and target == SandboxState.EXITED:
+                self.store.transition(record.id, SandboxState.RUNNING, started_at=utcnow())
+            self.store.transition(
+                record.id,
+                target,
+                exit_reason=reason,
+                exit_code=main.exit_code if main else None,
+                exit_signal=main.signal if main else None,
+                finished_at=utcnow(),
+                uid_slot=None,
+                ip=None,
+                pid=None,
+            )
         live.release_waiters()
         self.live.pop(record.id, None)
         await self._remove_files(record.id)
@@ -535,6 +605,9 @@ class SandboxManager:
             await self._unplug(live, record)
             self.live.pop(record.id, None)
             await self._remove_files(record.id)
+            if record.pooled:
+                self.store.delete_sandbox(record.id)
+                return
             self.store.transition(
                 record.id,
                 SandboxState.FAILED,
@@ -553,6 +626,8 @@ class SandboxManager:
             await self._kill(live)
             await self._retire(live, record)
             return
+        if record.pooled:
+            self.pool.add(record.id)
         await self._publish_again(live, record)
         running: dict[str, int] = hello.get("running", {})
         for exec_id in hello.get("finished", []):

@@ -108,6 +108,9 @@ class SandboxRecord(Base):
     exit_signal: Mapped[str | None] = mapped_column(sa.String)
     exit_reason: Mapped[ExitReason | None] = mapped_column(StrEnumType(ExitReason))
     exit_message: Mapped[str | None] = mapped_column(sa.Text)
+    # Started for the warm pool and not yet taken by a create: the API does not see it
+    # (migration 0004).
+    pooled: Mapped[bool] = mapped_column(default=False)
 
     __table_args__ = (sa.Index("ix_sandboxes_ip", "ip", unique=True),)
 
@@ -136,8 +139,11 @@ class ExecRecord(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-# Fields the callers may set; id, seq and created_at are fixed, state moves only by transition.
-_SETTABLE = frozenset(SandboxRecord.__table__.columns.keys()) - {"id", "seq", "state", "created_at"}
+# Fields the callers may set; id, seq and created_at are fixed, state moves only by transition,
+# and a sandbox leaves the pool only by take_pooled.
+_FIXED = {"id", "seq", "state", "created_at", "pooled"}
+_SETTABLE = frozenset(SandboxRecord.__table__.columns.keys()) - _FIXED
+_ASKED_FOR = SandboxRecord.pooled.is_(False)
 
 
 def _on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
@@ -213,20 +219,15 @@ class Store:
         now: datetime,
         expires_at: datetime | None,
         subnet: IPv4Network | None = None,
+        pooled: bool = False,
     ) -> SandboxRecord:
         """Record a new sandbox in `creating`, with the lowest free uid slot and, given a
-        `subnet`, the lowest free address in it (its first address is the bridge's)."""
+        `subnet`, the lowest free address in it (its first address is the bridge's). A pooled
+        one does not count towards `max_live`."""
         try:
             with self._writer.begin() as session:
-                live = session.scalar(
-                    select(func.count())
-                    .select_from(SandboxRecord)
-                    .where(SandboxRecord.state.in_(LIVE_STATES))
-                )
-                if (live or 0) >= max_live:
-                    raise LimitReached(f"the daemon is at its limit of {max_live} live sandboxes")
-                if name is not None and _name_taken(session, name):
-                    raise Conflict(f"the name {name!r} is already in use")
+                if not pooled:
+                    _check_room(session, name, max_live)
                 seq = session.scalar(select(func.max(SandboxRecord.seq)))
                 record = SandboxRecord(
                     id=id,
@@ -239,6 +240,7 @@ class Store:
                     ip=None if subnet is None else _lowest_free_address(session, subnet),
                     created_at=now,
                     expires_at=expires_at,
+                    pooled=pooled,
                 )
                 session.add(record)
         except IntegrityError as exc:
@@ -249,21 +251,60 @@ class Store:
             raise
         return record
 
-    def get_sandbox(self, ref: str) -> SandboxRecord:
-        """The sandbox whose id is `ref`, else whose name is `ref`."""
+    def take_pooled(
+        self,
+        sandbox_id: str,
+        *,
+        name: str | None,
+        hostname: str,
+        spec: dict[str, Any],
+        max_live: int,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> SandboxRecord:
+        """A pooled, running sandbox becomes the one a create asked for: its name, host name,
+        spec and times are the request's, and it is the newest sandbox. Conflict, LimitReached
+        (and nothing changes) as for create_sandbox."""
+        try:
+            with self._writer.begin() as session:
+                _check_room(session, name, max_live)
+                record = _load(session, sandbox_id)
+                if not record.pooled or record.state != SandboxState.RUNNING:
+                    raise NotFound(f"no pooled sandbox {sandbox_id!r}")
+                seq = session.scalar(select(func.max(SandboxRecord.seq)))
+                record.seq = (seq or 0) + 1
+                record.pooled = False
+                record.name, record.hostname, record.spec = name, hostname, spec
+                record.created_at = record.started_at = now
+                record.expires_at = expires_at
+        except IntegrityError as exc:
+            if "sandboxes.name" in str(exc.orig):
+                raise Conflict(f"the name {name!r} is already in use") from exc
+            raise
+        return record
+
+    def get_sandbox(self, ref: str, *, pooled_too: bool = False) -> SandboxRecord:
+        """The sandbox whose id is `ref`, else whose name is `ref`; a pooled one only when
+        asked for (by the service, never for the API)."""
         with self._reader() as session:
             record = session.get(SandboxRecord, ref) or session.scalar(
                 select(SandboxRecord).where(SandboxRecord.name == ref)
             )
-        if record is None:
+        if record is None or (record.pooled and not pooled_too):
             raise NotFound(f"no sandbox {ref!r}")
         return record
 
     def list_sandboxes(
-        self, states: Sequence[SandboxState] = (), labels: Mapping[str, str] | None = None
+        self,
+        states: Sequence[SandboxState] = (),
+        labels: Mapping[str, str] | None = None,
+        *,
+        pooled_too: bool = False,
     ) -> list[SandboxRecord]:
         """Sandboxes oldest first, in any of `states` (all if empty), carrying every label."""
         query = select(SandboxRecord).order_by(SandboxRecord.seq)
+        if not pooled_too:
+            query = query.where(_ASKED_FOR)
         if states:
             query = query.where(SandboxRecord.state.in_(states))
         with self._reader() as session:
@@ -272,8 +313,9 @@ class Store:
         return [r for r in records if wanted <= dict(r.spec.get("labels") or {}).items()]
 
     def live_sandboxes(self) -> list[SandboxRecord]:
-        """Sandboxes in `creating` or `running`, oldest first: those a restart must adopt."""
-        return self.list_sandboxes(states=sorted(LIVE_STATES))
+        """Sandboxes in `creating` or `running`, oldest first: those a restart must adopt,
+        pooled ones too."""
+        return self.list_sandboxes(states=sorted(LIVE_STATES), pooled_too=True)
 
     def expired_sandboxes(self, now: datetime) -> list[SandboxRecord]:
         """Sandboxes whose ttl ran out by `now`, in any state, oldest first."""
@@ -287,7 +329,9 @@ class Store:
         """(running, total)."""
         running = func.sum(sa.case((SandboxRecord.state == SandboxState.RUNNING, 1), else_=0))
         with self._reader() as session:
-            row = session.execute(select(running, func.count()).select_from(SandboxRecord)).one()
+            row = session.execute(
+                select(running, func.count()).select_from(SandboxRecord).where(_ASKED_FOR)
+            ).one()
         return int(row[0] or 0), int(row[1])
 
     def transition(self, sandbox_id: str, target: SandboxState, **fields: Any) -> SandboxRecord:
@@ -425,6 +469,19 @@ def _load_exec(session: Session, exec_id: str) -> ExecRecord:
     if record is None:
         raise NotFound(f"no exec {exec_id!r}")
     return record
+
+
+def _check_room(session: Session, name: str | None, max_live: int) -> None:
+    """LimitReached at `max_live` live sandboxes (pooled ones aside), Conflict on a taken name."""
+    live = session.scalar(
+        select(func.count())
+        .select_from(SandboxRecord)
+        .where(SandboxRecord.state.in_(LIVE_STATES), _ASKED_FOR)
+    )
+    if (live or 0) >= max_live:
+        raise LimitReached(f"the daemon is at its limit of {max_live} live sandboxes")
+    if name is not None and _name_taken(session, name):
+        raise Conflict(f"the name {name!r} is already in use")
 
 
 def _name_taken(session: Session, name: str) -> bool:

@@ -224,6 +224,11 @@ class Supervisor:
             if kind is MessageType.EXEC:
                 self.start(ExecRequest(**message))
                 return
+            if kind is MessageType.CONFIGURE:
+                # Host root in the UTS namespace's owner: root inside cannot, we can.
+                socket.sethostname(str(message["hostname"]))
+                self.req.env = {str(k): str(v) for k, v in dict(message["env"]).items()}
+                return
             running = self.running.get(str(message["id"]))
             if running is None:
                 return  # it ended meanwhile: the daemon learns that from EXITED
