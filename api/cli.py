@@ -146,6 +146,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N,N,…",
         help="measure memory with this many idle sandboxes alive; '' for none [100,1000]",
     )
+    bench.add_argument(
+        "--pool",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="start the private daemon with --pool-size N, and measure creates that find the "
+        "pool ready (the other create rows then take from it whenever it has one) [0]",
+    )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(run=_bench)
     return parser
@@ -259,7 +267,9 @@ def _cleanup(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from api.bench.run import BenchError, Options, main
 
-    options = Options(args.count, args.warmup, args.concurrency, args.duration, args.idle)
+    options = Options(
+        args.count, args.warmup, args.concurrency, args.duration, args.idle, pool=args.pool
+    )
     try:
         return main(args.url, args.token or os.environ.get("SANDBOXD_TOKEN"), options, args.json)
     except BenchError as exc:

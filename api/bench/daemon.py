@@ -42,12 +42,12 @@ class DaemonError(RuntimeError):
 class PrivateDaemon:
     """One `sandboxd serve` on a temporary directory: socket, state and run directories."""
 
-    def __init__(self, max_sandboxes: int) -> None:
-        self.max_sandboxes = max_sandboxes
+    def __init__(self, max_sandboxes: int, pool: int = 0) -> None:
+        self.max_sandboxes, self.pool = max_sandboxes, pool
         self.root = Path(tempfile.mkdtemp(prefix="sandboxd-bench-"))
         os.chmod(self.root, 0o755)
         self.cgroup_name = self.root.name
-        self.uid_base = _free_uid_region(max_sandboxes)
+        self.uid_base = _free_uid_region(max_sandboxes + pool)
         # A bridge and subnet of its own: the host's daemon may own the default ones.
         self.bridge = f"sbb{secrets.token_hex(4)}"
         self.subnet = unrouted_subnet(first=100)
@@ -69,7 +69,7 @@ class PrivateDaemon:
             sys.executable, "-m", "api", "serve", "--config", str(config),
             "--listen", self.url,
             "--state-dir", str(self.root / "state"), "--run-dir", str(self.root / "run"),
-            "--max-sandboxes", str(self.max_sandboxes),
+            "--max-sandboxes", str(self.max_sandboxes), "--pool-size", str(self.pool),
         ]  # fmt: skip
         # Only PATH and the locale: the daemon's environment is not the bench user's.
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG")}

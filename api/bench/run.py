@@ -6,6 +6,8 @@ destroyed before it returns, whether the run ends well or not.
 
 What is measured, in this order (latencies over one keep-alive connection, one request at a
 time, after a few untimed warm-up rounds):
+  pool              with a warm pool (the daemon's pool_size; --pool for a private daemon):
+                    create, and the whole lifecycle, each once the pool is full again (untimed)
   create            POST /sandboxes {} (all namespaces, network none); the sandboxes stay
   create (bridge)   the same with network.mode bridge; skipped when the daemon answers 422
   first exec        POST /sandboxes/ID/exec {"cmd": ["true"]} (wait mode), once into each of them
@@ -53,6 +55,7 @@ SPACED_MS = 50
 _HEALTHZ_SAMPLES = 200
 _MEMORY_WORKERS = 4
 _SETTLE_SECONDS = 1.0
+_POOL_TIMEOUT = 30.0
 
 
 class BenchError(RuntimeError):
@@ -66,6 +69,7 @@ class Options:
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     duration: float = 5.0
     idle: list[int] = field(default_factory=lambda: [100, 1000])
+    pool: int = 0  # a private daemon's pool_size
 
     def max_alive(self) -> int:
         """The most sandboxes of this run alive at once (for a private daemon's limit)."""
@@ -176,12 +180,13 @@ class Bench:
             self.lifecycle(client)
             self.exec_output(client, sandbox := self.create(client))
             self.destroy(client, sandbox)
+        rows = self.from_pool()
         ids: list[str] = []
 
         def create() -> None:
             ids.append(self.create(client))
 
-        rows = [measure("create", "create (default options)", create, count)]
+        rows.append(measure("create", "create (default options)", create, count))
         rows.append(self.bridge())
         fresh = iter(ids)
         rows.append(
@@ -227,6 +232,39 @@ class Bench:
                 "lifecycle", "create → exec `true` → destroy", lambda: self.lifecycle(client), count
             )
         )
+        return rows
+
+    def from_pool(self) -> list[Latency]:
+        """Creates that find a pooled sandbox ready: each once the pool is full again."""
+        size = self.client.get("/info").json().get("pool", {}).get("size", 0)
+        if not size:
+            return []
+        client, count, ids = self.client, self.options.count, []
+
+        def refilled() -> None:
+            deadline = time.monotonic() + _POOL_TIMEOUT
+            while self.client.get("/info").json()["pool"]["ready"] < size:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the pool did not refill within {_POOL_TIMEOUT:.0f} s")
+                time.sleep(0.005)
+
+        rows = [
+            measure(
+                "create_pool",
+                "create from the warm pool",
+                lambda: ids.append(self.create(client)),
+                count,
+                before=refilled,
+            ),
+            measure(
+                "lifecycle_pool",
+                "create → exec → destroy, from the pool",
+                lambda: self.lifecycle(client),
+                count,
+                before=refilled,
+            ),
+        ]
+        self.in_parallel(ids, self.destroy)
         return rows
 
     def bridge(self) -> Latency:
@@ -375,6 +413,7 @@ def meta(
             "concurrency": options.concurrency,
             "duration": options.duration,
             "idle": options.idle,
+            "pool": options.pool,
         },
     }
 
@@ -387,7 +426,7 @@ def daemon_under_test(
     if url is not None:
         yield Api(url, token), None
         return
-    daemon = PrivateDaemon(max(1000, options.max_alive()))
+    daemon = PrivateDaemon(max(1000, options.max_alive()), pool=options.pool)
     try:
         daemon.start()
         yield Api(daemon.url), daemon

@@ -58,15 +58,24 @@ def timed(operation: Operation) -> float:
 
 
 def measure(
-    name: str, label: str, operation: Operation, count: int, warmup: int = 0, pause: float = 0.0
+    name: str,
+    label: str,
+    operation: Operation,
+    count: int,
+    warmup: int = 0,
+    pause: float = 0.0,
+    before: Operation | None = None,
 ) -> Latency:
     """`warmup` untimed calls, then `count` timed ones, one after another, each after `pause`
-    seconds of quiet (untimed): some costs show only when calls are spaced like real ones."""
+    seconds of quiet and `before` (both untimed): some costs show only when calls are spaced
+    like real ones, or when the daemon is ready for them."""
     for _ in range(warmup):
         operation()
     samples = []
     for _ in range(count):
         time.sleep(pause)
+        if before is not None:
+            before()
         samples.append(timed(operation))
     return Latency(name, label, samples)
 

@@ -16,7 +16,7 @@ from api.bench.stats import format_table, percentile
 from tests.conftest import ROOT, find_leaks
 
 TINY = ["--count", "3", "--warmup", "1", "--concurrency", "1,2", "--duration", "0.3"]
-TINY += ["--idle", "5"]
+TINY += ["--idle", "5", "--pool", "1"]
 
 
 def test_bench_measures_every_row_and_leaves_nothing() -> None:
@@ -32,7 +32,7 @@ def test_bench_measures_every_row_and_leaves_nothing() -> None:
 
     rows = {row["name"]: row for row in report["latency"]}
     assert list(rows) == [
-        "create", "create_bridge", "first_exec", "exec", "exec_spaced", "exec_1mib", "destroy",
+        "create_pool", "lifecycle_pool", "create", "create_bridge", "first_exec", "exec", "exec_spaced", "exec_1mib", "destroy",
         "lifecycle",
     ]  # fmt: skip
     for name, row in rows.items():
