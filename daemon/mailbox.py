@@ -4,6 +4,9 @@ there once an exec, or the whole supervisor, has ended. The layout is daemon/pro
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,20 @@ def read_output(path: Path) -> str:
         return path.read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def empty_slot(path: Path) -> None:
+    """Remove a stored exec's mailbox slot: its few files, then itself. Unlinks by name, as
+    rmtree's careful walk costs ten times more on the exec's hot path."""
+    try:
+        for name in os.listdir(path):
+            os.unlink(path / name)
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:  # not what a supervisor leaves: the careful way
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path)
 
 
 def killed_exec_fields() -> dict[str, Any]:

@@ -35,6 +35,7 @@ from daemon.errors import Conflict, Invalid, NotFound, SandboxError, SetupFailed
 from daemon.following import STREAMS, Follower, TextCursor, read_prefix
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
 from daemon.mailbox import (
+    empty_slot,
     finished_in_mailbox,
     killed_exec_fields,
     read_output,
@@ -827,7 +828,7 @@ class SandboxManager:
                 finished_at=datetime.fromtimestamp(status.finished_at, UTC),
                 oom_killed=status.oom_killed,
             )
-        shutil.rmtree(path, ignore_errors=True)
+        empty_slot(path)
         live.quiet.discard(exec_id)
         future = live.finished.pop(exec_id, None)
         if future is not None and not future.done():
