@@ -19,8 +19,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 import daemon.store
 import migrations
@@ -53,6 +53,21 @@ def create(store: Store, id: str, name: str | None = None, **kwargs: Any) -> Any
     }
     args.update(kwargs)
     return store.create_sandbox(id=id, name=name, **args)
+
+
+def finished(**fields: Any) -> dict[str, Any]:
+    """The arguments of finish_exec for a plain exit, with `fields` changed."""
+    result: dict[str, Any] = {
+        "exit_code": 0,
+        "signal": None,
+        "timed_out": False,
+        "stdout": "",
+        "stderr": "",
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "finished_at": T0,
+    }
+    return result | fields
 
 
 def raw(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -93,6 +108,22 @@ def test_existing_database_file_is_made_private(db: Path) -> None:
     os.chmod(db, 0o644)
     Store(db).close()
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+def test_a_writer_without_the_lock_fails_whole_and_readers_go_on(store: Store, db: Path) -> None:
+    create(store, "a")
+    with store._engine.connect() as conn:  # the pool's one connection, reused by the calls below
+        conn.exec_driver_sql("PRAGMA busy_timeout=50")
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer, e.g. another process's, holds the lock
+    try:
+        with pytest.raises(OperationalError, match="database is locked"):
+            store.update_sandbox("a", pid=1)  # refused at its BEGIN, as SQLAlchemy reports it
+        assert store.get_sandbox("a").pid is None  # WAL: a reader does not wait for a writer
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.update_sandbox("a", pid=1).pid == 1
 
 
 # The schema.
@@ -203,7 +234,7 @@ def test_name_taken_is_a_conflict(store: Store, db: Path) -> None:
 def test_name_unique_in_the_database_too(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # Were the check fooled (another writer, a bug), the UNIQUE constraint still refuses.
     create(store, "a", "web")
-    monkeypatch.setattr(daemon.store, "_name_taken", lambda session, name: False)
+    monkeypatch.setattr(daemon.store, "_check_room", lambda conn, name, max_live: None)
     with pytest.raises(Conflict):
         create(store, "b", "web")
     assert [r.id for r in store.list_sandboxes()] == ["a"]
@@ -277,6 +308,16 @@ def test_addresses_lowest_free_unique_released_and_exhausted(store: Store) -> No
     assert store.get_sandbox("h").ip == "10.9.0.5"
 
 
+def test_uid_slot_zero_and_gaps_are_taken_first(store: Store) -> None:
+    for id in "abcde":
+        create(store, id)  # slots 0 to 4
+    store.delete_sandbox("a")
+    store.transition("c", SandboxState.FAILED, uid_slot=None)
+    store.delete_sandbox("e")
+    assert [create(store, id).uid_slot for id in "fghi"] == [0, 2, 4, 5]
+    assert create(store, "j", "named").uid_slot == 6
+
+
 # Reading sandboxes.
 
 
@@ -287,6 +328,28 @@ def test_get_by_id_then_by_name(store: Store) -> None:
     assert store.get_sandbox("alpha").id == "id-1"
     with pytest.raises(NotFound):
         store.get_sandbox("nope")
+
+
+def test_records_are_detached_and_fully_loaded(store: Store) -> None:
+    # The service reads them after the store is done: no attribute may need a session or a query.
+    records: list[Any] = [
+        create(store, "a", "web"),
+        store.transition("a", SandboxState.RUNNING, pid=1),
+        store.update_sandbox("a", base_dir="/b"),
+        store.update_sandbox("a"),
+        store.get_sandbox("a"),
+        store.get_sandbox("web"),
+        *store.list_sandboxes(),
+        store.insert_exec(id="e1", sandbox_id="a", cmd=["x"], now=T0),
+        store.finish_exec("e1", **finished(stdout="out")),
+        store.finish_exec("e1", **finished(stdout="again")),
+        store.get_exec("a", "e1"),
+        *store.list_execs("a"),
+    ]
+    for record in records:
+        state = inspect(record)
+        assert state.detached and not state.unloaded and not state.modified, record
+    assert (records[-1].stdout, records[2].base_dir, records[2].pid) == ("out", "/b", 1)
 
 
 def test_list_oldest_first_with_filters(store: Store) -> None:
@@ -399,8 +462,11 @@ def test_fields_are_checked(store: Store) -> None:
         store.transition("a", SandboxState.RUNNING, no_such_field=1)
     assert store.get_sandbox("a").state is SandboxState.CREATING
     assert store.update_sandbox("a", ip="10.0.0.2").ip == "10.0.0.2"
+    assert store.update_sandbox("a").ip == "10.0.0.2"  # nothing to set: read back as it is
     with pytest.raises(NotFound):
         store.update_sandbox("nope", ip="10.0.0.3")
+    with pytest.raises(NotFound):
+        store.update_sandbox("nope")
     with pytest.raises(NotFound):
         store.transition("nope", SandboxState.RUNNING)
 
@@ -418,6 +484,70 @@ def test_delete_takes_the_execs_with_it(store: Store, db: Path) -> None:
         store.get_sandbox("a")
     with pytest.raises(NotFound):
         store.delete_sandbox("a")
+
+
+# The warm pool.
+
+
+def pooled(store: Store, id: str) -> Any:
+    """A pooled sandbox, running, as the pool leaves one."""
+    create(store, id, pooled=True, max_live=0)  # the limit is not for the pool's
+    return store.transition(id, SandboxState.RUNNING, pid=1)
+
+
+def test_pooled_sandboxes_are_hidden_but_adopted(store: Store) -> None:
+    create(store, "a")
+    record = pooled(store, "p")
+    assert record.pooled and record.uid_slot == 1
+    with pytest.raises(NotFound):
+        store.get_sandbox("p")
+    assert store.get_sandbox("p", pooled_too=True).id == "p"
+    assert [r.id for r in store.list_sandboxes()] == ["a"]
+    assert [r.id for r in store.list_sandboxes(pooled_too=True)] == ["a", "p"]
+    assert [r.id for r in store.live_sandboxes()] == ["a", "p"]
+    assert store.count_sandboxes() == (0, 1)
+    create(store, "b", max_live=2)  # the pooled one does not count towards the limit
+
+
+def test_take_pooled_makes_it_the_newest_asked_for(store: Store) -> None:
+    pooled(store, "p")
+    create(store, "a")
+    spec = {"labels": {"team": "ci"}}
+    later = T0 + timedelta(minutes=1)
+    taken = store.take_pooled(
+        "p", name="web", hostname="web", spec=spec, max_live=2, now=later, expires_at=later
+    )
+    assert inspect(taken).detached and not inspect(taken).unloaded
+    assert (taken.pooled, taken.state, taken.pid) == (False, SandboxState.RUNNING, 1)
+    assert (taken.name, taken.hostname, taken.spec) == ("web", "web", spec)
+    assert taken.created_at == taken.started_at == taken.expires_at == later
+    assert [r.id for r in store.list_sandboxes()] == ["a", "p"]  # the newest
+    assert store.get_sandbox("web").seq > store.get_sandbox("a").seq
+    assert store.count_sandboxes() == (1, 2)
+
+
+def test_take_pooled_refusals_change_nothing(store: Store, db: Path) -> None:
+    create(store, "a", "web")
+    pooled(store, "p")
+    create(store, "q", pooled=True)  # pooled, but not running yet
+    before = raw(db, "SELECT * FROM sandboxes ORDER BY id")
+
+    def take(sandbox_id: str, name: str | None = None, max_live: int = 10) -> Any:
+        return store.take_pooled(
+            sandbox_id, name=name, hostname="h", spec={}, max_live=max_live, now=T0, expires_at=None
+        )
+
+    with pytest.raises(Conflict):
+        take("p", name="web")
+    with pytest.raises(LimitReached):
+        take("p", max_live=1)
+    for sandbox_id in ("a", "q", "nope"):
+        with pytest.raises(NotFound):
+            take(sandbox_id)
+    assert raw(db, "SELECT * FROM sandboxes ORDER BY id") == before
+    take("p")
+    with pytest.raises(NotFound):
+        take("p")  # taken already
 
 
 # Execs.
@@ -442,7 +572,7 @@ def test_exec_lifecycle(store: Store, db: Path) -> None:
         stderr_truncated=True,
         finished_at=T0 + timedelta(seconds=1),
     )
-    assert done.state is ExecState.EXITED
+    assert (done.state, done.pid) == (ExecState.EXITED, 7)  # no pid given: the stored one stays
     store.close()
     again = Store(db).get_exec("a", "e1")
     assert (again.exit_code, again.stdout, again.stderr_truncated) == (0, "hi\n", True)
@@ -462,14 +592,14 @@ def test_finish_exec_first_result_wins(store: Store) -> None:
         "stderr_truncated": False,
         "finished_at": T0,
     }
-    first = store.finish_exec("e1", **result)
+    first = store.finish_exec("e1", **result, pid=5)
     result.update(
         exit_code=0, signal=None, timed_out=False, stdout="second", finished_at=T0 + timedelta(1)
     )
-    second = store.finish_exec("e1", **result)
+    second = store.finish_exec("e1", **result, pid=6)
     for record in (second, store.get_exec("a", "e1")):
         assert (record.exit_code, record.signal, record.timed_out) == (None, "SIGKILL", True)
-        assert (record.stdout, record.finished_at) == ("first", first.finished_at)
+        assert (record.stdout, record.finished_at, record.pid) == ("first", first.finished_at, 5)
 
 
 def test_exec_lookups(store: Store) -> None:
@@ -499,4 +629,26 @@ def test_exec_lookups(store: Store) -> None:
     with pytest.raises(NotFound):
         store.set_exec_pid("nope", 1)
     with pytest.raises(NotFound):
+        store.finish_exec("nope", **finished())
+    with pytest.raises(NotFound):
         store.insert_exec(id="g1", sandbox_id="nope", cmd=["x"], now=T0)
+
+
+def test_concurrent_execs_get_distinct_seqs(db: Path) -> None:
+    stores = [Store(db) for _ in range(6)]
+    create(stores[0], "a")
+    barrier = threading.Barrier(len(stores))
+
+    def insert(i: int) -> None:
+        barrier.wait()
+        for n in range(20):
+            stores[i].insert_exec(id=f"e{i}-{n}", sandbox_id="a", cmd=["x"], now=T0)
+
+    threads = [threading.Thread(target=insert, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert raw(db, "SELECT seq FROM execs ORDER BY seq") == [(n,) for n in range(1, 121)]
+    for store in stores:
+        store.close()
