@@ -281,6 +281,7 @@ class SandboxManager:
                 expires_at=expires_at,
                 subnet=self.network.subnet if bridged else None,
                 pooled=pooled,
+                base_dir=str(self.base_dir) if spec.rootfs is None else None,
             )
         except BaseException:
             if ports is not None:
@@ -419,7 +420,6 @@ class SandboxManager:
         (run_dir / STAGING_DIR).mkdir(mode=0o700)
         if spec.rootfs is None:
             sources = [(str(self.base_dir), "/"), *base.host_layers()]
-            self.store.update_sandbox(record.id, base_dir=str(self.base_dir))
         else:
             sources = [(spec.rootfs, "/")]
         layers = []

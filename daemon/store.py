@@ -333,10 +333,11 @@ class Store:
         expires_at: datetime | None,
         subnet: IPv4Network | None = None,
         pooled: bool = False,
+        base_dir: str | None = None,
     ) -> SandboxRecord:
         """Record a new sandbox in `creating`, with the lowest free uid slot and, given a
         `subnet`, the lowest free address in it (its first address is the bridge's). A pooled
-        one does not count towards `max_live`."""
+        one does not count towards `max_live`. `base_dir`: the default base it is built on."""
         try:
             with self._writer.begin() as conn:
                 if not pooled:
@@ -351,6 +352,7 @@ class Store:
                     "created_at": now,
                     "expires_at": expires_at,
                     "pooled": pooled,
+                    "base_dir": base_dir,
                 }
                 row = conn.execute(_INSERT_SANDBOX, values).one()
         except IntegrityError as exc:
