@@ -23,7 +23,7 @@ import shutil
 import signal
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -488,7 +488,8 @@ class SandboxManager:
             await self._unplug(None, record)  # ended already: only a crash could have left any
         await self._remove_files(record.id)
         self._cancel_expiry(record.id)
-        # Off the event loop: deleting much stored output takes SQLite a while.
+        # The record last, so that a 404 means everything is gone. Off the event loop:
+        # deleting much stored output takes SQLite a while.
         await asyncio.to_thread(self.store.delete_sandbox, record.id)
 
     async def _kill(self, live: LiveSandbox) -> None:
@@ -574,17 +575,20 @@ class SandboxManager:
     async def _remove_files(self, sandbox_id: str) -> None:
         """Everything of a sandbox on the host but its record (the cgroup kills what is left)."""
 
-        def remove() -> None:
+        def remove_cgroups(remove: Callable[[str], None]) -> None:
             try:
-                self.tree.remove(sandbox_id)  # kills what is left, and waits till it is gone
-                self.limits.remove(sandbox_id)
+                remove(sandbox_id)
             except OSError as exc:
                 log.error("sandbox %s: its cgroups stay: %s", sandbox_id, exc)
-            # A writable layer may hold many files: off the event loop, so others go on.
-            shutil.rmtree(self.runtime_dir / sandbox_id, ignore_errors=True)
-            shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
 
-        await asyncio.to_thread(remove)
+        # First its cgroup2 tree: that kills what is left and waits till it is gone. Then, side
+        # by side and off the event loop (a writable layer may hold many files), the rest.
+        await asyncio.to_thread(remove_cgroups, self.tree.remove)
+        await asyncio.gather(
+            asyncio.to_thread(remove_cgroups, self.limits.remove),
+            asyncio.to_thread(shutil.rmtree, self.runtime_dir / sandbox_id, ignore_errors=True),
+            asyncio.to_thread(shutil.rmtree, self.sandboxes_dir / sandbox_id, ignore_errors=True),
+        )
 
     async def _remove_strays(self) -> None:
         """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire)."""
