@@ -13,32 +13,27 @@ removed before its address lease is released.
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
 from daemon import base, cgroups, hardening, limits
 from daemon.config import Config
 from daemon.errors import Conflict, Invalid, NotFound, SandboxError, SetupFailed
-from daemon.following import STREAMS, Follower, TextCursor, read_prefix
-from daemon.lifecycle import ExecState, ExitReason, SandboxState
+from daemon.execs import Execs
+from daemon.lifecycle import ExitReason, SandboxState
+from daemon.live import LiveSandbox, new_id, utcnow
 from daemon.mailbox import (
-    empty_slot,
     finished_in_mailbox,
     killed_exec_fields,
-    read_output,
     read_status,
     read_text,
 )
@@ -71,10 +66,9 @@ from daemon.protocol import (
     Layer,
     MessageType,
     SpawnRequest,
-    exec_dir,
 )
-from daemon.store import ExecRecord, SandboxRecord, Store
-from daemon.views import exec_view, sandbox_view
+from daemon.store import SandboxRecord, Store
+from daemon.views import sandbox_view
 
 log = logging.getLogger(__name__)
 
@@ -83,42 +77,6 @@ _GONE_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 30.0
 _ADOPT_TIMEOUT = 5.0
 _LOST_EXEC_MESSAGE = "sandboxd: the exec was lost: the daemon stopped before it could start\n"
-
-
-@dataclass
-class LiveSandbox:
-    """What the daemon holds for a sandbox whose supervisor runs."""
-
-    id: str
-    run_dir: Path
-    pidfd: int | None = None
-    link: SupervisorLink | None = None
-    ports: PublishedPorts | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    started: dict[str, asyncio.Future[int | None]] = field(default_factory=dict)
-    finished: dict[str, asyncio.Future[ExecRecord | None]] = field(default_factory=dict)
-    # Waited-for execs: their pid is stored with their end (one write fewer), kept here till then.
-    quiet: set[str] = field(default_factory=set)
-    pids: dict[str, int] = field(default_factory=dict)
-    followers: dict[str, set[Follower]] = field(default_factory=dict)
-    subscribing: dict[str, deque[Follower]] = field(default_factory=dict)
-
-    def end_followers(self, exec_id: str) -> None:
-        for follower in self.followers.pop(exec_id, set()):
-            follower.end()
-        self.subscribing.pop(exec_id, None)
-
-    def release_waiters(self) -> None:
-        for started in self.started.values():
-            if not started.done():
-                started.set_result(None)
-        for finished in self.finished.values():
-            if not finished.done():
-                finished.set_result(None)
-        self.started.clear()
-        self.finished.clear()
-        for exec_id in list(self.followers):
-            self.end_followers(exec_id)
 
 
 class SandboxManager:
@@ -139,6 +97,7 @@ class SandboxManager:
         self._store: Store | None = None
         self.base_dir = Path()
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
+        self.execs = Execs(lambda: self.store, self.live, config.exec_retention)
 
     @property
     def store(self) -> Store:
@@ -172,7 +131,7 @@ class SandboxManager:
         for record in self.store.list_sandboxes():
             if record.expires_at is not None:
                 self._schedule_expiry(record.id, record.expires_at)
-        self.housekeeping = asyncio.create_task(self._forget_old_execs())
+        self.housekeeping = asyncio.create_task(self.execs.forget_old())
         self.pool.start()
 
     async def stop(self) -> None:
@@ -222,12 +181,10 @@ class SandboxManager:
         return sandbox_view(self.store.get_sandbox(ref))
 
     async def list_execs(self, ref: str) -> builtins.list[Exec]:
-        record = self.store.get_sandbox(ref)
-        return [exec_view(e) for e in self.store.list_execs(record.id)]
+        return await self.execs.list(ref)
 
     async def get_exec(self, ref: str, exec_id: str) -> Exec:
-        record = self.store.get_sandbox(ref)
-        return exec_view(self.store.get_exec(record.id, exec_id))
+        return await self.execs.get(ref, exec_id)
 
     async def stats(self, ref: str) -> SandboxStats:
         """Read from its cgroups: a few small files, no waiting on the sandbox."""
@@ -459,7 +416,7 @@ class SandboxManager:
     async def _connect(self, live: LiveSandbox) -> dict[str, Any]:
         link = SupervisorLink(
             str(live.run_dir / SOCKET_NAME),
-            lambda kind, message: self._on_message(live, kind, message),
+            lambda kind, message: self.execs.on_message(live, kind, message),
             lambda: self._on_gone(live),
         )
         hello = await asyncio.wait_for(link.connect(), _CONNECT_TIMEOUT)
@@ -537,7 +494,7 @@ class SandboxManager:
         """Store what the dead supervisor left in its mailbox, end the record, clean up."""
         await self._unplug(live, record)
         for exec_id in finished_in_mailbox(live.run_dir):
-            self._collect(live, exec_id)
+            self.execs.collect(live, exec_id)
         for running in self.store.running_execs(record.id):
             self.store.finish_exec(running.id, **killed_exec_fields())
         main = read_status(live.run_dir, MAIN_EXEC)
@@ -637,7 +594,7 @@ class SandboxManager:
         running: dict[str, int] = hello.get("running", {})
         for exec_id in hello.get("finished", []):
             if exec_id != MAIN_EXEC:
-                self._collect(live, exec_id)
+                self.execs.collect(live, exec_id)
         for unfinished in self.store.running_execs(record.id):
             if unfinished.id in running:  # its STARTED may have been lost with the last daemon
                 self.store.set_exec_pid(unfinished.id, running[unfinished.id])
@@ -656,200 +613,24 @@ class SandboxManager:
         except (SandboxError, OSError) as exc:
             log.error("sandbox %s: cannot publish its ports again: %s", record.id, exc)
 
-    # -- exec ---------------------------------------------------------------------------------
+    # -- execs (daemon/execs.py) --------------------------------------------------------------
 
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
-        record = self.store.get_sandbox(ref)
-        live = self.live.get(record.id)
-        if record.state != SandboxState.RUNNING or live is None or live.link is None:
-            raise Conflict(f"sandbox {record.id} is {record.state}, not running")
-        uid, _, gid = spec.user.partition(":")
-        exec_id = new_id("ex")
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[int | None] = loop.create_future()
-        finished: asyncio.Future[ExecRecord | None] = loop.create_future()
-        live.started[exec_id], live.finished[exec_id] = started, finished
-        if spec.wait:
-            live.quiet.add(exec_id)
-        self.store.insert_exec(id=exec_id, sandbox_id=record.id, cmd=spec.cmd, now=utcnow())
-        try:
-            live.link.send(
-                MessageType.EXEC,
-                id=exec_id,
-                cmd=spec.cmd,
-                env=spec.env,
-                cwd=spec.cwd or "/",
-                uid=int(uid),
-                gid=int(gid) if gid else None,
-                stdin=spec.stdin,
-                timeout=spec.timeout_seconds,
-                interactive=spec.interactive or spec.tty,
-                tty=spec.tty,
-                rows=spec.tty_size.rows if spec.tty_size else None,
-                cols=spec.tty_size.cols if spec.tty_size else None,
-            )
-            await started
-        except ConnectionError as exc:  # the supervisor went away meanwhile: nothing ran
-            live.started.pop(exec_id, None)
-            live.finished.pop(exec_id, None)
-            self.store.delete_exec(exec_id)
-            raise Conflict(f"sandbox {record.id} is no longer running") from exc
-        except SandboxError:
-            live.finished.pop(exec_id, None)
-            self.store.finish_exec(exec_id, **killed_exec_fields())
-            raise
-        if spec.wait and (ended := await finished) is not None:
-            return exec_view(ended)
-        return exec_view(self.store.get_exec(record.id, exec_id))
+        return await self.execs.exec(ref, spec)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
-        link, found = self._running_exec(ref, exec_id)
-        link.send(MessageType.SIGNAL, id=exec_id, signal=signal)
-        return exec_view(found)
+        return await self.execs.signal_exec(ref, exec_id, signal)
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None:
-        link, _ = self._running_exec(ref, exec_id)
-        link.send(MessageType.INPUT, id=exec_id, data=base64.b64encode(data).decode(), eof=eof)
+        await self.execs.send_input(ref, exec_id, data, eof=eof)
 
     async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None:
-        link, _ = self._running_exec(ref, exec_id)
-        link.send(MessageType.RESIZE, id=exec_id, rows=rows, cols=cols)
+        await self.execs.resize(ref, exec_id, rows, cols)
 
-    def _running_exec(self, ref: str, exec_id: str) -> tuple[SupervisorLink, ExecRecord]:
-        record = self.store.get_sandbox(ref)
-        found = self.store.get_exec(record.id, exec_id)
-        live = self.live.get(record.id)
-        if found.state != ExecState.RUNNING or live is None or live.link is None:
-            raise Conflict(f"exec {exec_id} has already ended")
-        return live.link, found
-
-    async def follow(
+    def follow(
         self, ref: str, exec_id: str, *, follow: bool
     ) -> AsyncIterator[ExecOutput | ExecExit]:
-        record = self.store.get_sandbox(ref)
-        found = self.store.get_exec(record.id, exec_id)
-        cursor = TextCursor()
-        live = self.live.get(record.id)
-        if found.state == ExecState.RUNNING and live is not None and live.link is not None:
-            path = Path(exec_dir(str(live.run_dir), exec_id))
-            if follow:
-                async for chunk in self._follow_live(live, exec_id, path, cursor):
-                    yield chunk
-            else:
-                for stream in STREAMS:
-                    text = cursor.feed(stream, 0, read_prefix(path / stream))
-                    if text:
-                        yield ExecOutput(stream=stream, data=text)
-                return
-        found = self.store.get_exec(record.id, exec_id)
-        for stream in STREAMS:
-            if rest := cursor.rest(stream, getattr(found, stream)):
-                yield ExecOutput(stream=stream, data=rest)
-        if found.state == ExecState.EXITED:
-            yield ExecExit(exit=exec_view(found))
-
-    async def _follow_live(
-        self, live: LiveSandbox, exec_id: str, path: Path, cursor: TextCursor
-    ) -> AsyncIterator[ExecOutput]:
-        """Files up to the offsets of the subscription, then the live chunks after them."""
-        follower = Follower()
-        live.followers.setdefault(exec_id, set()).add(follower)
-        live.subscribing.setdefault(exec_id, deque()).append(follower)
-        try:
-            assert live.link is not None
-            live.link.send(MessageType.SUBSCRIBE, id=exec_id)
-            offsets = await follower.offsets
-            if offsets is None:
-                return
-            for stream in STREAMS:
-                text = cursor.feed(stream, 0, read_prefix(path / stream, offsets[stream]))
-                cursor.seen[stream] = offsets[stream]  # what lay past the limit is gone
-                if text:
-                    yield ExecOutput(stream=stream, data=text)
-            while (chunk := await follower.queue.get()) is not None:
-                stream, offset, data = chunk
-                if text := cursor.feed(stream, offset, data):
-                    yield ExecOutput(stream=stream, data=text)
-        finally:
-            followers = live.followers.get(exec_id)
-            if followers is not None:
-                followers.discard(follower)
-                if not followers and live.link is not None:
-                    del live.followers[exec_id]
-                    with contextlib.suppress(ConnectionError):
-                        live.link.send(MessageType.UNSUBSCRIBE, id=exec_id)
-
-    def _on_message(self, live: LiveSandbox, kind: MessageType, message: dict[str, Any]) -> None:
-        exec_id = str(message.get("id"))
-        if kind is MessageType.STARTED:
-            pid = message.get("pid")  # null: no process could be forked (EXITED 126 follows)
-            if exec_id in live.quiet and pid is not None:
-                live.pids[exec_id] = int(pid)
-            elif exec_id != MAIN_EXEC and pid is not None:
-                self.store.set_exec_pid(exec_id, int(pid))
-            future = live.started.pop(exec_id, None)
-            if future is not None and not future.done():
-                future.set_result(None if pid is None else int(pid))
-        elif kind is MessageType.OUTPUT:
-            chunk = (
-                str(message["stream"]),
-                int(message["offset"]),
-                base64.b64decode(message["data"]),
-            )
-            for follower in live.followers.get(exec_id, ()):
-                follower.push(chunk)
-        elif kind is MessageType.SUBSCRIBED:
-            waiting = live.subscribing.get(exec_id)
-            if waiting:
-                follower = waiting.popleft()
-                if not follower.offsets.done():
-                    follower.offsets.set_result(message.get("offsets"))
-        elif kind is MessageType.EXITED and exec_id != MAIN_EXEC:
-            self._collect(live, exec_id)
-        elif kind is MessageType.ERROR:
-            future = live.started.pop(exec_id, None)
-            if future is not None and not future.done():
-                future.set_exception(SandboxError(f"the supervisor refused the exec: {message}"))
-
-    def _collect(self, live: LiveSandbox, exec_id: str) -> None:
-        """Move a finished exec from the mailbox to the store, then empty its mailbox slot."""
-        status = read_status(live.run_dir, exec_id)
-        if status is None:
-            return
-        path = Path(exec_dir(str(live.run_dir), exec_id))
-        ended = None
-        with contextlib.suppress(SandboxError):
-            ended = self.store.finish_exec(
-                exec_id,
-                pid=live.pids.pop(exec_id, None),
-                exit_code=status.exit_code,
-                signal=status.signal,
-                timed_out=status.timed_out,
-                stdout=read_output(path / "stdout"),
-                stderr=read_output(path / "stderr"),
-                stdout_truncated=status.stdout_truncated,
-                stderr_truncated=status.stderr_truncated,
-                finished_at=datetime.fromtimestamp(status.finished_at, UTC),
-                oom_killed=status.oom_killed,
-            )
-        empty_slot(path)
-        live.quiet.discard(exec_id)
-        future = live.finished.pop(exec_id, None)
-        if future is not None and not future.done():
-            future.set_result(ended)
-        live.end_followers(exec_id)
-
-    # -- housekeeping -------------------------------------------------------------------------
-
-    async def _forget_old_execs(self) -> None:
-        """Finished execs are kept `exec_retention` seconds, then their records go."""
-        retention = timedelta(seconds=self.config.exec_retention)
-        while True:
-            cutoff = utcnow() - retention
-            forgotten = await asyncio.to_thread(self.store.delete_execs_finished_before, cutoff)
-            if forgotten:
-                log.info("forgot %d execs finished more than %s ago", forgotten, retention)
-            await asyncio.sleep(min(60.0, self.config.exec_retention / 4))
+        return self.execs.follow(ref, exec_id, follow=follow)
 
     # -- ttl ----------------------------------------------------------------------------------
 
@@ -901,14 +682,6 @@ class SandboxManager:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(8)}"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _version() -> str:

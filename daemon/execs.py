@@ -1,0 +1,246 @@
+"""Execs in running sandboxes: starting one through its supervisor, signalling, feeding and
+following it, and storing how it ended; and forgetting old ones.
+
+Runs in: the daemon, on its event loop. The supervisor runs each exec (daemon/supervisor.py)
+and reports over the link; what it reports lands here (on_message), and an ended exec moves
+from the sandbox's mailbox to the store (collect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import Conflict, SandboxError
+from daemon.following import STREAMS, Follower, TextCursor, read_prefix
+from daemon.lifecycle import ExecState, SandboxState
+from daemon.live import LiveSandbox, new_id, utcnow
+from daemon.mailbox import empty_slot, killed_exec_fields, read_output, read_status
+from daemon.models import Exec, ExecCreate, ExecExit, ExecOutput
+from daemon.parent import SupervisorLink
+from daemon.protocol import MAIN_EXEC, MessageType, exec_dir
+from daemon.store import ExecRecord, Store
+from daemon.views import exec_view
+
+log = logging.getLogger(__name__)
+
+
+class Execs:
+    """The execs of the sandboxes in `live` (the service's own dict), stored in `store()`."""
+
+    def __init__(
+        self, store: Callable[[], Store], live: dict[str, LiveSandbox], retention: int
+    ) -> None:
+        self._get_store = store  # the service opens it at start
+        self.live = live
+        self.retention = retention
+
+    @property
+    def store(self) -> Store:
+        return self._get_store()
+
+    async def list(self, ref: str) -> list[Exec]:
+        record = self.store.get_sandbox(ref)
+        return [exec_view(e) for e in self.store.list_execs(record.id)]
+
+    async def get(self, ref: str, exec_id: str) -> Exec:
+        record = self.store.get_sandbox(ref)
+        return exec_view(self.store.get_exec(record.id, exec_id))
+
+    async def exec(self, ref: str, spec: ExecCreate) -> Exec:
+        record = self.store.get_sandbox(ref)
+        live = self.live.get(record.id)
+        if record.state != SandboxState.RUNNING or live is None or live.link is None:
+            raise Conflict(f"sandbox {record.id} is {record.state}, not running")
+        uid, _, gid = spec.user.partition(":")
+        exec_id = new_id("ex")
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[int | None] = loop.create_future()
+        finished: asyncio.Future[ExecRecord | None] = loop.create_future()
+        live.started[exec_id], live.finished[exec_id] = started, finished
+        if spec.wait:
+            live.quiet.add(exec_id)
+        self.store.insert_exec(id=exec_id, sandbox_id=record.id, cmd=spec.cmd, now=utcnow())
+        try:
+            live.link.send(
+                MessageType.EXEC,
+                id=exec_id,
+                cmd=spec.cmd,
+                env=spec.env,
+                cwd=spec.cwd or "/",
+                uid=int(uid),
+                gid=int(gid) if gid else None,
+                stdin=spec.stdin,
+                timeout=spec.timeout_seconds,
+                interactive=spec.interactive or spec.tty,
+                tty=spec.tty,
+                rows=spec.tty_size.rows if spec.tty_size else None,
+                cols=spec.tty_size.cols if spec.tty_size else None,
+            )
+            await started
+        except ConnectionError as exc:  # the supervisor went away meanwhile: nothing ran
+            live.started.pop(exec_id, None)
+            live.finished.pop(exec_id, None)
+            self.store.delete_exec(exec_id)
+            raise Conflict(f"sandbox {record.id} is no longer running") from exc
+        except SandboxError:
+            live.finished.pop(exec_id, None)
+            self.store.finish_exec(exec_id, **killed_exec_fields())
+            raise
+        if spec.wait and (ended := await finished) is not None:
+            return exec_view(ended)
+        return exec_view(self.store.get_exec(record.id, exec_id))
+
+    async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
+        link, found = self._running(ref, exec_id)
+        link.send(MessageType.SIGNAL, id=exec_id, signal=signal)
+        return exec_view(found)
+
+    async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None:
+        link, _ = self._running(ref, exec_id)
+        link.send(MessageType.INPUT, id=exec_id, data=base64.b64encode(data).decode(), eof=eof)
+
+    async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None:
+        link, _ = self._running(ref, exec_id)
+        link.send(MessageType.RESIZE, id=exec_id, rows=rows, cols=cols)
+
+    def _running(self, ref: str, exec_id: str) -> tuple[SupervisorLink, ExecRecord]:
+        record = self.store.get_sandbox(ref)
+        found = self.store.get_exec(record.id, exec_id)
+        live = self.live.get(record.id)
+        if found.state != ExecState.RUNNING or live is None or live.link is None:
+            raise Conflict(f"exec {exec_id} has already ended")
+        return live.link, found
+
+    async def follow(
+        self, ref: str, exec_id: str, *, follow: bool
+    ) -> AsyncIterator[ExecOutput | ExecExit]:
+        record = self.store.get_sandbox(ref)
+        found = self.store.get_exec(record.id, exec_id)
+        cursor = TextCursor()
+        live = self.live.get(record.id)
+        if found.state == ExecState.RUNNING and live is not None and live.link is not None:
+            path = Path(exec_dir(str(live.run_dir), exec_id))
+            if follow:
+                async for chunk in self._follow_live(live, exec_id, path, cursor):
+                    yield chunk
+            else:
+                for stream in STREAMS:
+                    text = cursor.feed(stream, 0, read_prefix(path / stream))
+                    if text:
+                        yield ExecOutput(stream=stream, data=text)
+                return
+        found = self.store.get_exec(record.id, exec_id)
+        for stream in STREAMS:
+            if rest := cursor.rest(stream, getattr(found, stream)):
+                yield ExecOutput(stream=stream, data=rest)
+        if found.state == ExecState.EXITED:
+            yield ExecExit(exit=exec_view(found))
+
+    async def _follow_live(
+        self, live: LiveSandbox, exec_id: str, path: Path, cursor: TextCursor
+    ) -> AsyncIterator[ExecOutput]:
+        """Files up to the offsets of the subscription, then the live chunks after them."""
+        follower = Follower()
+        live.followers.setdefault(exec_id, set()).add(follower)
+        live.subscribing.setdefault(exec_id, deque()).append(follower)
+        try:
+            assert live.link is not None
+            live.link.send(MessageType.SUBSCRIBE, id=exec_id)
+            offsets = await follower.offsets
+            if offsets is None:
+                return
+            for stream in STREAMS:
+                text = cursor.feed(stream, 0, read_prefix(path / stream, offsets[stream]))
+                cursor.seen[stream] = offsets[stream]  # what lay past the limit is gone
+                if text:
+                    yield ExecOutput(stream=stream, data=text)
+            while (chunk := await follower.queue.get()) is not None:
+                stream, offset, data = chunk
+                if text := cursor.feed(stream, offset, data):
+                    yield ExecOutput(stream=stream, data=text)
+        finally:
+            followers = live.followers.get(exec_id)
+            if followers is not None:
+                followers.discard(follower)
+                if not followers and live.link is not None:
+                    del live.followers[exec_id]
+                    with contextlib.suppress(ConnectionError):
+                        live.link.send(MessageType.UNSUBSCRIBE, id=exec_id)
+
+    def on_message(self, live: LiveSandbox, kind: MessageType, message: dict[str, Any]) -> None:
+        exec_id = str(message.get("id"))
+        if kind is MessageType.STARTED:
+            pid = message.get("pid")  # null: no process could be forked (EXITED 126 follows)
+            if exec_id in live.quiet and pid is not None:
+                live.pids[exec_id] = int(pid)
+            elif exec_id != MAIN_EXEC and pid is not None:
+                self.store.set_exec_pid(exec_id, int(pid))
+            future = live.started.pop(exec_id, None)
+            if future is not None and not future.done():
+                future.set_result(None if pid is None else int(pid))
+        elif kind is MessageType.OUTPUT:
+            chunk = (
+                str(message["stream"]),
+                int(message["offset"]),
+                base64.b64decode(message["data"]),
+            )
+            for follower in live.followers.get(exec_id, ()):
+                follower.push(chunk)
+        elif kind is MessageType.SUBSCRIBED:
+            waiting = live.subscribing.get(exec_id)
+            if waiting:
+                follower = waiting.popleft()
+                if not follower.offsets.done():
+                    follower.offsets.set_result(message.get("offsets"))
+        elif kind is MessageType.EXITED and exec_id != MAIN_EXEC:
+            self.collect(live, exec_id)
+        elif kind is MessageType.ERROR:
+            future = live.started.pop(exec_id, None)
+            if future is not None and not future.done():
+                future.set_exception(SandboxError(f"the supervisor refused the exec: {message}"))
+
+    def collect(self, live: LiveSandbox, exec_id: str) -> None:
+        """Move a finished exec from the mailbox to the store, then empty its mailbox slot."""
+        status = read_status(live.run_dir, exec_id)
+        if status is None:
+            return
+        path = Path(exec_dir(str(live.run_dir), exec_id))
+        ended = None
+        with contextlib.suppress(SandboxError):
+            ended = self.store.finish_exec(
+                exec_id,
+                pid=live.pids.pop(exec_id, None),
+                exit_code=status.exit_code,
+                signal=status.signal,
+                timed_out=status.timed_out,
+                stdout=read_output(path / "stdout"),
+                stderr=read_output(path / "stderr"),
+                stdout_truncated=status.stdout_truncated,
+                stderr_truncated=status.stderr_truncated,
+                finished_at=datetime.fromtimestamp(status.finished_at, UTC),
+                oom_killed=status.oom_killed,
+            )
+        empty_slot(path)
+        live.quiet.discard(exec_id)
+        future = live.finished.pop(exec_id, None)
+        if future is not None and not future.done():
+            future.set_result(ended)
+        live.end_followers(exec_id)
+
+    async def forget_old(self) -> None:
+        """Finished execs are kept `exec_retention` seconds, then their records go."""
+        retention = timedelta(seconds=self.retention)
+        while True:
+            cutoff = utcnow() - retention
+            forgotten = await asyncio.to_thread(self.store.delete_execs_finished_before, cutoff)
+            if forgotten:
+                log.info("forgot %d execs finished more than %s ago", forgotten, retention)
+            await asyncio.sleep(min(60.0, self.retention / 4))
