@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 TAKEN_AS_ASKED = frozenset({"name", "hostname", "labels", "env", "ttl_seconds"})
 _DEFAULTS = SandboxCreate().model_dump(mode="json", exclude=set(TAKEN_AS_ASKED))
 _RETRY_SECONDS = 1.0
+# A refill waits this long after the last take: building a sandbox costs both cores for some
+# 20 ms, and the asker's first requests (an exec, say) come right after its create.
+_REFILL_PAUSE = 0.05
 
 
 def poolable(spec: SandboxCreate) -> bool:
@@ -46,6 +49,7 @@ class Pool:
         self._wanted = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._last_taken = 0.0
 
     def start(self) -> None:
         """Refill in the background (and trim what a restart adopted past `size`)."""
@@ -70,6 +74,7 @@ class Pool:
         """It is no longer pooled (a create took it, or it died): make another."""
         with contextlib.suppress(ValueError):
             self.ready.remove(sandbox_id)
+        self._last_taken = asyncio.get_running_loop().time()
         self._wanted.set()
 
     async def _keep(self) -> None:
@@ -80,6 +85,10 @@ class Pool:
             elif self._stopping:
                 return
             elif len(self.ready) < target:
+                pause = self._last_taken + _REFILL_PAUSE - asyncio.get_running_loop().time()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    continue
                 await self._fill_one()
             else:
                 self._wanted.clear()

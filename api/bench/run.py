@@ -70,6 +70,7 @@ class Options:
     duration: float = 5.0
     idle: list[int] = field(default_factory=lambda: [100, 1000])
     pool: int = 0  # a private daemon's pool_size
+    pool_only: bool = False  # measure only the rows of the warm pool
 
     def max_alive(self) -> int:
         """The most sandboxes of this run alive at once (for a private daemon's limit)."""
@@ -181,6 +182,8 @@ class Bench:
             self.exec_output(client, sandbox := self.create(client))
             self.destroy(client, sandbox)
         rows = self.from_pool()
+        if self.options.pool_only:
+            return rows
         ids: list[str] = []
 
         def create() -> None:

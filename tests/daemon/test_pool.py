@@ -61,7 +61,7 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_it_fills_refills_and_drains_on_stop() -> None:
+def test_it_fills_refills_after_a_pause_and_drains_on_stop() -> None:
     async def scenario() -> None:
         counting = Counting()
         pool = Pool(3, counting.fill, counting.drain)
@@ -70,6 +70,9 @@ def test_it_fills_refills_and_drains_on_stop() -> None:
         assert list(pool.ready) == ["sb_0", "sb_1", "sb_2"]
         assert pool.next() == "sb_0"
         pool.taken("sb_0")
+        await settle()
+        assert list(pool.ready) == ["sb_1", "sb_2"]  # not at once: the asker goes first
+        await asyncio.sleep(0.08)
         await settle()
         assert list(pool.ready) == ["sb_1", "sb_2", "sb_3"]
         await pool.stop()

@@ -210,6 +210,11 @@ LATENCY_FIGURES = [
     ("destroy", "destroy"),
     ("lifecycle", "create → exec `true` → destroy"),
 ]
+# With --pool: ours from the warm pool, beside the peers' plain figures.
+POOL_FIGURES = [
+    ("create_pool", "create", "create, from the warm pool"),
+    ("lifecycle_pool", "lifecycle", "create → exec → destroy, from the pool"),
+]
 
 
 def comparison(ours: dict[str, Any], peers: dict[str, dict[str, Any]]) -> list[list[Any]]:
@@ -230,6 +235,16 @@ def comparison(ours: dict[str, Any], peers: dict[str, dict[str, Any]]) -> list[l
     for name, label in LATENCY_FIGURES:
         for q in ("p50", "p99"):
             add(f"{label}, {q} ms", _latency(name, q), higher_is_better=False)
+    for mine, theirs, label in POOL_FIGURES:
+        if _latency(mine, "p50")(ours) is None:
+            continue
+        for q in ("p50", "p99"):
+            ours_get, peers_get = _latency(mine, q), _latency(theirs, q)
+            add(
+                f"{label}, {q} ms",
+                lambda report, o=ours_get, p=peers_get: o(report) if report is ours else p(report),
+                higher_is_better=False,
+            )
     for level in ours["throughput"]:
         c = level["concurrency"]
         add(f"exec `true` per second, {c} at once", _throughput_at(c), higher_is_better=True)
@@ -330,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
 
     say("sandboxd (sandboxd bench on a private daemon)")
     ours = run_bench(None, None, options)
+    if args.pool:
+        say(f"sandboxd with a warm pool of {args.pool} (another private daemon)")
+        pooled = Options(args.count, args.warmup, [], args.duration, [], args.pool, pool_only=True)
+        ours["latency"] += run_bench(None, None, pooled)["latency"]
     result: dict[str, Any] = {"sandboxd": ours, "peers": {}}
     work = Path(tempfile.mkdtemp(prefix="sandboxd-compare-"))
     try:
@@ -429,6 +448,9 @@ def _parser() -> argparse.ArgumentParser:
         type=lambda text: [p for p in text.split(",") if p],
         default=["podman", "crun", "bwrap"],
         help="which peers, of podman, crun, bwrap [all]",
+    )
+    parser.add_argument(
+        "--pool", type=int, default=0, help="also measure our creates from a warm pool of N [0]"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
