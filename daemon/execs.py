@@ -206,6 +206,8 @@ class Execs:
             future = live.started.pop(exec_id, None)
             if future is not None and not future.done():
                 future.set_exception(SandboxError(f"the supervisor refused the exec: {message}"))
+            else:  # about no exec of ours (a CONFIGURE, a bad line): the log must show it
+                log.error("sandbox %s: its supervisor reports: %s", live.id, message.get("message"))
 
     def collect(self, live: LiveSandbox, exec_id: str) -> None:
         """Move a finished exec from the mailbox to the store, then empty its mailbox slot."""

@@ -15,7 +15,6 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from daemon.errors import SandboxError
 from daemon.models import SandboxCreate
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,7 @@ class Pool:
     ) -> None:
         self.size = size
         self.ready: deque[str] = deque()  # oldest first: the next create takes the oldest
+        self.unwanted: deque[str] = deque()  # pooled but unusable: to be destroyed
         self._fill, self._drain = fill, drain
         self._wanted = asyncio.Event()
         self._stopping = False
@@ -77,10 +77,17 @@ class Pool:
         self._last_taken = asyncio.get_running_loop().time()
         self._wanted.set()
 
+    def discard(self, sandbox_id: str) -> None:
+        """It cannot serve a create (it could not be configured): destroy it, make another."""
+        self.taken(sandbox_id)
+        self.unwanted.append(sandbox_id)
+
     async def _keep(self) -> None:
         while True:
             target = 0 if self._stopping else self.size
-            if len(self.ready) > target:
+            if self.unwanted:
+                await self._drain_one(self.unwanted.popleft())
+            elif len(self.ready) > target:
                 await self._drain_one(self.ready.pop())
             elif self._stopping:
                 return
@@ -99,12 +106,13 @@ class Pool:
             self.ready.append(await self._fill())
         except Exception as exc:  # the task must go on, whatever the failure
             log.warning("the pool could not start a sandbox: %s; trying again", exc)
-            self._wanted.clear()
+            if not self._stopping:
+                self._wanted.clear()
             with contextlib.suppress(TimeoutError):  # a stop need not wait out the pause
                 await asyncio.wait_for(self._wanted.wait(), _RETRY_SECONDS)
 
     async def _drain_one(self, sandbox_id: str) -> None:
         try:
             await self._drain(sandbox_id)
-        except (SandboxError, OSError) as exc:
+        except Exception as exc:  # the task must go on, and a stop must finish
             log.error("pooled sandbox %s: could not destroy it: %s", sandbox_id, exc)

@@ -52,7 +52,7 @@ from daemon.models import (
     kernel_release,
 )
 from daemon.network import BridgeNetwork, NetworkError
-from daemon.parent import SpawnError, SupervisorLink, Zygote, open_pidfd, wait_readable
+from daemon.parent import SupervisorLink, Zygote, open_pidfd, wait_readable
 from daemon.pool import Pool, poolable
 from daemon.ports import PublishedPorts
 from daemon.protocol import (
@@ -137,9 +137,9 @@ class SandboxManager:
     async def stop(self) -> None:
         """Stop talking to supervisors; the sandboxes keep running for the next daemon (but
         the pooled ones, which nobody asked for, are destroyed)."""
-        await self.pool.stop()
         for timer in self.timers.values():
             timer.cancel()
+        await self.pool.stop()
         if self.housekeeping is not None:
             self.housekeeping.cancel()
         for live in list(self.live.values()):
@@ -267,7 +267,7 @@ class SandboxManager:
                 # 7. the published ports relay to its address
                 if live.ports is not None and record.ip is not None:
                     await live.ports.start(record.ip)
-            except (OSError, SpawnError, ConnectionError, TimeoutError) as exc:
+            except Exception as exc:  # whatever failed, what was made is undone
                 if expires_at is not None:  # a failed record goes at its time like any
                     self._schedule_expiry(sandbox_id, expires_at)
                 await self._undo_create(live, exc)
@@ -277,20 +277,37 @@ class SandboxManager:
 
     def _take_pooled(self, spec: SandboxCreate) -> Sandbox | None:
         """Serve a create from the pool: the oldest pooled sandbox becomes the asker's, with
-        its name, host name, env, labels and ttl. None if the pool has none ready."""
+        its name, host name, env, labels and ttl. None if the pool has none ready.
+
+        What makes it the asker's (its host name, in its UTS namespace and /etc, and its env)
+        is done before its record says so, and by every take afresh: a take refused (409, 503)
+        or cut short by a crash leaves a pooled sandbox that the next take configures again.
+        """
         while (sandbox_id := self.pool.next()) is not None:
             live = self.live.get(sandbox_id)
             if live is None or live.link is None or live.lock.locked():
                 self.pool.taken(sandbox_id)  # dying: its retirement removes it
                 continue
             hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else None)
+            hostname = hostname or sandbox_id
+            try:
+                pooled = self.store.get_sandbox(sandbox_id, pooled_too=True)
+                assert pooled.uid_slot is not None
+                owner = self.config.uid_base + pooled.uid_slot * ID_RANGE
+                base.write_identity_files(self._upper(sandbox_id, 0), hostname, owner)
+                # The supervisor reads the link in order: this comes before any exec of theirs.
+                live.link.send(MessageType.CONFIGURE, hostname=hostname, env=spec.env)
+            except (NotFound, OSError, ConnectionError) as exc:
+                log.warning("pooled sandbox %s cannot be taken, destroying it: %s", sandbox_id, exc)
+                self.pool.discard(sandbox_id)
+                continue
             now = utcnow()
             ttl = spec.ttl_seconds
             try:
                 record = self.store.take_pooled(
                     sandbox_id,
                     name=spec.name,
-                    hostname=hostname or sandbox_id,
+                    hostname=hostname,
                     spec=spec.model_dump(mode="json"),
                     max_live=self.config.max_sandboxes,
                     now=now,
@@ -300,12 +317,6 @@ class SandboxManager:
                 self.pool.taken(sandbox_id)
                 continue
             self.pool.taken(sandbox_id)
-            # What makes it the asker's, before any exec of theirs can run: the supervisor
-            # reads the link in order.
-            assert record.uid_slot is not None
-            owner = self.config.uid_base + record.uid_slot * ID_RANGE
-            base.write_identity_files(self._upper(sandbox_id, 0), record.hostname, owner)
-            live.link.send(MessageType.CONFIGURE, hostname=record.hostname, env=spec.env)
             if record.expires_at is not None:
                 self._schedule_expiry(sandbox_id, record.expires_at)
             return sandbox_view(record)

@@ -48,6 +48,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 import migrations
+from daemon.config import ConfigError
 from daemon.errors import Conflict, LimitReached, NotFound
 from daemon.lifecycle import LIVE_STATES, ExecState, ExitReason, SandboxState, check_transition
 
@@ -305,10 +306,18 @@ _FINISH_EXEC = (
 _DELETE_EXEC = delete(_EXECS).where(_X.id == bindparam("exec_id"))
 
 
+_SQLITE_NEEDED = (3, 35, 0)
+
+
 class Store:
     """Sandboxes and execs on disk; the only thing the service uses to remember anything."""
 
     def __init__(self, database: Path) -> None:
+        if sqlite3.sqlite_version_info < _SQLITE_NEEDED:  # INSERT/UPDATE … RETURNING
+            raise ConfigError(
+                f"SQLite {sqlite3.sqlite_version} is too old: sandboxd needs "
+                f"{'.'.join(map(str, _SQLITE_NEEDED))} or later (the library Python links to)"
+            )
         migrate(database)
         self._engine = _engine(database)
         # `with self._writer.begin() as conn`: one write transaction, holding the lock from

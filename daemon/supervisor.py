@@ -225,9 +225,9 @@ class Supervisor:
                 self.start(ExecRequest(**message))
                 return
             if kind is MessageType.CONFIGURE:
+                self.req.env = {str(k): str(v) for k, v in dict(message["env"]).items()}
                 # Host root in the UTS namespace's owner: root inside cannot, we can.
                 socket.sethostname(str(message["hostname"]))
-                self.req.env = {str(k): str(v) for k, v in dict(message["env"]).items()}
                 return
             running = self.running.get(str(message["id"]))
             if running is None:

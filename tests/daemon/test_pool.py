@@ -117,3 +117,18 @@ def test_a_stop_lets_the_fill_under_way_finish_and_drains_it() -> None:
         assert counting.made == ["sb_0"] and counting.drained == ["sb_0"]
 
     asyncio.run(scenario())
+
+
+def test_a_discarded_sandbox_is_destroyed_and_replaced() -> None:
+    async def scenario() -> None:
+        counting = Counting()
+        pool = Pool(2, counting.fill, counting.drain)
+        pool.start()
+        await settle()
+        pool.discard("sb_0")
+        await asyncio.sleep(0.08)
+        await settle()
+        assert counting.drained == ["sb_0"] and list(pool.ready) == ["sb_1", "sb_2"]
+        await pool.stop()
+
+    asyncio.run(scenario())

@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 import daemon.store
 import migrations
+from daemon.config import ConfigError
 from daemon.errors import Conflict, InvalidTransition, LimitReached, NotFound
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
 from daemon.store import Base, Store, migrate
@@ -652,3 +653,12 @@ def test_concurrent_execs_get_distinct_seqs(db: Path) -> None:
     assert raw(db, "SELECT seq FROM execs ORDER BY seq") == [(n,) for n in range(1, 121)]
     for store in stores:
         store.close()
+
+
+def test_an_sqlite_without_returning_is_refused_at_start(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    with pytest.raises(ConfigError, match=r"too old: sandboxd needs 3\.35\.0"):
+        Store(db)
+    assert not db.exists()  # refused before anything was made
