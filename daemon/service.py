@@ -239,6 +239,7 @@ class SandboxManager:
                 subnet=self.network.subnet if bridged else None,
                 pooled=pooled,
                 base_dir=str(self.base_dir) if spec.rootfs is None else None,
+                slots=self.config.max_sandboxes + self.config.pool_size,
             )
         except BaseException:
             if ports is not None:

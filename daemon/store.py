@@ -343,10 +343,13 @@ class Store:
         subnet: IPv4Network | None = None,
         pooled: bool = False,
         base_dir: str | None = None,
+        slots: int | None = None,
     ) -> SandboxRecord:
         """Record a new sandbox in `creating`, with the lowest free uid slot and, given a
         `subnet`, the lowest free address in it (its first address is the bridge's). A pooled
-        one does not count towards `max_live`. `base_dir`: the default base it is built on."""
+        one does not count towards `max_live`. `base_dir`: the default base it is built on.
+        `slots`: how many uid slots there are (LimitReached when all are held, also by dying
+        sandboxes not yet released)."""
         try:
             with self._writer.begin() as conn:
                 if not pooled:
@@ -364,6 +367,8 @@ class Store:
                     "base_dir": base_dir,
                 }
                 row = conn.execute(_INSERT_SANDBOX, values).one()
+                if slots is not None and row.uid_slot >= slots:  # rolled back with the insert
+                    raise LimitReached(f"all {slots} uid ranges are held, some by ending sandboxes")
         except IntegrityError as exc:
             # A name taken between the check and the insert (the check ran in another process's
             # view, or someone bypassed it): the UNIQUE constraint has the last word.

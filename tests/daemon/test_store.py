@@ -291,6 +291,19 @@ def test_uid_slots_lowest_free_unique_and_reused(store: Store) -> None:
     assert store.get_sandbox("g").uid_slot == 4
 
 
+def test_no_slot_past_the_last_even_while_dying_sandboxes_hold_theirs(
+    store: Store, db: Path
+) -> None:
+    create(store, "a", slots=2)
+    create(store, "b", slots=2)
+    store.transition("a", SandboxState.EXITED)  # ended, its slot not yet released
+    with pytest.raises(LimitReached, match="uid ranges"):
+        create(store, "c", slots=2)
+    assert len(raw(db, "SELECT id FROM sandboxes")) == 2  # refused whole
+    store.transition("b", SandboxState.FAILED, uid_slot=None)
+    assert create(store, "c", slots=2).uid_slot == 1
+
+
 def test_addresses_lowest_free_unique_released_and_exhausted(store: Store) -> None:
     subnet = IPv4Network("10.9.0.0/29")  # .1 is the bridge's; .2 to .6 are for sandboxes
     assert create(store, "none").ip is None
