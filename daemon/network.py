@@ -24,13 +24,14 @@ import errno
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.nfnetlink.nftsocket import Cmp, Meta, Regs
 from pyroute2.nftables.expressions import genex, ipv4addr, masq, verdict
 from pyroute2.nftables.main import AsyncNFTables
@@ -177,12 +178,28 @@ async def preflight(config: Config) -> None:
         raise NetworkError(f"cannot read the host's links and routes: {exc}") from exc
 
 
+_DUMP_TRIES = 5
+
+
+async def dump(request: Callable[[], Awaitable[AsyncIterator[Any]]]) -> list[Any]:
+    """A whole netlink dump. One that the kernel marks interrupted (NLM_F_DUMP_INTR: a link or
+    route changed meanwhile, as they do on a busy host) is taken again, a few times."""
+    for attempt in range(1, _DUMP_TRIES + 1):
+        try:
+            return [message async for message in await request()]
+        except NetlinkDumpInterrupted:
+            if attempt == _DUMP_TRIES:
+                raise
+            log.debug("a netlink dump was interrupted; taking it again")
+    raise AssertionError("unreachable")
+
+
 async def check_bridge(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alias: str) -> None:
     """ConfigError for a link of the bridge's name that is not ours (not a bridge, or another
     daemon's), for our bridge with another subnet, and for a subnet that any route but our
     bridge's covers or falls within."""
     ours = None
-    async for link in await ipr.link("dump"):
+    for link in await dump(lambda: ipr.link("dump")):
         if link.get("ifname") != bridge:
             continue
         kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
@@ -196,7 +213,7 @@ async def check_bridge(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alia
         address = f"{subnet.network_address + 1}/{subnet.prefixlen}"
         addresses = [
             f"{a.get('address')}/{a['prefixlen']}"
-            async for a in await ipr.addr("dump", family=socket.AF_INET, index=ours)
+            for a in await dump(partial(ipr.addr, "dump", family=socket.AF_INET, index=ours))
         ]
         if addresses != [address]:
             raise ConfigError(
@@ -204,7 +221,7 @@ async def check_bridge(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alia
                 f"not {address} for bridge_subnet {subnet}: remove it with `sandboxd cleanup` "
                 "(with the old settings) or set bridge_subnet back"
             )
-    async for route in await ipr.route("dump", family=socket.AF_INET):
+    for route in await dump(lambda: ipr.route("dump", family=socket.AF_INET)):
         table = route.get("table")
         if table == _RT_TABLE_LOCAL or route["dst_len"] == 0 or route.get("oif") == ours:
             continue
@@ -224,7 +241,7 @@ async def bridge_ports(ipr: AsyncIPRoute, bridge: str) -> list[str]:
         return []
     return [
         link.get("ifname")
-        async for link in await ipr.link("dump")
+        for link in await dump(lambda: ipr.link("dump"))
         if link.get("master") == found[0] and link.get("ifname").startswith(HOST_IFNAME_PREFIX)
     ]
 
