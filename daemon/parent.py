@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from daemon.protocol import MessageType, SpawnRequest, decode, encode, short_path
+from daemon.protocol import NET, MessageType, SpawnRequest, decode, encode, short_path
 from daemon.syscalls import process_start_time
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,9 @@ class SpawnError(Exception):
 class Zygote:
     """A warm, thread-free child process that forks supervisors (see daemon/zygote.py)."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, *, net: bool = False) -> None:
         self.label = label  # on the command line, so `ps` tells which daemon's it is
+        self.net = net  # the one with netlink loaded, for bridged sandboxes
         self.process: subprocess.Popen[bytes] | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -41,8 +42,9 @@ class Zygote:
         ours, theirs = socket.socketpair()
         # Supervisors inherit the zygote's environment: nothing of the daemon's (its token!).
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH")}
+        command = [sys.executable, "-m", "daemon.zygote", str(theirs.fileno()), self.label]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.zygote", str(theirs.fileno()), self.label],
+            command + ([NET] if self.net else []),
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=env | {"LANG": "C.UTF-8"},

@@ -57,6 +57,7 @@ SUPERVISOR_ERROR_FILE = "supervisor_error"
 INVALID_PREFIX = "invalid: "  # a setup error that the request's own mounts caused
 ROOT_DIR = "root"
 STAGING_DIR = "staging"
+NET = "net"  # the zygote argument that makes it the one for bridged sandboxes
 
 
 class MessageType(enum.StrEnum):

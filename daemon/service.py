@@ -86,7 +86,10 @@ class SandboxManager:
         self.config = config
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"
+        # Two zygotes: bridged sandboxes need netlink (pyroute2, 20 MB of a process); the
+        # others are forked from one without it, so their supervisors fork their execs lean.
         self.zygote = Zygote(str(config.run_dir))
+        self.net_zygote = Zygote(str(config.run_dir), net=True)
         self.tree = cgroups.ProcessTree(config.cgroup_name, config.run_dir)
         self.limits: limits.ResourceControl = limits.NoControllers(self.tree)
         self.expiring: set[str] = set()  # sandboxes whose ttl ran out, being torn down
@@ -122,6 +125,7 @@ class SandboxManager:
         self.base_dir = base.prepare(self.config.state_dir / "bases")
         await self.network.start()
         await self.zygote.start()
+        await self.net_zygote.start()
         for record in self.store.live_sandboxes():
             await self._adopt(record)
         await self._remove_strays()
@@ -152,6 +156,7 @@ class SandboxManager:
             live.release_waiters()
         self.live.clear()
         await self.zygote.stop()
+        await self.net_zygote.stop()
         self.limits.stop()
         self.tree.stop()
         if self._store is not None:
@@ -254,7 +259,8 @@ class SandboxManager:
                 self.tree.create(sandbox_id)
                 placement = self.limits.create(sandbox_id, spec.limits)
                 request = self._prepare_files(record, spec, placement)
-                pid, start_time = await self.zygote.spawn(request)
+                zygote = self.net_zygote if request.network else self.zygote
+                pid, start_time = await zygote.spawn(request)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
                 # 6. the record says running, with the supervisor's pid

@@ -46,8 +46,12 @@ import fcntl
 import os
 import socket
 import struct
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
+if TYPE_CHECKING:
+    # Imported where used: pyroute2 is 20 MB of a process, and only the zygote that builds
+    # bridged sandboxes loads it (daemon/zygote.py), so other supervisors fork lean.
+    from pyroute2 import IPRoute
 
 from daemon import syscalls as sc
 from daemon.protocol import SOCKET_NAME, STAGING_DIR, SpawnRequest, short_path
@@ -127,7 +131,11 @@ def unshare_namespaces(req: SpawnRequest) -> None:
 def open_host_netlink(req: SpawnRequest) -> IPRoute | None:
     """For bridge mode, a netlink socket opened before the unshare: it stays in the host's
     network namespace after A has left it."""
-    return IPRoute() if req.network is not None else None
+    if req.network is None:
+        return None
+    from pyroute2 import IPRoute
+
+    return IPRoute()
 
 
 def plug_network(req: SpawnRequest, host: IPRoute) -> None:
@@ -153,6 +161,8 @@ def plug_network(req: SpawnRequest, host: IPRoute) -> None:
     finally:
         os.close(netns_fd)
     host.link("set", ifname=plan.host_ifname, state="up")
+    from pyroute2 import IPRoute
+
     with IPRoute() as inside:  # opened now, so in the sandbox's namespace
         eth0 = inside.link_lookup(ifname="eth0")[0]
         inside.addr("add", index=eth0, address=f"{plan.ip}/{plan.prefix}")

@@ -21,7 +21,13 @@ import socket
 import sys
 
 from daemon import cgroups, hardening, setup, syscalls
-from daemon.protocol import INVALID_PREFIX, SETUP_ERROR_FILE, SUPERVISOR_ERROR_FILE, SpawnRequest
+from daemon.protocol import (
+    INVALID_PREFIX,
+    NET,
+    SETUP_ERROR_FILE,
+    SUPERVISOR_ERROR_FILE,
+    SpawnRequest,
+)
 from daemon.supervisor import Supervisor, install_signal_handlers
 
 OOM_SCORE_SUPERVISOR = -1000  # never chosen by the OOM killer
@@ -33,6 +39,8 @@ def main() -> None:
     conn = socket.socket(fileno=int(sys.argv[1]))
     # The seccomp filter is compiled here, once: a sandboxed process only loads it.
     hardening.prepare()
+    if sys.argv[3:] == [NET]:  # this one builds bridged sandboxes: netlink, warm
+        import pyroute2  # noqa: F401
     # Everything a supervisor needs is imported; freezing keeps forks from touching (and so
     # copying) the pages of these objects when the collector runs in a child.
     gc.freeze()
