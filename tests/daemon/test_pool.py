@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 
+import daemon.pool
 from daemon.errors import SetupFailed
 from daemon.models import SandboxCreate
 from daemon.pool import Pool, poolable
@@ -61,7 +62,11 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_it_fills_refills_after_a_pause_and_drains_on_stop() -> None:
+def test_it_fills_refills_after_a_pause_and_drains_on_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(daemon.pool, "_REFILL_PAUSE", 0.5)  # long enough for a loaded CI
+
     async def scenario() -> None:
         counting = Counting()
         pool = Pool(3, counting.fill, counting.drain)
@@ -72,8 +77,10 @@ def test_it_fills_refills_after_a_pause_and_drains_on_stop() -> None:
         pool.taken("sb_0")
         await settle()
         assert list(pool.ready) == ["sb_1", "sb_2"]  # not at once: the asker goes first
-        await asyncio.sleep(0.08)
-        await settle()
+        for _ in range(100):  # then, after the pause
+            await asyncio.sleep(0.02)
+            if len(pool.ready) == 3:
+                break
         assert list(pool.ready) == ["sb_1", "sb_2", "sb_3"]
         await pool.stop()
         assert sorted(counting.drained) == ["sb_1", "sb_2", "sb_3"] and not pool.ready
@@ -126,8 +133,10 @@ def test_a_discarded_sandbox_is_destroyed_and_replaced() -> None:
         pool.start()
         await settle()
         pool.discard("sb_0")
-        await asyncio.sleep(0.08)
-        await settle()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if len(pool.ready) == 2:
+                break
         assert counting.drained == ["sb_0"] and list(pool.ready) == ["sb_1", "sb_2"]
         await pool.stop()
 
