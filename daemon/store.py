@@ -12,10 +12,11 @@ of work cost more than the SQL itself (each step took two to three times as long
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -350,31 +351,24 @@ class Store:
         one does not count towards `max_live`. `base_dir`: the default base it is built on.
         `slots`: how many uid slots there are (LimitReached when all are held, also by dying
         sandboxes not yet released)."""
-        try:
-            with self._writer.begin() as conn:
-                if not pooled:
-                    _check_room(conn, name, max_live)
-                values = {
-                    "id": id,
-                    "name": name,
-                    "state": SandboxState.CREATING,
-                    "hostname": hostname,
-                    "spec": spec,
-                    "ip": None if subnet is None else _lowest_free_address(conn, subnet),
-                    "created_at": now,
-                    "expires_at": expires_at,
-                    "pooled": pooled,
-                    "base_dir": base_dir,
-                }
-                row = conn.execute(_INSERT_SANDBOX, values).one()
-                if slots is not None and row.uid_slot >= slots:  # rolled back with the insert
-                    raise LimitReached(f"all {slots} uid ranges are held, some by ending sandboxes")
-        except IntegrityError as exc:
-            # A name taken between the check and the insert (the check ran in another process's
-            # view, or someone bypassed it): the UNIQUE constraint has the last word.
-            if "sandboxes.name" in str(exc.orig):
-                raise Conflict(f"the name {name!r} is already in use") from exc
-            raise
+        with _unique_name(name), self._writer.begin() as conn:
+            if not pooled:
+                _check_room(conn, name, max_live)
+            values = {
+                "id": id,
+                "name": name,
+                "state": SandboxState.CREATING,
+                "hostname": hostname,
+                "spec": spec,
+                "ip": None if subnet is None else _lowest_free_address(conn, subnet),
+                "created_at": now,
+                "expires_at": expires_at,
+                "pooled": pooled,
+                "base_dir": base_dir,
+            }
+            row = conn.execute(_INSERT_SANDBOX, values).one()
+            if slots is not None and row.uid_slot >= slots:  # rolled back with the insert
+                raise LimitReached(f"all {slots} uid ranges are held, some by ending sandboxes")
         return _record(SandboxRecord, row)
 
     def take_pooled(
@@ -400,16 +394,11 @@ class Store:
             "started_at": now,
             "expires_at": expires_at,
         }
-        try:
-            with self._writer.begin() as conn:
-                _check_room(conn, name, max_live)
-                row = conn.execute(_TAKE_POOLED, asked).one_or_none()
-                if row is None:  # gone, not pooled (taken already), or not running
-                    raise NotFound(f"no pooled sandbox {sandbox_id!r}")
-        except IntegrityError as exc:
-            if "sandboxes.name" in str(exc.orig):
-                raise Conflict(f"the name {name!r} is already in use") from exc
-            raise
+        with _unique_name(name), self._writer.begin() as conn:
+            _check_room(conn, name, max_live)
+            row = conn.execute(_TAKE_POOLED, asked).one_or_none()
+            if row is None:  # gone, not pooled (taken already), or not running
+                raise NotFound(f"no pooled sandbox {sandbox_id!r}")
         return _record(SandboxRecord, row)
 
     def get_sandbox(self, ref: str, *, pooled_too: bool = False) -> SandboxRecord:
@@ -597,6 +586,18 @@ def _record(kind: type[R], row: sa.Row[Any]) -> R:
     record.__dict__.update(row._mapping)
     make_transient_to_detached(record)  # an identity key, every attribute unchanged
     return record
+
+
+@contextlib.contextmanager
+def _unique_name(name: str | None) -> Iterator[None]:
+    """A name taken between the check and the write (the check ran in another process's view,
+    or someone bypassed it): the UNIQUE constraint has the last word, as a Conflict."""
+    try:
+        yield
+    except IntegrityError as exc:
+        if "sandboxes.name" in str(exc.orig):
+            raise Conflict(f"the name {name!r} is already in use") from exc
+        raise
 
 
 def _check_room(conn: Connection, name: str | None, max_live: int) -> None:
