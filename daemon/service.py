@@ -224,7 +224,7 @@ class SandboxManager:
         self._check_host(spec)
         bridged = spec.network.mode == "bridge"
         sandbox_id = new_id("sb")
-        hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else sandbox_id)
+        hostname = asked_hostname(spec, sandbox_id)
         if "uts" not in spec.namespaces:
             hostname = socket.gethostname()  # the host's, which it shares
         now = utcnow()
@@ -295,12 +295,9 @@ class SandboxManager:
             if live is None or live.link is None or live.lock.locked():
                 self.pool.taken(sandbox_id)  # dying: its retirement removes it
                 continue
-            hostname = spec.hostname or (hostname_from_name(spec.name) if spec.name else None)
-            hostname = hostname or sandbox_id
+            hostname = asked_hostname(spec, sandbox_id)
             try:
-                pooled = self.store.get_sandbox(sandbox_id, pooled_too=True)
-                assert pooled.uid_slot is not None
-                owner = self.config.uid_base + pooled.uid_slot * ID_RANGE
+                owner = self._uid_base(self.store.get_sandbox(sandbox_id, pooled_too=True))
                 base.write_identity_files(self._upper(sandbox_id, 0), hostname, owner)
                 # The supervisor reads the link in order: this comes before any exec of theirs.
                 live.link.send(MessageType.CONFIGURE, hostname=hostname, env=spec.env)
@@ -343,10 +340,11 @@ class SandboxManager:
         await self._unplug(live, record)
         self.live.pop(live.id, None)
         await self._remove_files(live.id)
-        if message.startswith(INVALID_PREFIX) or record.pooled:  # bad mounts; nobody asked
+        if record.pooled:  # nobody asked for it: forgotten (the pool tries again)
             self.store.delete_sandbox(live.id)
-            if record.pooled:
-                raise SetupFailed(f"a pooled sandbox could not be set up: {message}") from exc
+            raise SetupFailed(f"a pooled sandbox could not be set up: {message}") from exc
+        if message.startswith(INVALID_PREFIX):  # its mounts were bad input after all
+            self.store.delete_sandbox(live.id)
             raise Invalid(message.removeprefix(INVALID_PREFIX)) from exc
         self.store.transition(
             live.id,
@@ -384,10 +382,7 @@ class SandboxManager:
         self, record: SandboxRecord, spec: SandboxCreate, placement: limits.Placement
     ) -> SpawnRequest:
         """Make the sandbox's directories on the host and the request that builds it."""
-        uid_base = None
-        if "user" in spec.namespaces:
-            assert record.uid_slot is not None
-            uid_base = self.config.uid_base + record.uid_slot * ID_RANGE
+        uid_base = self._uid_base(record) if "user" in spec.namespaces else None
         owner = uid_base or 0
         run_dir = self.runtime_dir / record.id
         run_dir.mkdir(mode=0o700)
@@ -426,6 +421,11 @@ class SandboxManager:
             memory_per_exec=placement.memory_per_exec,
             network=self.network.plan(record.id, record.ip) if record.ip else None,
         )
+
+    def _uid_base(self, record: SandboxRecord) -> int:
+        """The first host uid of the range its user namespace maps (its root inside)."""
+        assert record.uid_slot is not None
+        return self.config.uid_base + record.uid_slot * ID_RANGE
 
     def _upper(self, sandbox_id: str, layer: int) -> Path:
         """The writable layer over its `layer`th lower one (0: the root)."""
@@ -700,6 +700,11 @@ class SandboxManager:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def asked_hostname(spec: SandboxCreate, sandbox_id: str) -> str:
+    """The host name a create asks for: its own, else its name made valid, else the id."""
+    return spec.hostname or (hostname_from_name(spec.name) if spec.name else sandbox_id)
 
 
 def _version() -> str:

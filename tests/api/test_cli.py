@@ -157,6 +157,21 @@ def test_bridge_settings_from_file_environment_and_flags(
     assert load_config({}, {}).bridge_subnet == Config().bridge_subnet
 
 
+def test_the_pool_size_may_be_0_counts_in_the_uid_ranges_and_is_never_negative(
+    no_default_file: None,
+) -> None:
+    assert load_config({}, {}).pool_size == 0
+    assert load_config({"pool_size": "4"}, {"SANDBOXD_POOL_SIZE": "2"}).pool_size == 4
+    assert load_config({}, {"SANDBOXD_POOL_SIZE": "0"}).pool_size == 0
+    with pytest.raises(ConfigError, match="must be at least 0"):
+        load_config({"pool_size": "-1"}, {})
+    # The ranges of max_sandboxes + pool_size sandboxes must fit below 2**32.
+    top = (2**32 - Config().uid_base) // 65536
+    load_config({"max_sandboxes": str(top - 5), "pool_size": "5"}, {})
+    with pytest.raises(ConfigError, match="pool_size 6"):
+        load_config({"max_sandboxes": str(top - 5), "pool_size": "6"}, {})
+
+
 def test_cleanup_is_a_command() -> None:
     result = run_cli("cleanup", "--help")
     assert result.returncode == 0 and "--bridge-name" in result.stdout

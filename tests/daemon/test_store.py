@@ -577,14 +577,7 @@ def test_exec_lifecycle(store: Store, db: Path) -> None:
     assert store.get_exec("a", "e1").pid == 7
     done = store.finish_exec(
         "e1",
-        exit_code=0,
-        signal=None,
-        timed_out=False,
-        stdout="hi\n",
-        stderr="",
-        stdout_truncated=False,
-        stderr_truncated=True,
-        finished_at=T0 + timedelta(seconds=1),
+        **finished(stdout="hi\n", stderr_truncated=True, finished_at=T0 + timedelta(seconds=1)),
     )
     assert (done.state, done.pid) == (ExecState.EXITED, 7)  # no pid given: the stored one stays
     store.close()
@@ -596,21 +589,10 @@ def test_exec_lifecycle(store: Store, db: Path) -> None:
 def test_finish_exec_first_result_wins(store: Store) -> None:
     create(store, "a")
     store.insert_exec(id="e1", sandbox_id="a", cmd=["x"], now=T0)
-    result: dict[str, Any] = {
-        "exit_code": None,
-        "signal": "SIGKILL",
-        "timed_out": True,
-        "stdout": "first",
-        "stderr": "",
-        "stdout_truncated": False,
-        "stderr_truncated": False,
-        "finished_at": T0,
-    }
-    first = store.finish_exec("e1", **result, pid=5)
-    result.update(
-        exit_code=0, signal=None, timed_out=False, stdout="second", finished_at=T0 + timedelta(1)
-    )
-    second = store.finish_exec("e1", **result, pid=6)
+    killed = finished(exit_code=None, signal="SIGKILL", timed_out=True, stdout="first")
+    first = store.finish_exec("e1", **killed, pid=5)
+    later = finished(stdout="second", finished_at=T0 + timedelta(1))
+    second = store.finish_exec("e1", **later, pid=6)
     for record in (second, store.get_exec("a", "e1")):
         assert (record.exit_code, record.signal, record.timed_out) == (None, "SIGKILL", True)
         assert (record.stdout, record.finished_at, record.pid) == ("first", first.finished_at, 5)
@@ -622,17 +604,7 @@ def test_exec_lookups(store: Store) -> None:
     for exec_id in ("e3", "e1", "e2"):  # ids say nothing of order
         store.insert_exec(id=exec_id, sandbox_id="a", cmd=["x"], now=T0)
     store.insert_exec(id="f1", sandbox_id="b", cmd=["x"], now=T0)
-    store.finish_exec(
-        "e1",
-        exit_code=0,
-        signal=None,
-        timed_out=False,
-        stdout="",
-        stderr="",
-        stdout_truncated=False,
-        stderr_truncated=False,
-        finished_at=T0,
-    )
+    store.finish_exec("e1", **finished())
     assert [e.id for e in store.list_execs("a")] == ["e3", "e1", "e2"]
     assert [e.id for e in store.running_execs("a")] == ["e3", "e2"]
     assert [e.id for e in store.list_execs("b")] == ["f1"]

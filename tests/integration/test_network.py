@@ -150,6 +150,23 @@ def test_none_has_only_lo_and_host_sees_the_hosts_links(daemon: Daemon) -> None:
             daemon.client.delete(f"/sandboxes/{box['id']}")
 
 
+def test_only_bridged_sandboxes_come_from_the_zygote_with_netlink(daemon: Daemon) -> None:
+    """A supervisor keeps its zygote's command line: `… daemon.zygote FD RUN net` for the one
+    that loaded pyroute2. The others fork from the lean one (see daemon/service.py)."""
+    none = daemon.create()
+    bridged = daemon.create(network={"mode": "bridge"})
+    try:
+        words = {
+            box["network"]["mode"]: Path(f"/proc/{box['pid']}/cmdline").read_bytes().split(b"\0")
+            for box in (none, bridged)
+        }
+        assert words["bridge"][-2:] == [b"net", b""], words
+        assert b"net" not in words["none"] and b"daemon.zygote" in words["none"], words
+    finally:
+        for box in (none, bridged):
+            daemon.client.delete(f"/sandboxes/{box['id']}")
+
+
 def test_a_port_in_use_is_409_and_changes_nothing(daemon: Daemon) -> None:
     published = free_port()
     holder = bridged(daemon, ports=[{"host_port": published, "sandbox_port": 80}])
