@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a Debian host (system packages, then this
+# package with its test extras) and runs the suite. As root: the tests make real namespaces,
+# mounts, cgroups and links. Arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter.
+packages=(libseccomp2)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||
+    missing+=("$package")
+done
+if ((${#missing[@]})); then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+python3 -m pip install -q -e '.[test]'
+exec python3 -m pytest "$@"
