@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from daemon.config import ConfigError, load_config
+from daemon.config import ConfigError, add_flags, example_toml, load_config, reference_markdown
 
 USAGE_ERROR = 2
 
@@ -43,54 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         "named beside it or from the configuration file; a flag beats the environment, which "
         "beats the file.",
     )
-    serve.add_argument(
-        "--listen",
-        action="append",
-        metavar="URL",
-        help="unix:///path or tcp://HOST:PORT, repeatable "
-        "[SANDBOXD_LISTEN, comma-separated; default unix://RUN_DIR/sandboxd.sock]",
-    )
-    _state_dir(serve)
-    serve.add_argument("--run-dir", metavar="DIR", help="sockets, runtime files [SANDBOXD_RUN_DIR]")
-    token = serve.add_mutually_exclusive_group()
-    token.add_argument("--token", metavar="TOKEN", help="the bearer token [SANDBOXD_TOKEN]")
-    token.add_argument(
-        "--token-file", metavar="FILE", help="read the bearer token from FILE [SANDBOXD_TOKEN_FILE]"
-    )
-    serve.add_argument(
-        "--max-sandboxes", metavar="N", help="past it, create answers 503 [SANDBOXD_MAX_SANDBOXES]"
-    )
-    serve.add_argument(
-        "--output-limit", metavar="BYTES", help="bytes kept per exec stream [SANDBOXD_OUTPUT_LIMIT]"
-    )
-    serve.add_argument(
-        "--max-body", metavar="BYTES", help="larger request bodies answer 413 [SANDBOXD_MAX_BODY]"
-    )
-    serve.add_argument(
-        "--exec-retention",
-        metavar="SECONDS",
-        help="how long finished execs are kept [SANDBOXD_EXEC_RETENTION; default 86400]",
-    )
-    serve.add_argument(
-        "--pool-size",
-        metavar="N",
-        help="sandboxes kept started for creates on the default options "
-        "[SANDBOXD_POOL_SIZE; default 0]",
-    )
-    _bridge(serve)
-    serve.add_argument(
-        "--bridge-subnet",
-        metavar="CIDR",
-        help="IPv4 subnet of the bridge; the bridge takes its first address "
-        "[SANDBOXD_BRIDGE_SUBNET; default 10.88.0.0/16]",
-    )
-    serve.add_argument(
-        "--egress",
-        action=argparse.BooleanOptionalAction,
-        help="let bridged sandboxes reach the outside through NAT, and give them the host's "
-        "name servers [SANDBOXD_EGRESS; default off]",
-    )
-    _config_file(serve)
+    add_flags(serve)
     serve.set_defaults(run=_serve)
 
     cleanup = commands.add_parser(
@@ -100,18 +53,22 @@ def _parser() -> argparse.ArgumentParser:
         "the bridge (only if this daemon's state directory made it) and the egress NAT table. "
         "Refused while the state directory lists bridged sandboxes that are still live.",
     )
-    _state_dir(cleanup)
-    _bridge(cleanup)
-    _config_file(cleanup)
+    add_flags(cleanup, frozenset({"state_dir", "bridge_name", "config"}))
     cleanup.set_defaults(run=_cleanup)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the state database")
-    _state_dir(migrate)
-    _config_file(migrate)
+    add_flags(migrate, frozenset({"state_dir", "config"}))
     migrate.set_defaults(run=_migrate)
 
     openapi = commands.add_parser("openapi", help="print the OpenAPI document of the HTTP API")
     openapi.set_defaults(run=_openapi)
+
+    reference = commands.add_parser(
+        "settings",
+        help="print the settings' reference (Markdown) or the example configuration file (TOML)",
+    )
+    reference.add_argument("--toml", action="store_true", help="the example configuration file")
+    reference.set_defaults(run=_reference)
 
     bench = commands.add_parser(
         "bench",
@@ -175,28 +132,6 @@ def _positive(text: str) -> int:
 
 def _counts(text: str) -> list[int]:
     return [_positive(part) for part in text.split(",") if part.strip()]
-
-
-def _state_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--state-dir", metavar="DIR", help="database and writable layers [SANDBOXD_STATE_DIR]"
-    )
-
-
-def _bridge(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bridge-name",
-        metavar="NAME",
-        help="the bridge of bridged sandboxes [SANDBOXD_BRIDGE_NAME; default sandboxd0]",
-    )
-
-
-def _config_file(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML configuration file [SANDBOXD_CONFIG; default /etc/sandboxd/config.toml if any]",
-    )
 
 
 def _settings(args: argparse.Namespace) -> dict[str, object]:
@@ -275,6 +210,11 @@ def _bench(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"sandboxd bench: {exc}", file=sys.stderr)
         return 1
+
+
+def _reference(args: argparse.Namespace) -> int:
+    sys.stdout.write(example_toml() if args.toml else reference_markdown())
+    return 0
 
 
 def _openapi(_args: argparse.Namespace) -> int:

@@ -1,26 +1,46 @@
-"""The daemon's settings: one frozen dataclass, filled from flags, environment and a TOML file.
+"""The daemon's settings, declared once: each is a field of `Config` with its default, its rule
+and its help, and everything else is derived from that declaration (pydantic-settings).
+
+    field `max_body`   →  flag --max-body, variable SANDBOXD_MAX_BODY, key `max_body` in the TOML
+                          file, a line of deploy/config.example.toml and of docs/configuration.md
 
 Precedence, as the contract fixes it: a flag overrides the environment, which overrides the
-configuration file, which overrides the defaults below. `load_config` does the merging and
-checks every value before anything acts on it; a bad value is a `ConfigError` whose message
-names the setting and where it came from.
+configuration file, which overrides the defaults. `load_config` reads the three layers with
+pydantic-settings' sources, merges them and validates the result once; a bad value is a
+`ConfigError` whose message names the setting as it was given (`--max-body`,
+`SANDBOXD_MAX_BODY` or `max_body in FILE`).
 """
 
 from __future__ import annotations
 
+import argparse
+import enum
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 DEFAULT_SOCKET = "unix:///run/sandboxd/sandboxd.sock"
 DEFAULT_CONFIG_FILE = Path("/etc/sandboxd/config.toml")
-DEFAULT_SUBNET = IPv4Network("10.88.0.0/16")
 SOCKET_NAME = "sandboxd.sock"
+ENV_PREFIX = "SANDBOXD_"
 
 # Each live sandbox owns a range of this many host uids (see Config.uid_base).
 UID_RANGE = 65536
@@ -33,36 +53,543 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-@dataclass(frozen=True)
-class Config:
-    listen: list[str] = field(default_factory=lambda: [DEFAULT_SOCKET])
-    state_dir: Path = Path("/var/lib/sandboxd")
-    run_dir: Path = Path("/run/sandboxd")
-    token: str | None = None
-    max_sandboxes: int = 1000
-    output_limit: int = 1024 * 1024
-    max_body: int = 1024 * 1024
-    # First host uid of the ranges given to sandboxes' user namespaces: each live sandbox
-    # owns [uid_base + slot * 65536, +65536). Far above the usual /etc/subuid ranges.
-    uid_base: int = 1_000_000_000
-    # The cgroup (in the cgroup2 hierarchy) under which each sandbox gets one of its own.
-    cgroup_name: str = "sandboxd"
-    # How long a finished exec's record (status and output) is kept, in seconds.
-    exec_retention: int = 86400
-    # The bridge that bridged sandboxes are plugged into, and its subnet: the bridge holds the
-    # first address, sandboxes lease the rest. 10.88/16 is podman's default and rarely used
-    # elsewhere; the daemon refuses to start if anything else on the host routes it.
-    bridge_name: str = "sandboxd0"
-    bridge_subnet: IPv4Network = DEFAULT_SUBNET
-    # Masquerade the bridge's subnet to the outside (and turn on ip_forward).
-    egress: bool = False
-    # Sandboxes kept started on the default options, so that a create that asks for no more
-    # than a name, host name, labels, env and ttl takes one at once (see the README's Pool).
-    pool_size: int = 0
-
-
 class ConfigError(ValueError):
     """A setting that cannot be used; the message says which one and where it was set."""
+
+
+# -- where a setting may come from, and how it is shown -------------------------------------
+
+
+class Source(enum.Flag):
+    FLAG = enum.auto()
+    ENV = enum.auto()
+    FILE = enum.auto()
+    ALL = FLAG | ENV | FILE
+
+
+@dataclass(frozen=True)
+class Doc:
+    """How a setting is given and explained: its help, the placeholder of its value, the
+    layers it may come from, and its default as a person reads it (when not the value)."""
+
+    help: str
+    metavar: str = "VALUE"
+    sources: Source = Source.ALL
+    default_text: str | None = None
+    # Values the example file shows, commented out, besides the default.
+    examples: tuple[str, ...] = ()
+
+    def flag(self, name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def variable(self, name: str) -> str:
+        return ENV_PREFIX + name.upper()
+
+
+# -- the rules, as validators that speak the messages users see ------------------------------
+
+
+def _whole(minimum: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a whole number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return check
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _directory(value: object) -> Path:
+    if not isinstance(value, str | Path) or not str(value) or "\x00" in str(value):
+        raise ValueError(f"expected a directory path, got {value!r}")
+    return Path(value).absolute()
+
+
+def _listen(value: object) -> list[str]:
+    urls = [u.strip() for u in value.split(",") if u.strip()] if isinstance(value, str) else value
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise ValueError("expected one or more listen URLs")
+    for url in urls:
+        parse_listen(url)
+    return list(urls)
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+        raise ValueError("expected a name of letters, digits, _ . -")
+    return value
+
+
+def _ifname(value: object) -> str:
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= _MAX_IFNAME
+        or value in (".", "..")
+        or not all(c.isascii() and (c.isalnum() or c in "_.-") for c in value)
+    ):
+        raise ValueError(
+            f"expected an interface name of 1 to {_MAX_IFNAME} letters, digits, '_', '.' or "
+            f"'-', got {value!r}"
+        )
+    return value
+
+
+def _subnet(value: object) -> IPv4Network:
+    """An IPv4 network with room for the bridge and at least one sandbox, that is not
+    loopback, link-local, multicast or reserved."""
+    if isinstance(value, IPv4Network):
+        subnet = value
+    else:
+        try:
+            if not isinstance(value, str):
+                raise ValueError("not a string")
+            subnet = IPv4Network(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"expected an IPv4 network like 10.88.0.0/16, got {value!r} ({exc})"
+            ) from None
+    if not 8 <= subnet.prefixlen <= 30:
+        raise ValueError(f"expected a prefix from /8 to /30, got {subnet}")
+    if subnet.is_loopback or subnet.is_link_local or subnet.is_multicast or subnet.is_reserved:
+        raise ValueError(f"{subnet} is not usable for a bridge")
+    return subnet
+
+
+def _token(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    token = value.strip()
+    # A bearer token travels in an HTTP header: printable ASCII, no spaces.
+    if not token or not all("!" <= c <= "~" for c in token):
+        raise ValueError("a token must be non-empty printable ASCII, no spaces")
+    return token
+
+
+Whole = Annotated[int, BeforeValidator(_whole(1))]
+Count = Annotated[int, BeforeValidator(_whole(0))]
+Flag = Annotated[bool, BeforeValidator(_boolean)]
+Directory = Annotated[Path, BeforeValidator(_directory)]
+
+
+# -- the declaration ---------------------------------------------------------------------------
+
+
+class Config(BaseSettings):
+    """Every setting of the daemon. Built by `load_config`; `Config()` is the defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True
+    )
+
+    config: Annotated[
+        Path | None,
+        Doc(
+            "the TOML configuration file",
+            "FILE",
+            Source.FLAG | Source.ENV,
+            "/etc/sandboxd/config.toml if it exists",
+        ),
+    ] = None
+    listen: Annotated[
+        list[str],
+        NoDecode,
+        BeforeValidator(_listen),
+        Doc(
+            "endpoints to serve on: unix:///path (socket mode 0660, owned by root) and/or "
+            "tcp://HOST:PORT (an IPv6 host in brackets); a tcp:// endpoint needs a token, since "
+            "exec is root-equivalent power; repeatable (comma-separated in the environment)",
+            "URL",
+            default_text="unix://RUN_DIR/sandboxd.sock",
+            examples=('["unix:///run/sandboxd/sandboxd.sock", "tcp://127.0.0.1:7700"]',),
+        ),
+    ] = Field(default_factory=lambda: [DEFAULT_SOCKET])
+    state_dir: Annotated[
+        Directory, Doc("the SQLite database and the sandboxes' writable layers (mode 0700)", "DIR")
+    ] = Path("/var/lib/sandboxd")
+    run_dir: Annotated[
+        Directory, Doc("sockets and the live sandboxes' runtime files (mode 0700)", "DIR")
+    ] = Path("/run/sandboxd")
+    token: Annotated[
+        str | None,
+        BeforeValidator(_token),
+        Doc(
+            "the bearer token every request but GET /healthz must carry (Authorization: Bearer "
+            "TOKEN): printable ASCII without spaces; give token or token_file, not both",
+            "TOKEN",
+            default_text="none",
+        ),
+    ] = Field(None, repr=False)
+    token_file: Annotated[
+        Path | None,
+        Doc(
+            "read the bearer token from FILE (better than a token in the file or the "
+            "environment: keep it mode 0600, or use systemd's LoadCredential=)",
+            "FILE",
+            default_text="none",
+            examples=('"/etc/sandboxd/token"',),
+        ),
+    ] = None
+    max_sandboxes: Annotated[
+        Whole, Doc("how many sandboxes may exist at once; past it, create answers 503", "N")
+    ] = 1000
+    output_limit: Annotated[
+        Whole,
+        Doc(
+            "bytes of stdout and of stderr kept per exec; past it the stream is truncated", "BYTES"
+        ),
+    ] = 1024 * 1024
+    max_body: Annotated[Whole, Doc("request bodies larger than this answer 413", "BYTES")] = (
+        1024 * 1024
+    )
+    exec_retention: Annotated[
+        Whole, Doc("how long a finished exec's record (status, output) is kept", "SECONDS")
+    ] = 86400
+    pool_size: Annotated[
+        Count,
+        Doc(
+            "sandboxes kept started on the default options, so that a create asking for no "
+            "more than a name, host name, labels, env and ttl takes one at once",
+            "N",
+        ),
+    ] = 0
+    uid_base: Annotated[
+        Whole,
+        Doc(
+            "the first host uid of the ranges given to sandboxes' user namespaces: each live "
+            "sandbox owns [uid_base + slot * 65536, +65536); far above the usual /etc/subuid "
+            "ranges; room for max_sandboxes + pool_size ranges below 2**32",
+            "UID",
+            Source.FILE,
+        ),
+    ] = 1_000_000_000
+    cgroup_name: Annotated[
+        str,
+        BeforeValidator(_name),
+        Doc(
+            "the cgroup, at the top of each hierarchy, under which each sandbox gets one of its "
+            "own; two daemons on one host need different ones",
+            "NAME",
+            Source.FILE,
+        ),
+    ] = "sandboxd"
+    bridge_name: Annotated[
+        str,
+        BeforeValidator(_ifname),
+        Doc("the bridge that bridged sandboxes are plugged into", "NAME"),
+    ] = "sandboxd0"
+    bridge_subnet: Annotated[
+        IPv4Network,
+        BeforeValidator(_subnet),
+        Doc(
+            "the bridge's IPv4 subnet: the bridge holds the first address, sandboxes lease the "
+            "rest; the daemon refuses to start if anything else on the host routes it",
+            "CIDR",
+        ),
+    ] = IPv4Network("10.88.0.0/16")
+    egress: Annotated[
+        Flag,
+        Doc(
+            "let bridged sandboxes reach the outside through NAT (turns on ip_forward), and "
+            "give them the host's name servers",
+            default_text="off",
+        ),
+    ] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _socket_in_the_run_dir(cls, data: Any) -> Any:
+        """The default endpoint is the socket in the run directory, wherever that is."""
+        if isinstance(data, dict) and "listen" not in data and "run_dir" in data:
+            run_dir = _directory(data["run_dir"])
+            data = {**data, "listen": [f"unix://{run_dir / SOCKET_NAME}"]}
+        return data
+
+    @model_validator(mode="after")
+    def _uid_ranges_fit(self) -> Config:
+        # Pooled sandboxes hold uid ranges too.
+        last_uid = self.uid_base + (self.max_sandboxes + self.pool_size) * UID_RANGE - 1
+        if self.uid_base < UID_RANGE or last_uid > _MAX_UID:
+            raise ValueError(
+                f"uid_base {self.uid_base} with max_sandboxes {self.max_sandboxes} and pool_size "
+                f"{self.pool_size}: the sandboxes' uid ranges must lie within "
+                f"[{UID_RANGE}, {_MAX_UID}]"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only what load_config merged: it reads the environment and the file itself, as
+        # layers it can name in an error and apply the token rule to.
+        return (init_settings,)
+
+
+def settings() -> Iterator[tuple[str, FieldInfo, Doc]]:
+    """Each setting, in declaration order, with its field and its documentation."""
+    for name, field in Config.model_fields.items():
+        doc = next(m for m in field.metadata if isinstance(m, Doc))
+        yield name, field, doc
+
+
+def _names(source: Source) -> frozenset[str]:
+    return frozenset(name for name, _, doc in settings() if source in doc.sources)
+
+
+FLAG_KEYS = _names(Source.FLAG)
+ENV_KEYS = _names(Source.ENV)
+FILE_KEYS = _names(Source.FILE)
+
+
+# -- the three layers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """A raw value and where it came from, so that an error can point at it."""
+
+    value: object
+    where: str
+
+
+_Layer = dict[str, _Setting]
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source, over a given mapping instead of os.environ."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Config, env_prefix=ENV_PREFIX, env_ignore_empty=True)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
+def _environment(environ: Mapping[str, str]) -> _Layer:
+    values = _Environment(environ)()
+    return {
+        name: _Setting(value, _doc(name).variable(name))
+        for name, value in values.items()
+        if name in ENV_KEYS and str(value).strip()
+    }
+
+
+def _file(given: _Setting | None) -> _Layer:
+    """The file's settings; a missing default file is no file, a missing named one an error."""
+    path = Path(str(given.value)) if given is not None else DEFAULT_CONFIG_FILE
+    if given is None and not path.exists():
+        return {}
+    try:
+        with path.open("rb"):
+            pass
+        data = TomlConfigSettingsSource(Config, toml_file=path)()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    unknown = sorted(data.keys() - FILE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown setting(s) {', '.join(unknown)}; "
+            f"the known ones are {', '.join(sorted(FILE_KEYS))}"
+        )
+    if "token" in data and "token_file" in data:
+        raise ConfigError(f"{path}: set token or token_file, not both")
+    layer = {key: _Setting(value, f"{key} in {path}") for key, value in data.items()}
+    for key, setting in layer.items():  # relative to what? A service's cwd is arbitrary.
+        if _is_path(key) and not Path(str(setting.value)).is_absolute():
+            raise ConfigError(f"{setting.where}: expected an absolute path, got {setting.value!r}")
+    return layer
+
+
+def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -> Config:
+    """Merge flags (`argv_values` by setting name, None meaning not given), the environment and
+    the file into a Config. Empty environment variables count as unset. Raises ConfigError for
+    an unreadable file, an unknown key or a value that cannot be used."""
+    flags = {k: _Setting(v, _doc(k).flag(k)) for k, v in argv_values.items() if v is not None}
+    env = _environment(environ)
+    file = _file(flags.get("config") or env.get("config"))
+
+    # Lowest layer first. The token is one setting given two ways: the highest layer that
+    # gives either form wins, so a flag's --token-file beats a file's token.
+    layers = [file, env, flags]
+    token_layer = next((la for la in reversed(layers) if {"token", "token_file"} & la.keys()), {})
+    merged: _Layer = {}
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if k not in ("token", "token_file")})
+    merged.update(_resolve_token(token_layer))
+    merged.pop("config", None)  # where the settings came from, not one of them
+
+    try:
+        return Config.model_validate({name: setting.value for name, setting in merged.items()})
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, merged)) from None
+
+
+def _resolve_token(layer: Mapping[str, _Setting]) -> _Layer:
+    """The token a layer gives: itself, or what its token file holds."""
+    if "token" in layer and "token_file" in layer:
+        raise ConfigError(f"{layer['token'].where} and {layer['token_file'].where}: give one")
+    if "token_file" not in layer:
+        return {k: v for k, v in layer.items() if k == "token"}
+    setting = layer["token_file"]
+    try:
+        token = Path(str(setting.value)).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{setting.where}: cannot read the token file: {exc}") from exc
+    return {"token_file": setting, "token": _Setting(token, setting.where)}
+
+
+def _explain(exc: ValidationError, merged: Mapping[str, _Setting]) -> str:
+    """The first error, said of the setting as the user gave it."""
+    error = exc.errors()[0]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    name = str(error["loc"][0]) if error["loc"] else None
+    if name is None:
+        return message
+    where = merged[name].where if name in merged else f"the default {name}"
+    return f"{where}: {message}"
+
+
+def _doc(name: str) -> Doc:
+    return next(m for m in Config.model_fields[name].metadata if isinstance(m, Doc))
+
+
+def _is_path(name: str) -> bool:
+    annotation = str(Config.model_fields[name].annotation)
+    return "Path" in annotation
+
+
+# -- the flags, the example file and the reference, from the declaration ------------------------
+
+
+def _default_text(name: str, field: FieldInfo, doc: Doc) -> str:
+    if doc.default_text is not None:
+        return doc.default_text
+    default = field.get_default(call_default_factory=True)
+    return str(default)
+
+
+def add_flags(parser: argparse.ArgumentParser, names: frozenset[str] = FLAG_KEYS) -> None:
+    """The flags of the named settings, each with its help, variable and default."""
+    token = parser.add_mutually_exclusive_group() if {"token", "token_file"} <= names else parser
+    for name, field, doc in settings():
+        if name not in names or Source.FLAG not in doc.sources:
+            continue
+        where = doc.variable(name) if Source.ENV in doc.sources else "file only"
+        text = f"{doc.help} [{where}; default {_default_text(name, field, doc)}]"
+        target = token if name in ("token", "token_file") else parser
+        if field.annotation is bool:
+            target.add_argument(
+                doc.flag(name), dest=name, action=argparse.BooleanOptionalAction, help=text
+            )
+        elif name == "listen":
+            target.add_argument(
+                doc.flag(name), dest=name, action="append", metavar=doc.metavar, help=text
+            )
+        else:
+            target.add_argument(doc.flag(name), dest=name, metavar=doc.metavar, help=text)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def example_toml() -> str:
+    """deploy/config.example.toml: every setting the file takes, commented out at its default."""
+    lines = [
+        "# sandboxd configuration: /etc/sandboxd/config.toml (or --config FILE, or "
+        "SANDBOXD_CONFIG).",
+        "# Generated from daemon/config.py by `sandboxd settings --toml`: edit that, not this.",
+        "# Every setting is optional; the values shown are the defaults. A flag overrides the",
+        "# environment variable named beside each setting, which overrides this file. Paths",
+        "# must be absolute. An unknown key is an error, so a misspelt setting is never ignored.",
+    ]
+    for name, field, doc in settings():
+        if Source.FILE not in doc.sources:
+            continue
+        lines.append("")
+        lines.extend(_wrap(doc.help[0].upper() + doc.help[1:] + ".", "# "))
+        given = [doc.flag(name)] if Source.FLAG in doc.sources else []
+        given += [doc.variable(name)] if Source.ENV in doc.sources else []
+        lines.append("#   [" + (", ".join(given) or "this file only") + "]")
+        default = field.get_default(call_default_factory=True)
+        if default is not None or not doc.examples:
+            shown = _toml_value(default) if default is not None else '""'
+            lines.append(f"#{name} = {shown}")
+        lines.extend(f"#{name} = {example}" for example in doc.examples)
+    return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: the table of every setting."""
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from `daemon/config.py` by `sandboxd settings --markdown`; a test fails when",
+        "it drifts. Each setting comes from a flag of `sandboxd serve`, an environment variable",
+        "or a key of the TOML file (`--config FILE`, `SANDBOXD_CONFIG`, default",
+        "`/etc/sandboxd/config.toml` when it exists): a flag overrides the environment, which",
+        "overrides the file, which overrides the default. `deploy/config.example.toml` lists",
+        "every key of the file.",
+        "",
+        "| setting | flag | environment | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for name, field, doc in settings():
+        flag = f"`{doc.flag(name)} {doc.metavar}`" if Source.FLAG in doc.sources else "—"
+        if field.annotation is bool:
+            flag = f"`{doc.flag(name)}`, `--no-{name.replace('_', '-')}`"
+        env = f"`{doc.variable(name)}`" if Source.ENV in doc.sources else "—"
+        key = f"`{name}`" if Source.FILE in doc.sources else f"{name} (not in the file)"
+        default = _default_text(name, field, doc)
+        lines.append(f"| {key} | {flag} | {env} | `{default}` | {doc.help} |")
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, prefix: str, width: int = 96) -> list[str]:
+    lines: list[str] = []
+    line = prefix
+    for word in text.split():
+        if len(line) + len(word) + 1 > width and line != prefix:
+            lines.append(line.rstrip())
+            line = prefix
+        line += word + " "
+    lines.append(line.rstrip())
+    return lines
+
+
+# -- listen URLs -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -101,245 +628,3 @@ def parse_listen(url: str) -> Endpoint:
             raise ValueError(f"{url!r}: a listen URL takes no user or password")
         return TcpEndpoint(parts.hostname, port)
     raise ValueError(f"{url!r}: the scheme must be unix:// or tcp://")
-
-
-# Setting name -> environment variable. uid_base is deliberately file-only;
-# SANDBOXD_TOKEN_FILE is an addition to the contract's table (systemd credentials use files).
-ENVIRONMENT = {
-    "config": "SANDBOXD_CONFIG",
-    "listen": "SANDBOXD_LISTEN",
-    "state_dir": "SANDBOXD_STATE_DIR",
-    "run_dir": "SANDBOXD_RUN_DIR",
-    "token": "SANDBOXD_TOKEN",
-    "token_file": "SANDBOXD_TOKEN_FILE",
-    "max_sandboxes": "SANDBOXD_MAX_SANDBOXES",
-    "output_limit": "SANDBOXD_OUTPUT_LIMIT",
-    "max_body": "SANDBOXD_MAX_BODY",
-    "exec_retention": "SANDBOXD_EXEC_RETENTION",
-    "bridge_name": "SANDBOXD_BRIDGE_NAME",
-    "bridge_subnet": "SANDBOXD_BRIDGE_SUBNET",
-    "egress": "SANDBOXD_EGRESS",
-    "pool_size": "SANDBOXD_POOL_SIZE",
-}
-FILE_KEYS = frozenset(
-    {"listen", "state_dir", "run_dir", "token", "token_file", "max_sandboxes"}
-    | {"output_limit", "max_body", "uid_base", "cgroup_name", "exec_retention"}
-    | {"bridge_name", "bridge_subnet", "egress", "pool_size"}
-)
-
-
-@dataclass(frozen=True)
-class _Setting:
-    """A raw value and where it came from, so that an error can point at it."""
-
-    value: object
-    where: str
-    in_file: bool = False
-
-
-_Layer = dict[str, _Setting]
-
-
-def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -> Config:
-    """Merge flags (`argv_values`, None meaning not given), environment and file into a Config.
-
-    `argv_values` uses the setting names (listen, state_dir, run_dir, token, token_file,
-    max_sandboxes, output_limit, max_body, bridge_name, bridge_subnet, egress, pool_size,
-    config). Empty environment variables count as unset.
-    Raises ConfigError for an unreadable file, an unknown key or a value that cannot be used.
-    """
-    flags = {k: _Setting(v, _flag(k)) for k, v in argv_values.items() if v is not None}
-    env = {k: _Setting(environ[v], v) for k, v in ENVIRONMENT.items() if environ.get(v, "").strip()}
-    if "listen" in env:
-        urls = [u.strip() for u in str(env["listen"].value).split(",") if u.strip()]
-        env["listen"] = _Setting(urls, env["listen"].where)
-    file = _read_file(flags.get("config") or env.get("config"))
-
-    # Lowest layer first. The token is one setting given two ways: the highest layer that
-    # gives either form wins, so a flag's --token-file beats a file's token.
-    layers = [file, env, flags]
-    token_layer = next((la for la in reversed(layers) if {"token", "token_file"} & la.keys()), {})
-    merged: _Layer = {}
-    for layer in layers:
-        merged.update(layer)
-
-    def get(name: str) -> _Setting | None:
-        return merged.get(name)
-
-    run_dir = _path(get("run_dir"), Config.run_dir)
-    config = Config(
-        listen=_listen(get("listen"), default=f"unix://{run_dir / SOCKET_NAME}"),
-        state_dir=_path(get("state_dir"), Config.state_dir),
-        run_dir=run_dir,
-        token=_token(token_layer),
-        max_sandboxes=_integer(get("max_sandboxes"), Config.max_sandboxes),
-        output_limit=_integer(get("output_limit"), Config.output_limit),
-        max_body=_integer(get("max_body"), Config.max_body),
-        uid_base=_integer(get("uid_base"), Config.uid_base),
-        cgroup_name=_name(get("cgroup_name"), Config.cgroup_name),
-        exec_retention=_integer(get("exec_retention"), Config.exec_retention),
-        bridge_name=_ifname(get("bridge_name"), Config.bridge_name),
-        bridge_subnet=_subnet(get("bridge_subnet"), Config.bridge_subnet),
-        egress=_boolean(get("egress"), Config.egress),
-        pool_size=_integer(get("pool_size"), Config.pool_size, minimum=0),
-    )
-    # Pooled sandboxes hold uid ranges too.
-    last_uid = config.uid_base + (config.max_sandboxes + config.pool_size) * UID_RANGE - 1
-    if config.uid_base < UID_RANGE or last_uid > _MAX_UID:
-        raise ConfigError(
-            f"uid_base {config.uid_base} with max_sandboxes {config.max_sandboxes} and pool_size "
-            f"{config.pool_size}: the "
-            f"sandboxes' uid ranges must lie within [{UID_RANGE}, {_MAX_UID}]"
-        )
-    return config
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _read_file(given: _Setting | None) -> _Layer:
-    """The file's settings; a missing default file is no file, a missing named one an error."""
-    path = Path(str(given.value)) if given is not None else DEFAULT_CONFIG_FILE
-    if given is None and not path.exists():
-        return {}
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    unknown = sorted(data.keys() - FILE_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown setting(s) {', '.join(unknown)}; "
-            f"the known ones are {', '.join(sorted(FILE_KEYS))}"
-        )
-    if "token" in data and "token_file" in data:
-        raise ConfigError(f"{path}: set token or token_file, not both")
-    return {key: _Setting(value, f"{key} in {path}", in_file=True) for key, value in data.items()}
-
-
-def _listen(setting: _Setting | None, default: str) -> list[str]:
-    if setting is None:
-        return [default]
-    urls = [setting.value] if isinstance(setting.value, str) else setting.value
-    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
-        raise ConfigError(f"{setting.where}: expected one or more listen URLs")
-    for url in urls:
-        try:
-            parse_listen(url)
-        except ValueError as exc:
-            raise ConfigError(f"{setting.where}: {exc}") from exc
-    return list(urls)
-
-
-def _path(setting: _Setting | None, default: Path) -> Path:
-    if setting is None:
-        return default
-    value = setting.value
-    if not isinstance(value, str | Path) or not str(value) or "\x00" in str(value):
-        raise ConfigError(f"{setting.where}: expected a directory path, got {value!r}")
-    path = Path(value)
-    if path.is_absolute():
-        return path
-    if setting.in_file:  # relative to what? The working directory of a service is arbitrary.
-        raise ConfigError(f"{setting.where}: expected an absolute path, got {value!r}")
-    return path.absolute()
-
-
-def _integer(setting: _Setting | None, default: int, minimum: int = 1) -> int:
-    if setting is None:
-        return default
-    value = setting.value
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ConfigError(f"{setting.where}: expected a whole number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{setting.where}: expected a whole number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{setting.where}: must be at least {minimum}, got {value}")
-    return value
-
-
-def _name(setting: _Setting | None, default: str) -> str:
-    if setting is None:
-        return default
-    value = setting.value
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
-        raise ConfigError(f"{setting.where}: expected a name of letters, digits, _ . -")
-    return value
-
-
-def _ifname(setting: _Setting | None, default: str) -> str:
-    if setting is None:
-        return default
-    value = setting.value
-    if (
-        not isinstance(value, str)
-        or not 0 < len(value) <= _MAX_IFNAME
-        or value in (".", "..")
-        or not all(c.isascii() and (c.isalnum() or c in "_.-") for c in value)
-    ):
-        raise ConfigError(
-            f"{setting.where}: expected an interface name of 1 to {_MAX_IFNAME} letters, "
-            f"digits, '_', '.' or '-', got {value!r}"
-        )
-    return value
-
-
-def _subnet(setting: _Setting | None, default: IPv4Network) -> IPv4Network:
-    """An IPv4 network with room for the bridge and at least one sandbox, that is not
-    loopback, link-local, multicast or reserved."""
-    if setting is None:
-        return default
-    try:
-        if not isinstance(setting.value, str):
-            raise ValueError("not a string")
-        subnet = IPv4Network(setting.value)
-    except ValueError as exc:
-        raise ConfigError(
-            f"{setting.where}: expected an IPv4 network like 10.88.0.0/16, got "
-            f"{setting.value!r} ({exc})"
-        ) from None
-    if not 8 <= subnet.prefixlen <= 30:
-        raise ConfigError(f"{setting.where}: expected a prefix from /8 to /30, got {subnet}")
-    if subnet.is_loopback or subnet.is_link_local or subnet.is_multicast or subnet.is_reserved:
-        raise ConfigError(f"{setting.where}: {subnet} is not usable for a bridge")
-    return subnet
-
-
-def _boolean(setting: _Setting | None, default: bool) -> bool:
-    if setting is None:
-        return default
-    value = setting.value
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ConfigError(f"{setting.where}: expected true or false, got {value!r}")
-
-
-def _token(layer: Mapping[str, _Setting]) -> str | None:
-    if "token" in layer and "token_file" in layer:
-        raise ConfigError(f"{layer['token'].where} and {layer['token_file'].where}: give one")
-    if "token_file" in layer:
-        setting = layer["token_file"]
-        try:
-            token = Path(str(setting.value)).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{setting.where}: cannot read the token file: {exc}") from exc
-    elif "token" in layer:
-        setting = layer["token"]
-        if not isinstance(setting.value, str):
-            raise ConfigError(f"{setting.where}: expected a string")
-        token = setting.value.strip()
-    else:
-        return None
-    # A bearer token travels in an HTTP header: printable ASCII, no spaces.
-    if not token or not all("!" <= c <= "~" for c in token):
-        raise ConfigError(f"{setting.where}: a token must be non-empty printable ASCII, no spaces")
-    return token

@@ -70,8 +70,8 @@ def test_flag_beats_environment_beats_file(tmp_path: Path, no_default_file: None
     assert config.output_limit == 222  # environment over file
     assert config.max_sandboxes == 111  # file over default
     assert config.state_dir == Path("/f")
-    assert config.run_dir == Config.run_dir  # default
-    assert config.uid_base == Config.uid_base
+    assert config.run_dir == Config().run_dir  # default
+    assert config.uid_base == Config().uid_base
 
 
 def test_the_config_flag_beats_the_config_variable(tmp_path: Path) -> None:
@@ -374,12 +374,20 @@ def test_the_server_serves_on_the_socket_and_exits_0_on_a_signal(
     assert not path.exists()
 
 
+def test_the_example_config_and_the_reference_are_generated_from_the_declaration() -> None:
+    assert (REPO / "deploy" / "config.example.toml").read_text() == daemon.config.example_toml()
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    assert reference == daemon.config.reference_markdown()
+    for name in daemon.config.Config.model_fields:
+        assert f"`{name}" in reference or f"{name} (not" in reference
+
+
 def test_the_example_config_shows_every_setting_and_loads(tmp_path: Path) -> None:
-    example = (REPO / "deploy" / "config.example.toml").read_text()
+    example = daemon.config.example_toml()
     settings = [line[1:] for line in example.splitlines() if line[:2].strip("#").isalpha()]
     assert {line.split(" =")[0] for line in settings} == daemon.config.FILE_KEYS
-    # Uncommented (one per key, token_file aside, which names a file that is not here), the
-    # example gives the defaults.
+    # Uncommented (one per key, the token's aside, which name no real token), the example
+    # gives the defaults.
     first: dict[str, str] = {}
     for line in settings:
         first.setdefault(line.split(" =")[0], line)
@@ -387,3 +395,12 @@ def test_the_example_config_shows_every_setting_and_loads(tmp_path: Path) -> Non
     file = tmp_path / "config.toml"
     file.write_text("\n".join(first.values()) + "\n")
     assert load_config({"config": str(file)}, {}) == Config()
+
+
+def test_serve_has_a_flag_for_every_setting_but_the_file_only_ones() -> None:
+    help_text = run_cli("serve", "--help").stdout
+    for name, _, doc in daemon.config.settings():
+        if daemon.config.Source.FLAG in doc.sources:
+            assert doc.flag(name) in help_text, name
+        if daemon.config.Source.ENV in doc.sources:
+            assert doc.variable(name) in help_text.replace("\n", "").replace(" ", ""), name
