@@ -1,5 +1,5 @@
 """The `sandboxd` command: `serve` the API, `migrate` the database, print the `openapi` document,
-`cleanup` what the daemon made on the host's network; `bench` a daemon.
+`cleanup` what the daemon made on the host's network, print the `settings` reference.
 
 Exit codes: 0 done, 1 a runtime failure (such as a socket in use), 2 a usage or configuration
 error, reported in one line rather than a traceback.
@@ -70,68 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     reference.add_argument("--toml", action="store_true", help="the example configuration file")
     reference.set_defaults(run=_reference)
 
-    bench = commands.add_parser(
-        "bench",
-        help="measure a daemon: latencies, exec throughput, memory per idle sandbox",
-        description="Measure a daemon over its HTTP API: p50/p90/p99 of create, exec and "
-        "destroy, execs per second at several concurrencies, and memory per idle sandbox. "
-        "Without --url it starts a private daemon on a temporary directory (as root) and "
-        "removes it, with everything it made, at the end.",
-    )
-    bench.add_argument(
-        "--url",
-        help="the daemon to measure: unix:///path or http://HOST:PORT "
-        "[default: a private daemon of this installation]",
-    )
-    bench.add_argument("--token", help="bearer token for --url [SANDBOXD_TOKEN]")
-    bench.add_argument("--count", type=_positive, default=200, help="samples per latency row [200]")
-    bench.add_argument("--warmup", type=_count, default=5, help="untimed rounds first [5]")
-    bench.add_argument(
-        "--concurrency",
-        type=_counts,
-        default=[1, 4, 16],
-        metavar="N,N,…",
-        help="exec throughput at these concurrencies, each with its own sandbox [1,4,16]",
-    )
-    bench.add_argument(
-        "--duration", type=float, default=5.0, help="seconds per concurrency level [5]"
-    )
-    bench.add_argument(
-        "--idle",
-        type=_counts,
-        default=[100, 1000],
-        metavar="N,N,…",
-        help="measure memory with this many idle sandboxes alive; '' for none [100,1000]",
-    )
-    bench.add_argument(
-        "--pool",
-        type=_count,
-        default=0,
-        metavar="N",
-        help="start the private daemon with --pool-size N, and measure creates that find the "
-        "pool ready (the other create rows then take from it whenever it has one) [0]",
-    )
-    bench.add_argument("--json", action="store_true", help="print the report as JSON")
-    bench.set_defaults(run=_bench)
     return parser
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected a whole number, 0 or more")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: expected a whole number, 1 or more")
-    return value
-
-
-def _counts(text: str) -> list[int]:
-    return [_positive(part) for part in text.split(",") if part.strip()]
 
 
 def _settings(args: argparse.Namespace) -> dict[str, object]:
@@ -197,19 +136,6 @@ def _cleanup(args: argparse.Namespace) -> int:
     for line in removed:
         print(f"removed {line}")
     return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from api.bench.run import BenchError, Options, main
-
-    options = Options(
-        args.count, args.warmup, args.concurrency, args.duration, args.idle, pool=args.pool
-    )
-    try:
-        return main(args.url, args.token or os.environ.get("SANDBOXD_TOKEN"), options, args.json)
-    except BenchError as exc:
-        print(f"sandboxd bench: {exc}", file=sys.stderr)
-        return 1
 
 
 def _reference(args: argparse.Namespace) -> int:

@@ -3,9 +3,10 @@ each of them that is installed, in the same run, each figure printed beside ours
 
     python3 tests/perf/compare.py [--count 100] [--idle 100] [--json]     (as root)
 
-Runs in: this process, as root. Ours first, through `sandboxd bench` on a private daemon in
-the host's namespaces. Then the peers, from a private mount namespace this process enters, in
-which the few host paths they write to are covered, so that nothing of theirs stays on the host:
+Runs in: this process, as root. Ours first, through the bench (tests/perf/bench) on a private
+daemon in the host's namespaces. Then the peers, from a private mount namespace this process
+enters, in which the few host paths they write to are covered, so that nothing of theirs stays
+on the host:
   - /sys/fs/cgroup/unified/cgroup.controllers reads empty: crun 1.8 refuses to run on a hybrid
     cgroup host whose cgroup2 hierarchy offers any controller (this one offers hugetlb), and
     checks only this file; containers then live in the v1 hierarchies, as they would anyway;
@@ -40,10 +41,18 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from api.bench import memory  # noqa: E402
-from api.bench.run import OUTPUT_BYTES, OUTPUT_CMD, SPACED_MS, TRUE, Options, heading, run_bench  # noqa: E402
-from api.bench.stats import Latency, format_table, measure, run_concurrently  # noqa: E402
 from daemon import syscalls  # noqa: E402
+from tests.perf.bench import memory  # noqa: E402
+from tests.perf.bench.run import (  # noqa: E402
+    OUTPUT_BYTES,
+    OUTPUT_CMD,
+    SPACED_MS,
+    TRUE,
+    Options,
+    heading,
+    run_bench,
+)
+from tests.perf.bench.stats import Latency, format_table, measure, run_concurrently  # noqa: E402
 from tests.perf.peers import (  # noqa: E402
     Bubblewrap,
     Crun,
@@ -343,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"compare: {message}", file=sys.stderr, flush=True)
 
-    say("sandboxd (sandboxd bench on a private daemon)")
+    say("sandboxd (python3 -m tests.perf.bench on a private daemon)")
     ours = run_bench(None, None, options)
     if args.pool:
         say(f"sandboxd with a warm pool of {args.pool} (another private daemon)")

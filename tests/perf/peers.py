@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 
-from api.bench import memory
-from api.bench.run import TRUE
+from tests.perf.bench import memory
+from tests.perf.bench.run import TRUE
 
 IMAGE = "sandboxd-compare-busybox"
 BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/"]

@@ -2,7 +2,7 @@
 request's time goes, on the daemon's side, without changing the daemon.
 
     python3 tests/perf/steps.py OUT.json serve --config C --listen unix:///tmp/s.sock ...
-    sandboxd bench --url unix:///tmp/s.sock --idle ''        (or any other load)
+    python3 -m tests.perf.bench --url unix:///tmp/s.sock --idle ''        (or any other load)
     kill -USR1 PID     writes OUT.N.json (the steps so far) and starts counting afresh
     kill -TERM PID     stops the daemon and writes OUT.json
 

@@ -1,4 +1,5 @@
-"""`sandboxd bench` with tiny counts against a private daemon of its own, so that it cannot rot:
+"""The bench (`python3 -m tests.perf.bench`) with tiny counts against a private daemon of its
+own, so that it cannot rot:
 every row is measured (or skipped for a stated reason) and nothing of the run stays behind.
 """
 
@@ -11,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from api.bench.run import render
-from api.bench.stats import format_table, percentile
 from tests.conftest import ROOT, find_leaks
+from tests.perf.bench.run import render
+from tests.perf.bench.stats import format_table, percentile
 
 TINY = ["--count", "3", "--warmup", "1", "--concurrency", "1,2", "--duration", "0.3"]
 TINY += ["--idle", "5", "--pool", "1"]
@@ -21,7 +22,7 @@ TINY += ["--idle", "5", "--pool", "1"]
 
 def test_bench_measures_every_row_and_leaves_nothing() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "api", "bench", *TINY, "--json"],
+        [sys.executable, "-m", "tests.perf.bench", *TINY, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""The workloads of `sandboxd bench`, run against a daemon over its HTTP API, and the report.
+"""The workloads of the bench, run against a daemon over its HTTP API, and the report.
 
 Runs in: the bench's process, an HTTP client of the daemon (httpx; over a unix socket or TCP).
 Every sandbox it makes carries the label `sandboxd-bench=RUN`, and every one of them is
@@ -40,9 +40,16 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from api.bench import memory
-from api.bench.daemon import PrivateDaemon
-from api.bench.stats import Latency, Throughput, format_table, measure, percentile, run_concurrently
+from tests.perf.bench import memory
+from tests.perf.bench.daemon import PrivateDaemon
+from tests.perf.bench.stats import (
+    Latency,
+    Throughput,
+    format_table,
+    measure,
+    percentile,
+    run_concurrently,
+)
 
 LABEL = "sandboxd-bench"
 TRUE = ["true"]

@@ -1,4 +1,4 @@
-"""`sandboxd bench`: measures a daemon from the outside, as an HTTP client of its API.
+"""`python3 -m tests.perf.bench`: measures a daemon from the outside, as an HTTP client of its API.
 
 stats.py   percentiles, timing loops (one after another, or N workers at once), tables
 memory.py  what the machine and the project's processes spend: MemAvailable, PSS, kernel
