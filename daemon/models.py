@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     WithJsonSchema,
@@ -161,6 +162,18 @@ MountTarget = Annotated[
 Seconds = Annotated[float, Field(ge=MIN_SECONDS, le=MAX_SECONDS)]
 
 
+def _whole(value: object) -> object:
+    """JSON Schema counts 5.0 as an integer, so the server does too (and nothing else: the
+    bodies are strict, so "5" and true are not integers)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# After the bounds in an Annotated (Annotated[int, Field(ge=1), WHOLE]), or the schema loses them.
+WHOLE = BeforeValidator(_whole)
+
+
 def _env_name(name: str) -> str:
     _utf8(name, "a name")
     if not _ENV_KEY.match(name):
@@ -181,10 +194,28 @@ EnvValue = Annotated[
     _checked(NO_NUL_PATTERN, "a value", lambda v: _no_nul(v, "a value")),
     _schema_pattern(NO_NUL_PATTERN),
 ]
-Env = dict[EnvName, EnvValue]
+# Written out: pydantic would say `patternProperties`, which leaves other names unchecked.
+_ENV_SCHEMA: JsonDict = {
+    "type": "object",
+    "propertyNames": {"pattern": ENV_NAME_PATTERN},
+    "additionalProperties": {"type": "string", "pattern": NO_NUL_PATTERN},
+}
+Env = Annotated[dict[EnvName, EnvValue], WithJsonSchema(_ENV_SCHEMA)]
+
+
 # The program is named by the first argument, so that one cannot be empty.
+def _program(argv: list[str]) -> list[str]:
+    if argv and not argv[0]:  # (an empty list is refused by min_length)
+        raise ValueError("the first argument (the program) must not be empty")
+    return argv
+
+
+# In JSON Schema 2020-12 `items` skips what `prefixItems` covers: the first is described whole.
+_PROGRAM: JsonDict = {"type": "string", "minLength": 1, "pattern": NO_NUL_PATTERN}
 Argv = Annotated[
-    list[Arg], Field(min_length=1, json_schema_extra={"prefixItems": [{"minLength": 1}]})
+    list[Arg],
+    AfterValidator(_program),
+    Field(min_length=1, json_schema_extra={"prefixItems": [_PROGRAM]}),
 ]
 
 
@@ -200,10 +231,12 @@ class MountSpec(_Input):
 
 
 class PortSpec(_Input):
-    host_port: int = Field(
-        ge=1, le=65535, description="Listened on at every host address, loopback included."
+    host_port: Annotated[int, Field(ge=1, le=65535), WHOLE] = Field(
+        description="Listened on at every host address, loopback included."
     )
-    sandbox_port: int = Field(ge=1, le=65535, description="Where connections are relayed to.")
+    sandbox_port: Annotated[int, Field(ge=1, le=65535), WHOLE] = Field(
+        description="Where connections are relayed to."
+    )
     protocol: Literal["tcp"] = "tcp"
 
 
@@ -232,13 +265,13 @@ MAX_PIDS = 4194304  # the kernel's PID_MAX_LIMIT
 class Limits(_Input):
     """Enforced with the host's cgroups (v1 or v2, see GET /info); null: no limit."""
 
-    memory_bytes: Annotated[int, Field(ge=MIN_MEMORY, le=1 << 53)] | None = Field(
+    memory_bytes: Annotated[int, Field(ge=MIN_MEMORY, le=1 << 53), WHOLE] | None = Field(
         default=None,
         description="Memory (and swap) of all its processes together, page cache and kernel "
         "memory included; past it the OOM killer kills one of them (never PID 1). "
         "At least 16 MiB.",
     )
-    pids: Annotated[int, Field(ge=2, le=MAX_PIDS)] | None = Field(
+    pids: Annotated[int, Field(ge=2, le=MAX_PIDS), WHOLE] | None = Field(
         default=None,
         description="Processes and threads at once, its PID 1 (the supervisor) included; past "
         "it fork fails with EAGAIN. At least 2.",
@@ -408,8 +441,8 @@ class Sandbox(BaseModel):
 
 
 class TtySize(_Input):
-    rows: int = Field(ge=1, le=65535)
-    cols: int = Field(ge=1, le=65535)
+    rows: Annotated[int, Field(ge=1, le=65535), WHOLE]
+    cols: Annotated[int, Field(ge=1, le=65535), WHOLE]
 
 
 def _user(value: str) -> str:
@@ -539,7 +572,7 @@ _SIGNAL_SCHEMA: JsonDict = {
 class SignalRequest(_Input):
     # Checked by number() (the route answers 422 at body.signal), so that the error names the
     # field itself, not one branch of the union.
-    signal: Annotated[str | int, WithJsonSchema(_SIGNAL_SCHEMA)]
+    signal: Annotated[str | int, WHOLE, WithJsonSchema(_SIGNAL_SCHEMA)]
 
     def number(self) -> int:
         """The signal's number; raises ValueError for a signal that does not exist."""

@@ -1,0 +1,103 @@
+"""Schemathesis, run from openapi.json against a real daemon, finds no difference between what
+the document says and what the server does.
+
+Every check of schemathesis runs, through its coverage, fuzzing (examples) and stateful phases
+(the stateful phase follows the document's links: create → get, exec, delete; exec → get,
+signal, output). The only 5xx allowed is the documented 503 of a daemon at its sandbox limit,
+which this daemon (capped at a few sandboxes) does reach.
+
+Fuzzed creates make real sandboxes, so the document the fuzzer reads is narrowed, never widened,
+where a fuzzed value would reach the host: no `mounts` (a bind of a host path, read-write if
+the fuzzer so chose), no `rootfs`, no published `ports` (they listen on every host address) and
+no `host` network mode. Those fields are covered by their own tests (test_mount_paths.py,
+test_network.py); their validation still runs here, on every negative case. Everything the
+fuzzer made is destroyed before the module's leak check.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, Daemon, Daemons
+
+TOKEN = "schemathesis-test-token"
+MAX_SANDBOXES = 4
+CONFIG = """\
+[checks.not_a_server_error]
+# A daemon at its limit answers 503, as the document says.
+expected-statuses = ["2xx", "3xx", "4xx", "503"]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def narrowed(document: dict[str, Any]) -> dict[str, Any]:
+    """The document with the fields that would reach the host left out of what is fuzzed."""
+    narrow = copy.deepcopy(document)
+    schemas = narrow["components"]["schemas"]
+    create = schemas["SandboxCreate"]["properties"]
+    create["mounts"] = {"type": "array", "maxItems": 0}
+    create["rootfs"] = {"type": "null"}
+    network = schemas["NetworkSpec"]["properties"]
+    network["ports"] = {"type": "array", "maxItems": 0}
+    network["mode"] = {"type": "string", "enum": ["none", "bridge"]}
+    # The cpus limit is bounded by this host's CPUs, which no document can know.
+    cpus = schemas["Limits"]["properties"]["cpus"]["anyOf"][0]
+    cpus["maximum"] = os.cpu_count()
+    return narrow
+
+
+@pytest.fixture(scope="module")
+def served(daemons: Daemons) -> tuple[Daemon, str]:
+    """A daemon on loopback TCP too (schemathesis speaks TCP), with a token, as TCP needs."""
+    port = free_port()
+    daemon = daemons.new(
+        "--listen", f"tcp://127.0.0.1:{port}", "--token", TOKEN,
+        "--max-sandboxes", str(MAX_SANDBOXES),
+    )  # fmt: skip
+    daemon.client.headers["Authorization"] = f"Bearer {TOKEN}"
+    return daemon, f"http://127.0.0.1:{port}"
+
+
+def test_the_server_does_what_the_document_says(
+    served: tuple[Daemon, str], tmp_path: Path
+) -> None:
+    daemon, url = served
+    document = json.loads((ROOT / "openapi.json").read_text())
+    schema = tmp_path / "openapi.json"
+    schema.write_text(json.dumps(narrowed(document)))
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG)
+    schemathesis = shutil.which("schemathesis") or "schemathesis"
+    command = [
+        schemathesis, "--config-file", str(config), "--no-color", "run", str(schema),
+        "--url", url, "--header", f"Authorization: Bearer {TOKEN}",
+        "--phases", "examples,coverage,fuzzing,stateful", "--checks", "all",
+        "--max-examples", "8", "--seed", "1", "--workers", "1",
+        "--request-timeout", "30", "--generation-database", "none",
+        "--suppress-health-check", "all",
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
+        )
+    finally:
+        daemon.destroy_all()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-20000:]
+    assert not daemon.leaks()
+    sys.stdout.write(output[-3000:])
