@@ -38,29 +38,29 @@ ID_PATTERN = re.compile(r"^sb_[0-9a-f]{16}$")
 
 # The patterns below are what openapi.json says, and each validator checks its pattern as its
 # last word, so the schema and the server agree on every string. They are written to mean the
-# same in ECMA-262 (the schema's dialect) and in Python's re.fullmatch: no `.`, no `\d`/`\w`,
-# and control characters are outside every class, so `$` can only match at the very end.
+# same in ECMA-262 (the schema's dialect) and in Python's re (which tools such as schemathesis
+# and jsonschema use): no `.`, no `\d`/`\w`, and each ends with END, not `$`, which in Python
+# also matches before a last newline.
+END = r"(?![\s\S])"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-HOSTNAME_PATTERN = rf"^{_LABEL}(?:\.{_LABEL})*$"  # with maxLength 63
-SANDBOX_NAME_PATTERN = r"^(?!sb_[0-9a-f]{16}$)[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+HOSTNAME_PATTERN = rf"^{_LABEL}(?:\.{_LABEL})*{END}"  # with maxLength 63
+SANDBOX_NAME_PATTERN = rf"^(?!sb_[0-9a-f]{{16}}{END})[A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}{END}"
 NO_NUL_PATTERN = r"^[^\x00]*$"
 ENV_NAME_PATTERN = r"^[^=\x00]+$"
 # An absolute path: no control characters, no '..' component.
 _SEGMENT = r"[^/\x00-\x1f]"
 _NO_DOTDOT = r"(?![^\x00-\x1f]*/\.\.(?:/|$))"
-PATH_PATTERN = rf"^{_NO_DOTDOT}/[^\x00-\x1f]*$"
+PATH_PATTERN = rf"^{_NO_DOTDOT}/[^\x00-\x1f]*{END}"
 # A mount target: a path as above whose first component (past empty and '.' ones) exists and
 # is not proc, sys or dev.
-TARGET_PATTERN = (
-    rf"^{_NO_DOTDOT}(?:/\.?(?=/|$))*/(?!(?:proc|sys|dev|\.)(?:/|$)){_SEGMENT}+(?:/{_SEGMENT}*)*$"
-)
+TARGET_PATTERN = rf"^{_NO_DOTDOT}(?:/\.?(?=/|$))*/(?!(?:proc|sys|dev|\.)(?:/|$)){_SEGMENT}+(?:/{_SEGMENT}*)*{END}"
 KERNEL_TREES = ("proc", "sys", "dev")  # built by the sandbox's setup: nothing goes in or over them
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _UINT32 = (
     r"(?:[0-9]{1,9}|[0-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}"
     r"|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-4])"
 )
-USER_PATTERN = rf"^{_UINT32}(?::{_UINT32})?$"  # uid[:gid], each at most 4294967294
+USER_PATTERN = rf"^{_UINT32}(?::{_UINT32})?{END}"  # uid[:gid], each at most 4294967294
 
 Namespace = Literal["pid", "mnt", "ipc", "uts", "net", "user"]
 ALL_NAMESPACES: list[Namespace] = ["pid", "mnt", "ipc", "uts", "net", "user"]
@@ -557,7 +557,7 @@ _SIGNAL_NAMES = sorted(name.removeprefix("SIG") for name in signal_module.Signal
 # A name in any case, with or without SIG; or a number as decimal digits (leading zeros allowed).
 SIGNAL_PATTERN = (
     rf"^(?:(?:{_any_case('sig')})?(?:{'|'.join(_any_case(n) for n in _SIGNAL_NAMES)})"
-    r"|0*(?:[1-9]|[12][0-9]|3[01]|3[4-9]|[45][0-9]|6[0-4]))$"
+    rf"|0*(?:[1-9]|[12][0-9]|3[01]|3[4-9]|[45][0-9]|6[0-4])){END}"
 )
 _SIGNAL_SCHEMA: JsonDict = {
     "anyOf": [

@@ -16,7 +16,8 @@ from daemon.models import Sandbox, SandboxCreate, SandboxStats, TtlUpdate
 
 router = APIRouter(prefix="/sandboxes", tags=["sandboxes"])
 
-LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=.*$")]
+# `[\s\S]`, not `.`: a value may hold a newline, and `.` skips it in ECMA-262 and in Rust.
+LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=[\s\S]*$")]
 
 # OpenAPI links: what a client (or a stateful test) can do next with the sandbox it made.
 _THIS_SANDBOX = {"ref": "$response.body#/id"}

@@ -36,6 +36,28 @@ CONFIG = """\
 [checks.not_a_server_error]
 # A daemon at its limit answers 503, as the document says.
 expected-statuses = ["2xx", "3xx", "4xx", "503"]
+
+[phases.stateful]
+max-steps = 12
+"""
+# Loaded by schemathesis (SCHEMATHESIS_HOOKS): a sandbox made outside the stateful phase is
+# deleted at once, so that the daemon stays below its limit and later creates go all the way
+# through setup; the stateful phase keeps what it made, for the links to lead to.
+HOOKS = """\
+import os
+
+import httpx
+import schemathesis
+
+
+@schemathesis.hook
+def after_call(context, case, response):
+    created = case.method.upper() == "POST" and case.path == "/sandboxes"
+    stateful = case.meta is not None and case.meta.phase.name.value == "stateful"
+    if created and response.status_code == 201 and not stateful:
+        url = os.environ["SANDBOXD_URL"] + "/sandboxes/" + response.json()["id"]
+        headers = {"Authorization": "Bearer " + os.environ["SANDBOXD_TOKEN"]}
+        assert httpx.delete(url, headers=headers, timeout=60).status_code == 204
 """
 
 
@@ -73,15 +95,21 @@ def served(daemons: Daemons) -> tuple[Daemon, str]:
     return daemon, f"http://127.0.0.1:{port}"
 
 
-def test_the_server_does_what_the_document_says(
-    served: tuple[Daemon, str], tmp_path: Path
-) -> None:
+def test_the_server_does_what_the_document_says(served: tuple[Daemon, str], tmp_path: Path) -> None:
     daemon, url = served
     document = json.loads((ROOT / "openapi.json").read_text())
     schema = tmp_path / "openapi.json"
     schema.write_text(json.dumps(narrowed(document)))
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
+    (tmp_path / "sandboxd_hooks.py").write_text(HOOKS)
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "sandboxd_hooks",
+        "PYTHONPATH": str(tmp_path),
+        "SANDBOXD_URL": url,
+        "SANDBOXD_TOKEN": TOKEN,
+    }
     schemathesis = shutil.which("schemathesis") or "schemathesis"
     command = [
         schemathesis, "--config-file", str(config), "--no-color", "run", str(schema),
@@ -93,7 +121,7 @@ def test_the_server_does_what_the_document_says(
     ]  # fmt: skip
     try:
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
+            command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env, check=False
         )
     finally:
         daemon.destroy_all()
