@@ -53,7 +53,10 @@ _NO_DOTDOT = r"(?![^\x00-\x1f]*/\.\.(?:/|$))"
 PATH_PATTERN = rf"^{_NO_DOTDOT}/[^\x00-\x1f]*{END}"
 # A mount target: a path as above whose first component (past empty and '.' ones) exists and
 # is not proc, sys or dev.
-TARGET_PATTERN = rf"^{_NO_DOTDOT}(?:/\.?(?=/|$))*/(?!(?:proc|sys|dev|\.)(?:/|$)){_SEGMENT}+(?:/{_SEGMENT}*)*{END}"
+TARGET_PATTERN = (
+    rf"^{_NO_DOTDOT}(?:/\.?(?=/|$))*"  # empty and '.' components
+    rf"/(?!(?:proc|sys|dev|\.)(?:/|$)){_SEGMENT}+(?:/{_SEGMENT}*)*{END}"  # the first real one on
+)
 KERNEL_TREES = ("proc", "sys", "dev")  # built by the sandbox's setup: nothing goes in or over them
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _UINT32 = (

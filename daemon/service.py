@@ -400,7 +400,7 @@ class SandboxManager:
             work.mkdir(mode=0o700)
             os.chmod(upper, os.stat(lower).st_mode & 0o7777)
             os.chown(upper, owner, owner)
-            layers.append(Layer(lower, target, str(upper), str(work)))
+            layers.append(Layer(lower, target, str(upper), str(work), spec.rootfs is not None))
         hosts_ip, resolv = self.network.identity(record.ip) if record.ip else (None, "")
         base.write_identity_files(Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv)
         return SpawnRequest(

@@ -196,10 +196,16 @@ def build_root(req: SpawnRequest, userns_fd: int | None, base_userns_fd: int | N
     for index, layer in enumerate(req.layers):
         lower = os.path.join(staging, f"lower{index}")
         os.mkdir(lower)
-        attach(detached_tree(layer.lower, base_userns_fd, read_only=True), lower)
         target = os.path.join(new_root, layer.target.lstrip("/"))
         options = f"lowerdir={lower},upperdir={layer.upper},workdir={layer.work}"
-        sc.mount("overlay", target, "overlay", 0, options)
+        try:
+            attach(detached_tree(layer.lower, base_userns_fd, read_only=True), lower)
+            sc.mount("overlay", target, "overlay", 0, options)
+        except OSError as exc:
+            if not layer.requested:
+                raise
+            # e.g. /proc or /sys: a filesystem that cannot be idmapped or be an overlay's lower
+            raise InvalidMount(f"cannot use {layer.lower} as a root: {exc}") from exc
     # Trees from the host that must survive the old root: taken now, attached after the pivot.
     devices = {name: detached_tree(f"/dev/{name}", None, read_only=False) for name in DEVICES}
     binds = []

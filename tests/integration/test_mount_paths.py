@@ -115,6 +115,14 @@ def test_a_target_whose_symlinks_lead_to_a_kernel_tree_is_422(
     assert target in problem["detail"]
 
 
+@pytest.mark.parametrize("root", ["/proc", "/sys", "/dev", "/proc/self"])
+def test_a_kernel_tree_as_the_rootfs_is_422(daemon: Daemon, source: Path, root: str) -> None:
+    """The overlay cannot use them (nor idmap them): the request's fault, not a setup failure."""
+    body = {"rootfs": root, "mounts": [{"source": str(source), "target": "/opt/x"}]}
+    problem = assert_refused(daemon, body, source)
+    assert root in problem["detail"]
+
+
 def test_a_symlink_inside_the_root_is_followed_inside_it(
     daemon: Daemon, source: Path, tmp_path: Path
 ) -> None:
