@@ -21,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -76,6 +77,23 @@ class _Input(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
+STORED = {"stored": True}  # the validation context of a spec read back from the store
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """A spec read back from the store passed the rules of the version that stored it: this
+    version's stricter string rules must not make it unreadable (a failed record of a mount
+    target written '/./proc' by an older version, say)."""
+    return isinstance(info.context, dict) and bool(info.context.get("stored"))
+
+
+def stored_spec(spec: dict[str, Any]) -> SandboxCreate:
+    """A stored SandboxCreate, read back; its ttl (which views never need) is left out, since
+    an older version took shorter ones."""
+    kept = {key: value for key, value in spec.items() if key != "ttl_seconds"}
+    return SandboxCreate.model_validate(kept, context=STORED)
+
+
 def _checked(
     pattern: str,
     what: str,
@@ -87,7 +105,9 @@ def _checked(
     through), then `normalise` may rewrite the value."""
     compiled = re.compile(pattern)
 
-    def check(value: str) -> str:
+    def check(value: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return value
         explain(value)
         if not compiled.fullmatch(value):
             raise ValueError(f"{what} must match {pattern}")
@@ -207,8 +227,8 @@ Env = Annotated[dict[EnvName, EnvValue], WithJsonSchema(_ENV_SCHEMA)]
 
 
 # The program is named by the first argument, so that one cannot be empty.
-def _program(argv: list[str]) -> list[str]:
-    if argv and not argv[0]:  # (an empty list is refused by min_length)
+def _program(argv: list[str], info: ValidationInfo) -> list[str]:
+    if not _stored(info) and argv and not argv[0]:  # (an empty list is refused by min_length)
         raise ValueError("the first argument (the program) must not be empty")
     return argv
 

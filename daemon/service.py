@@ -50,6 +50,7 @@ from daemon.models import (
     SandboxStats,
     hostname_from_name,
     kernel_release,
+    stored_spec,
 )
 from daemon.network import BridgeNetwork, NetworkError
 from daemon.parent import SupervisorLink, Zygote, open_pidfd, wait_readable
@@ -622,7 +623,7 @@ class SandboxManager:
 
     async def _publish_again(self, live: LiveSandbox, record: SandboxRecord) -> None:
         """A running sandbox's published ports, bound again by this daemon."""
-        spec = SandboxCreate.model_validate(record.spec)
+        spec = stored_spec(record.spec)
         if not spec.network.ports or record.ip is None:
             return
         try:

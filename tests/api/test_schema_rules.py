@@ -31,6 +31,7 @@ from daemon.models import (
     TtlUpdate,
     normal_path,
     signal_number,
+    stored_spec,
 )
 
 DOCUMENT = json.loads((Path(__file__).resolve().parents[2] / "openapi.json").read_text())
@@ -207,3 +208,18 @@ def test_a_kernel_tree_in_any_spelling_is_refused_with_a_reason(target: str) -> 
         or "'..'" in message
         or ("cannot be /" in message)
     )
+
+
+def test_a_spec_stored_by_an_older_version_still_reads() -> None:
+    """Older versions took '/./proc' as a target (and stored a failed record of it), an empty
+    program and TTLs under a millisecond: such a record must still be shown, as it was."""
+    old = {
+        "mounts": [{"source": "/tmp", "target": "/./proc", "read_only": True}],
+        "cmd": [""],
+        "ttl_seconds": 1e-9,
+        "hostname": "box\n",
+    }
+    with pytest.raises(ValidationError):
+        SandboxCreate.model_validate(old)
+    spec = stored_spec(old)
+    assert (spec.mounts[0].target, spec.cmd, spec.hostname) == ("/./proc", [""], "box\n")
