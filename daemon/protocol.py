@@ -54,7 +54,7 @@ EXECS_DIR = "execs"
 STATUS_FILE = "status.json"
 SETUP_ERROR_FILE = "setup_error"
 SUPERVISOR_ERROR_FILE = "supervisor_error"
-INVALID_PREFIX = "invalid: "  # a setup error that the request's own mounts caused
+INVALID_PREFIX = "invalid: "  # a setup error that the request's own rootfs or mounts caused
 ROOT_DIR = "root"
 STAGING_DIR = "staging"
 NET = "net"  # the zygote argument that makes it the one for bridged sandboxes
@@ -96,6 +96,7 @@ class Layer:
     target: str
     upper: str
     work: str
+    requested: bool = False  # the request's own rootfs: a failure to use it is its fault
 
 
 @dataclass

@@ -50,6 +50,7 @@ from daemon.models import (
     SandboxStats,
     hostname_from_name,
     kernel_release,
+    stored_spec,
 )
 from daemon.network import BridgeNetwork, NetworkError
 from daemon.parent import SupervisorLink, Zygote, open_pidfd, wait_readable
@@ -400,7 +401,7 @@ class SandboxManager:
             work.mkdir(mode=0o700)
             os.chmod(upper, os.stat(lower).st_mode & 0o7777)
             os.chown(upper, owner, owner)
-            layers.append(Layer(lower, target, str(upper), str(work)))
+            layers.append(Layer(lower, target, str(upper), str(work), spec.rootfs is not None))
         hosts_ip, resolv = self.network.identity(record.ip) if record.ip else (None, "")
         base.write_identity_files(Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv)
         return SpawnRequest(
@@ -622,7 +623,7 @@ class SandboxManager:
 
     async def _publish_again(self, live: LiveSandbox, record: SandboxRecord) -> None:
         """A running sandbox's published ports, bound again by this daemon."""
-        spec = SandboxCreate.model_validate(record.spec)
+        spec = stored_spec(record.spec)
         if not spec.network.ports or record.ip is None:
             return
         try:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 from daemon import syscalls as sc
 from daemon.protocol import SOCKET_NAME, STAGING_DIR, SpawnRequest, short_path
 
+KERNEL_TREES = ("proc", "sys", "dev")  # made by the steps above: no bind goes in or over them
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {
     "fd": "/proc/self/fd",
@@ -195,10 +196,16 @@ def build_root(req: SpawnRequest, userns_fd: int | None, base_userns_fd: int | N
     for index, layer in enumerate(req.layers):
         lower = os.path.join(staging, f"lower{index}")
         os.mkdir(lower)
-        attach(detached_tree(layer.lower, base_userns_fd, read_only=True), lower)
         target = os.path.join(new_root, layer.target.lstrip("/"))
         options = f"lowerdir={lower},upperdir={layer.upper},workdir={layer.work}"
-        sc.mount("overlay", target, "overlay", 0, options)
+        try:
+            attach(detached_tree(layer.lower, base_userns_fd, read_only=True), lower)
+            sc.mount("overlay", target, "overlay", 0, options)
+        except OSError as exc:
+            if not layer.requested:
+                raise
+            # e.g. /proc or /sys: a filesystem that cannot be idmapped or be an overlay's lower
+            raise InvalidMount(f"cannot use {layer.lower} as a root: {exc}") from exc
     # Trees from the host that must survive the old root: taken now, attached after the pivot.
     devices = {name: detached_tree(f"/dev/{name}", None, read_only=False) for name in DEVICES}
     binds = []
@@ -234,12 +241,29 @@ def build_root(req: SpawnRequest, userns_fd: int | None, base_userns_fd: int | N
     mount_at("tmpfs", "/tmp", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
     ptmx = os.open("/dev/pts/ptmx", os.O_PATH | os.O_CLOEXEC)
     for mount, is_dir, fd in binds:
+        target = resolved_target(mount.target)
         try:
-            make_mountpoint(mount.target, is_dir, owner)
-            attach(fd, mount.target)
+            make_mountpoint(target, is_dir, owner)
+            attach(fd, target)
         except OSError as exc:
             raise InvalidMount(f"cannot bind {mount.source} on {mount.target}: {exc}") from exc
     return ptmx
+
+
+def resolved_target(target: str) -> str:
+    """Where a bind's target lands once the symlinks on its way are followed, or InvalidMount
+    if that is / or in /proc, /sys or /dev.
+
+    B has pivoted into the new root, so every symlink, absolute or with '..', resolves inside
+    it: `/etc/mtab` (a link to ../proc/self/mounts) would land in /proc, which the daemon's
+    check of the target as written cannot see. Nothing else runs in the sandbox yet, so the
+    path cannot change between this and the mount.
+    """
+    real = os.path.realpath(target)
+    top = real.split("/")[1]
+    if real == "/" or top in KERNEL_TREES:
+        raise InvalidMount(f"mount target {target} resolves to {real}: not a place for a mount")
+    return real
 
 
 def detached_tree(path: str, userns_fd: int | None, read_only: bool) -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from daemon.lifecycle import ExecState, ExitReason, SandboxState
-from daemon.models import Exec, ExitInfo, MountSpec, NetworkView, Sandbox, SandboxCreate
+from daemon.models import Exec, ExitInfo, NetworkView, Sandbox, stored_spec
 from daemon.store import ExecRecord, SandboxRecord
 
 
 def sandbox_view(record: SandboxRecord) -> Sandbox:
-    spec = SandboxCreate.model_validate(record.spec)
+    spec = stored_spec(record.spec)
     exit_info = None
     if record.exit_reason is not None:
         exit_info = ExitInfo(
@@ -24,7 +24,7 @@ def sandbox_view(record: SandboxRecord) -> Sandbox:
         hostname=record.hostname,
         namespaces=spec.namespaces,
         rootfs=spec.rootfs,
-        mounts=[MountSpec.model_validate(m) for m in record.spec.get("mounts", [])],
+        mounts=spec.mounts,
         cmd=spec.cmd,
         env=spec.env,
         network=NetworkView(mode=spec.network.mode, ip=record.ip, ports=spec.network.ports),

@@ -28,6 +28,17 @@ router = APIRouter(prefix="/sandboxes/{ref}", tags=["execs"])
 
 NDJSON = "application/x-ndjson"
 
+# OpenAPI links: what a client (or a stateful test) can do next with the exec it started.
+_THIS_EXEC = {"ref": "$response.body#/sandbox_id", "exec_id": "$response.body#/id"}
+EXEC_LINKS = {
+    name: {"operationId": operation, "parameters": _THIS_EXEC, "description": description}
+    for name, operation, description in (
+        ("get", "execs_get", "Get the exec."),
+        ("signal", "execs_signal", "Send it a signal."),
+        ("output", "execs_output", "Its output as NDJSON."),
+    )
+}
+
 
 @router.post(
     "/exec",
@@ -41,8 +52,13 @@ NDJSON = "application/x-ndjson"
         200: {
             "description": "The finished Exec (or, asked for NDJSON, its output as lines).",
             "content": {NDJSON: {"schema": {"type": "string"}}},
+            "links": EXEC_LINKS,
         },
-        202: {"model": Exec, "description": "Started; the Exec is `running`."},
+        202: {
+            "model": Exec,
+            "description": "Started; the Exec is `running`.",
+            "links": EXEC_LINKS,
+        },
         **documented(400, 401, 404, 409, 413, 415, 422),
     },
 )
@@ -100,7 +116,7 @@ async def signal(ref: str, exec_id: str, body: SignalRequest, service: Service) 
     response_class=StreamingResponse,
     responses={
         200: {"content": {NDJSON: {"schema": {"type": "string"}}}, "description": "NDJSON"},
-        **documented(401, 404),
+        **documented(401, 404, 422),
     },
 )
 async def output(ref: str, exec_id: str, service: Service, follow: bool = False) -> Response:

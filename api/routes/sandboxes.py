@@ -16,7 +16,22 @@ from daemon.models import Sandbox, SandboxCreate, SandboxStats, TtlUpdate
 
 router = APIRouter(prefix="/sandboxes", tags=["sandboxes"])
 
-LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=.*$")]
+# `[\s\S]`, not `.`: a value may hold a newline, and `.` skips it in ECMA-262 and in Rust.
+LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=[\s\S]*$")]
+
+# OpenAPI links: what a client (or a stateful test) can do next with the sandbox it made.
+_THIS_SANDBOX = {"ref": "$response.body#/id"}
+SANDBOX_LINKS = {
+    name: {"operationId": operation, "parameters": _THIS_SANDBOX, "description": description}
+    for name, operation, description in (
+        ("get", "sandboxes_get", "Get the sandbox."),
+        ("delete", "sandboxes_delete", "Delete the sandbox."),
+        ("stats", "sandboxes_stats", "Its resource usage."),
+        ("set_ttl", "sandboxes_set_ttl", "Set when it expires."),
+        ("exec", "execs_create", "Run a process in it."),
+        ("execs", "execs_list", "List its execs."),
+    )
+}
 
 
 @router.post(
@@ -26,7 +41,10 @@ LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=.*$")]
     summary="Create and start a sandbox",
     description="201 with the sandbox, `running` (or already `exited` if its cmd ended at once). "
     "The Location header names the new sandbox. Every field is optional, and so is the body.",
-    responses=documented(400, 401, 409, 413, 415, 422, 503),
+    responses={
+        201: {"description": "Created.", "links": SANDBOX_LINKS},
+        **documented(400, 401, 409, 413, 415, 422, 503),
+    },
 )
 async def create(
     service: Service,

@@ -1,0 +1,144 @@
+"""Schemathesis, run from openapi.json against a real daemon, finds no difference between what
+the document says and what the server does.
+
+Every check of schemathesis runs, through its coverage, fuzzing (examples) and stateful phases
+(the stateful phase follows the document's links: create → get, exec, delete; exec → get,
+signal, output). The only 5xx allowed is the documented 503 of a daemon at its sandbox limit,
+which this daemon (capped at a few sandboxes) does reach.
+
+Fuzzed creates make real sandboxes, so the document the fuzzer reads is narrowed, never widened,
+where a fuzzed value would reach the host: no `mounts` (a bind of a host path, read-write if
+the fuzzer so chose), no `rootfs`, no published `ports` (they listen on every host address) and
+no `host` network mode. Those fields are covered by their own tests (test_mount_paths.py,
+test_network.py, tests/api/test_schema_rules.py). A sandbox made outside the stateful phase is
+deleted at once (a hook), and everything left is destroyed before the module's leak check.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, Daemon, Daemons
+
+TOKEN = "schemathesis-test-token"
+MAX_SANDBOXES = 4
+CONFIG = """\
+[checks.not_a_server_error]
+# A daemon at its limit answers 503, as the document says.
+expected-statuses = ["2xx", "3xx", "4xx", "503"]
+
+[phases.stateful]
+max-steps = 12
+"""
+# Loaded by schemathesis (SCHEMATHESIS_HOOKS). A valid TTL under ten minutes is raised to ten
+# minutes (still valid), so that no sandbox expires while the links lead to it (expiry has its
+# own tests, test_ttl.py); an invalid one is left as it is. A sandbox made outside the stateful
+# phase is deleted at once, so that the daemon stays below its limit and later creates go all
+# the way through setup; the stateful phase keeps what it made, for the links to lead to.
+HOOKS = """\
+import os
+
+import httpx
+import schemathesis
+
+LONG_TTL = 600
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    body = case.body
+    ttl = body.get("ttl_seconds") if isinstance(body, dict) else None
+    number = isinstance(ttl, (int, float)) and not isinstance(ttl, bool)
+    if number and 0.001 <= ttl < LONG_TTL:
+        body["ttl_seconds"] = LONG_TTL
+
+
+@schemathesis.hook
+def after_call(context, case, response):
+    created = case.method.upper() == "POST" and case.path == "/sandboxes"
+    stateful = case.meta is not None and case.meta.phase.name.value == "stateful"
+    if created and response.status_code == 201 and not stateful:
+        url = os.environ["SANDBOXD_URL"] + "/sandboxes/" + response.json()["id"]
+        headers = {"Authorization": "Bearer " + os.environ["SANDBOXD_TOKEN"]}
+        assert httpx.delete(url, headers=headers, timeout=60).status_code == 204
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def narrowed(document: dict[str, Any]) -> dict[str, Any]:
+    """The document with the fields that would reach the host left out of what is fuzzed."""
+    narrow = copy.deepcopy(document)
+    schemas = narrow["components"]["schemas"]
+    # Left out, not bounded: a negative case breaking `maxItems: 0` could be a valid bind or port.
+    # With additionalProperties false, a negative case may still send them, under random names.
+    del schemas["SandboxCreate"]["properties"]["mounts"]
+    del schemas["SandboxCreate"]["properties"]["rootfs"]
+    del schemas["NetworkSpec"]["properties"]["ports"]
+    schemas["NetworkSpec"]["properties"]["mode"] = {"type": "string", "enum": ["none", "bridge"]}
+    # The cpus limit is bounded by this host's CPUs, which no document can know.
+    cpus = schemas["Limits"]["properties"]["cpus"]["anyOf"][0]
+    cpus["maximum"] = os.cpu_count()
+    return narrow
+
+
+@pytest.fixture(scope="module")
+def served(daemons: Daemons) -> tuple[Daemon, str]:
+    """A daemon on loopback TCP too (schemathesis speaks TCP), with a token, as TCP needs."""
+    port = free_port()
+    daemon = daemons.new(
+        "--listen", f"tcp://127.0.0.1:{port}", "--token", TOKEN,
+        "--max-sandboxes", str(MAX_SANDBOXES),
+    )  # fmt: skip
+    daemon.client.headers["Authorization"] = f"Bearer {TOKEN}"
+    return daemon, f"http://127.0.0.1:{port}"
+
+
+def test_the_server_does_what_the_document_says(served: tuple[Daemon, str], tmp_path: Path) -> None:
+    daemon, url = served
+    document = json.loads((ROOT / "openapi.json").read_text())
+    schema = tmp_path / "openapi.json"
+    schema.write_text(json.dumps(narrowed(document)))
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG)
+    (tmp_path / "sandboxd_hooks.py").write_text(HOOKS)
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "sandboxd_hooks",
+        "PYTHONPATH": str(tmp_path),
+        "SANDBOXD_URL": url,
+        "SANDBOXD_TOKEN": TOKEN,
+    }
+    schemathesis = shutil.which("schemathesis") or "schemathesis"
+    command = [
+        schemathesis, "--config-file", str(config), "--no-color", "run", str(schema),
+        "--url", url, "--header", f"Authorization: Bearer {TOKEN}",
+        "--phases", "examples,coverage,fuzzing,stateful", "--checks", "all",
+        "--max-examples", "12", "--seed", "1", "--workers", "1",
+        "--request-timeout", "30", "--generation-database", "none",
+        "--suppress-health-check", "all",
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env, check=False
+        )
+    finally:
+        daemon.destroy_all()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-20000:]
+    assert not daemon.leaks()
+    sys.stdout.write(output[-3000:])
