@@ -77,6 +77,24 @@ def _parser() -> argparse.ArgumentParser:
         help="sandboxes kept started for creates on the default options "
         "[SANDBOXD_POOL_SIZE; default 0]",
     )
+    serve.add_argument(
+        "--default-disk-bytes",
+        metavar="BYTES",
+        help="a sandbox's writable layer (a tmpfs) when its create gives no limits.disk_bytes "
+        "[SANDBOXD_DEFAULT_DISK_BYTES; default 1073741824, 1 GiB]",
+    )
+    serve.add_argument(
+        "--tmp-bytes",
+        metavar="BYTES",
+        help="the size of every sandbox's /tmp, at most its disk_bytes "
+        "[SANDBOXD_TMP_BYTES; default 268435456, 256 MiB]",
+    )
+    serve.add_argument(
+        "--shm-bytes",
+        metavar="BYTES",
+        help="the size of every sandbox's /dev/shm, at most its disk_bytes "
+        "[SANDBOXD_SHM_BYTES; default 67108864, 64 MiB]",
+    )
     _bridge(serve)
     serve.add_argument(
         "--bridge-subnet",

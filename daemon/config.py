@@ -27,6 +27,9 @@ UID_RANGE = 65536
 _MAX_UID = 0xFFFFFFFE
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+# The smallest disk, /tmp or /dev/shm: room for the identity files and the overlay's work dir.
+MIN_DISK_BYTES = 1 << 20
+MAX_DISK_BYTES = 1 << 44  # 16 TiB: more is surely a mistake for a filesystem in memory
 # IFNAMSIZ is 16, including the terminating NUL.
 _MAX_IFNAME = 15
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -59,6 +62,13 @@ class Config:
     # Sandboxes kept started on the default options, so that a create that asks for no more
     # than a name, host name, labels, env and ttl takes one at once (see the README's Pool).
     pool_size: int = 0
+    # A sandbox's disk (daemon/disk.py, docs/limits.md): its writable layer when its create
+    # gives no limits.disk_bytes; and its /tmp and /dev/shm, each at most these (and at most
+    # its disk_bytes). All are tmpfs, charged to the sandbox's memory: 1 GiB holds a language
+    # runtime and its packages, and a thousand idle sandboxes still cost nothing until written.
+    default_disk_bytes: int = 1 << 30
+    tmp_bytes: int = 256 << 20
+    shm_bytes: int = 64 << 20
 
 
 class ConfigError(ValueError):
@@ -120,11 +130,15 @@ ENVIRONMENT = {
     "bridge_subnet": "SANDBOXD_BRIDGE_SUBNET",
     "egress": "SANDBOXD_EGRESS",
     "pool_size": "SANDBOXD_POOL_SIZE",
+    "default_disk_bytes": "SANDBOXD_DEFAULT_DISK_BYTES",
+    "tmp_bytes": "SANDBOXD_TMP_BYTES",
+    "shm_bytes": "SANDBOXD_SHM_BYTES",
 }
 FILE_KEYS = frozenset(
     {"listen", "state_dir", "run_dir", "token", "token_file", "max_sandboxes"}
     | {"output_limit", "max_body", "uid_base", "cgroup_name", "exec_retention"}
     | {"bridge_name", "bridge_subnet", "egress", "pool_size"}
+    | {"default_disk_bytes", "tmp_bytes", "shm_bytes"}
 )
 
 
@@ -145,7 +159,7 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
 
     `argv_values` uses the setting names (listen, state_dir, run_dir, token, token_file,
     max_sandboxes, output_limit, max_body, bridge_name, bridge_subnet, egress, pool_size,
-    config). Empty environment variables count as unset.
+    default_disk_bytes, tmp_bytes, shm_bytes, config). Empty environment variables count as unset.
     Raises ConfigError for an unreadable file, an unknown key or a value that cannot be used.
     """
     flags = {k: _Setting(v, _flag(k)) for k, v in argv_values.items() if v is not None}
@@ -182,6 +196,9 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         bridge_subnet=_subnet(get("bridge_subnet"), Config.bridge_subnet),
         egress=_boolean(get("egress"), Config.egress),
         pool_size=_integer(get("pool_size"), Config.pool_size, minimum=0),
+        default_disk_bytes=_bytes(get("default_disk_bytes"), Config.default_disk_bytes),
+        tmp_bytes=_bytes(get("tmp_bytes"), Config.tmp_bytes),
+        shm_bytes=_bytes(get("shm_bytes"), Config.shm_bytes),
     )
     # Pooled sandboxes hold uid ranges too.
     last_uid = config.uid_base + (config.max_sandboxes + config.pool_size) * UID_RANGE - 1
@@ -262,6 +279,14 @@ def _integer(setting: _Setting | None, default: int, minimum: int = 1) -> int:
         raise ConfigError(f"{setting.where}: expected a whole number, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{setting.where}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _bytes(setting: _Setting | None, default: int) -> int:
+    """A size in bytes of a tmpfs: at least MIN_DISK_BYTES, at most what Limits accepts."""
+    value = _integer(setting, default, minimum=MIN_DISK_BYTES)
+    if setting is not None and value > MAX_DISK_BYTES:
+        raise ConfigError(f"{setting.where}: must be at most {MAX_DISK_BYTES}, got {value}")
     return value
 
 

@@ -91,7 +91,7 @@ class NoControllers:
         pass
 
     def check(self, limits: Limits) -> None:
-        if limits != Limits():
+        if limits.model_copy(update={"disk_bytes": None}) != Limits():  # no cgroup for disk
             raise Invalid("this host has no cgroup controllers for memory, pids or cpu")
 
     def create(self, sandbox_id: str, limits: Limits) -> Placement:
@@ -119,6 +119,15 @@ def for_layout(layout: Layout | None, tree: cgroups.ProcessTree) -> ResourceCont
     if layout == "v1":
         return cgroup_v1.CgroupV1(tree.name)
     return NoControllers(tree)
+
+
+def with_disk(limits: Limits, default: int) -> Limits:
+    """`limits` as applied: with the daemon's default disk_bytes if it gives none."""
+    return (
+        limits
+        if limits.disk_bytes is not None
+        else limits.model_copy(update={"disk_bytes": default})
+    )
 
 
 def check_cpus(limits: Limits) -> None:
