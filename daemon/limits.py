@@ -122,12 +122,13 @@ def for_layout(layout: Layout | None, tree: cgroups.ProcessTree) -> ResourceCont
 
 
 def with_disk(limits: Limits, default: int) -> Limits:
-    """`limits` as applied: with the daemon's default disk_bytes if it gives none."""
-    return (
-        limits
-        if limits.disk_bytes is not None
-        else limits.model_copy(update={"disk_bytes": default})
-    )
+    """`limits` as applied: with the daemon's default disk_bytes if it gives none, or half
+    its memory_bytes if less (its files are charged to its memory: daemon/disk.py)."""
+    if limits.disk_bytes is not None:
+        return limits
+    if limits.memory_bytes is not None:
+        default = min(default, limits.memory_bytes // 2)
+    return limits.model_copy(update={"disk_bytes": default})
 
 
 def check_cpus(limits: Limits) -> None:

@@ -154,8 +154,17 @@ class Limits(_Input):
         "hold at most this much each too (and at most the daemon's caps, 256 and 64 MiB by "
         "default). Past it a write fails with ENOSPC; what it holds counts towards "
         "memory_bytes. null: the daemon's default (--default-disk-bytes, 1 GiB unless set), "
-        "which the sandbox then reports here. At least 1 MiB.",
+        "which the sandbox then reports here, or half of memory_bytes if that is less. "
+        "At least 1 MiB, at most memory_bytes.",
     )
+
+    @model_validator(mode="after")
+    def _files_fit_in_memory(self) -> Limits:
+        # Its files are pages charged to its memory cgroup: a disk larger than its memory
+        # would meet the OOM killer before ENOSPC.
+        if self.memory_bytes and self.disk_bytes and self.disk_bytes > self.memory_bytes:
+            raise ValueError("disk_bytes must not exceed memory_bytes: its files are in memory")
+        return self
 
 
 class SandboxCreate(_Input):

@@ -98,7 +98,9 @@ def test_tmp_and_shm_hold_no_more_than_disk_bytes(daemon: Daemon) -> None:
 
 def test_the_daemon_settings(daemons: Daemons) -> None:
     other = daemons.new(
-        "--default-disk-bytes", str(48 * MiB), "--tmp-bytes", str(8 * MiB), "--shm-bytes", str(2 * MiB)
+        "--default-disk-bytes", str(48 * MiB),
+        "--tmp-bytes", str(8 * MiB),
+        "--shm-bytes", str(2 * MiB),
     )  # fmt: skip
     try:
         box = other.create()
@@ -119,6 +121,19 @@ def test_a_disk_out_of_bounds_is_refused(daemon: Daemon, disk_bytes: object) -> 
     assert response.status_code == 422, response.text
     assert "disk_bytes" in response.text
     assert daemon.client.get("/sandboxes").json()["items"] == []
+
+
+def test_a_disk_larger_than_memory_is_refused_and_the_default_fits(daemon: Daemon) -> None:
+    limits = {"memory_bytes": 64 * MiB, "disk_bytes": 65 * MiB}
+    response = daemon.client.post("/sandboxes", json={"limits": limits})
+    assert response.status_code == 422 and "disk_bytes" in response.text, response.text
+    box = daemon.create(limits={"memory_bytes": 64 * MiB})
+    assert box["limits"]["disk_bytes"] == 32 * MiB
+    assert sizes(daemon, box["id"], "/")["/"] == 32 * MiB
+    # Its files fail with ENOSPC before they fill its memory, and it lives on.
+    result = write(daemon, box["id"], "/root/big", 40)
+    assert result["exit_code"] != 0 and ENOSPC in result["stderr"], result
+    assert daemon.sh(box["id"], "rm /root/big; echo alive")["stdout"] == "alive\n"
 
 
 def test_destroy_leaves_no_mount(daemon: Daemon) -> None:
