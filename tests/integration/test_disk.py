@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from daemon.config import ENVIRONMENT, ConfigError, load_config
 from tests.conftest import Daemon, Daemons, wait_for
 
 MiB = 1 << 20
@@ -174,3 +175,12 @@ def test_a_pooled_sandbox_has_the_default_disk(daemons: Daemons) -> None:
     finally:
         pooled.destroy_all()
         pooled.stop()
+
+
+@pytest.mark.parametrize("name", ["default_disk_bytes", "tmp_bytes", "shm_bytes"])
+def test_the_settings_are_bounded(name: str) -> None:
+    variable = ENVIRONMENT[name]
+    assert getattr(load_config({}, {variable: str(8 * MiB)}), name) == 8 * MiB
+    for bad in ("0", str(MiB - 1), str(1 << 45), "1G"):
+        with pytest.raises(ConfigError, match=variable):
+            load_config({}, {variable: bad})
