@@ -17,7 +17,6 @@ teardown and the sweep for strays at start unmount it (`unmount`) before removin
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 from daemon import syscalls as sc
@@ -53,9 +52,3 @@ def unmount(path: Path) -> None:
             if exc.errno in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more)
                 return
             raise
-
-
-def used_bytes(path: Path) -> int:
-    """Bytes in use on the sandbox's tmpfs (what counts against its disk_bytes)."""
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
