@@ -47,6 +47,9 @@ UID_RANGE = 65536
 _MAX_UID = 0xFFFFFFFE
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+# The smallest disk, /tmp or /dev/shm: room for the identity files and the overlay's work dir.
+MIN_DISK_BYTES = 1 << 20
+MAX_DISK_BYTES = 1 << 44  # 16 TiB: more is surely a mistake for a filesystem in memory
 # IFNAMSIZ is 16, including the terminating NUL.
 _MAX_IFNAME = 15
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -181,7 +184,15 @@ def _token(value: object) -> str | None:
     return token
 
 
+def _size(value: object) -> int:
+    size = _whole(MIN_DISK_BYTES)(value)
+    if size > MAX_DISK_BYTES:
+        raise ValueError(f"must be at most {MAX_DISK_BYTES}, got {size}")
+    return size
+
+
 Whole = Annotated[int, BeforeValidator(_whole(1))]
+Size = Annotated[int, BeforeValidator(_size)]
 Count = Annotated[int, BeforeValidator(_whole(0))]
 Flag = Annotated[bool, BeforeValidator(_boolean)]
 Directory = Annotated[Path, BeforeValidator(_directory)]
@@ -268,6 +279,21 @@ class Config(BaseSettings):
             "N",
         ),
     ] = 0
+    default_disk_bytes: Annotated[
+        Size,
+        Doc(
+            "a sandbox's writable layer (a tmpfs charged to its memory) when its create gives no "
+            "limits.disk_bytes: 1 GiB holds a language runtime and its packages, and idle "
+            "sandboxes cost nothing until they write",
+            "BYTES",
+        ),
+    ] = 1 << 30
+    tmp_bytes: Annotated[
+        Size, Doc("the size of every sandbox's /tmp, at most its disk_bytes", "BYTES")
+    ] = 256 << 20
+    shm_bytes: Annotated[
+        Size, Doc("the size of every sandbox's /dev/shm, at most its disk_bytes", "BYTES")
+    ] = 64 << 20
     uid_base: Annotated[
         Whole,
         Doc(

@@ -91,7 +91,7 @@ class NoControllers:
         pass
 
     def check(self, limits: Limits) -> None:
-        if limits != Limits():
+        if limits.model_copy(update={"disk_bytes": None}) != Limits():  # no cgroup for disk
             raise Invalid("this host has no cgroup controllers for memory, pids or cpu")
 
     def create(self, sandbox_id: str, limits: Limits) -> Placement:
@@ -119,6 +119,16 @@ def for_layout(layout: Layout | None, tree: cgroups.ProcessTree) -> ResourceCont
     if layout == "v1":
         return cgroup_v1.CgroupV1(tree.name)
     return NoControllers(tree)
+
+
+def with_disk(limits: Limits, default: int) -> Limits:
+    """`limits` as applied: with the daemon's default disk_bytes if it gives none, or half
+    its memory_bytes if less (its files are charged to its memory: daemon/disk.py)."""
+    if limits.disk_bytes is not None:
+        return limits
+    if limits.memory_bytes is not None:
+        default = min(default, limits.memory_bytes // 2)
+    return limits.model_copy(update={"disk_bytes": default})
 
 
 def check_cpus(limits: Limits) -> None:

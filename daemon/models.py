@@ -283,10 +283,15 @@ class NetworkSpec(_Input):
 # have room for more than that (Docker's floor is 6 MiB).
 MIN_MEMORY = 16 << 20
 MAX_PIDS = 4194304  # the kernel's PID_MAX_LIMIT
+# A disk (a tmpfs) needs room for the identity files and the overlay's work directory; past
+# 16 TiB a filesystem in memory is surely a mistake (daemon/config.py bounds its defaults alike).
+MIN_DISK = 1 << 20
+MAX_DISK = 1 << 44
 
 
 class Limits(_Input):
-    """Enforced with the host's cgroups (v1 or v2, see GET /info); null: no limit."""
+    """Memory, pids and cpus are enforced with the host's cgroups (v1 or v2, see GET /info),
+    null: no limit; disk_bytes by the size of the sandbox's filesystems, null: the default."""
 
     memory_bytes: Annotated[int, Field(ge=MIN_MEMORY, le=1 << 53), WHOLE] | None = Field(
         default=None,
@@ -304,6 +309,24 @@ class Limits(_Input):
         description="CPU time as a number of CPUs (0.25: a quarter of one), at most the "
         "host's CPUs.",
     )
+    disk_bytes: Annotated[int, Field(ge=MIN_DISK, le=MAX_DISK)] | None = Field(
+        default=None,
+        description="What it may write to its own files (everything outside its bind mounts): "
+        "its writable layer is a filesystem in memory of this size, and its /tmp and /dev/shm "
+        "hold at most this much each too (and at most the daemon's caps, 256 and 64 MiB by "
+        "default). Past it a write fails with ENOSPC; what it holds counts towards "
+        "memory_bytes. null: the daemon's default (--default-disk-bytes, 1 GiB unless set), "
+        "which the sandbox then reports here, or half of memory_bytes if that is less. "
+        "At least 1 MiB, at most memory_bytes.",
+    )
+
+    @model_validator(mode="after")
+    def _files_fit_in_memory(self) -> Limits:
+        # Its files are pages charged to its memory cgroup: a disk larger than its memory
+        # would meet the OOM killer before ENOSPC.
+        if self.memory_bytes and self.disk_bytes and self.disk_bytes > self.memory_bytes:
+            raise ValueError("disk_bytes must not exceed memory_bytes: its files are in memory")
+        return self
 
 
 def _sandbox_name(value: str) -> str:

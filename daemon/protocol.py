@@ -141,6 +141,10 @@ class SpawnRequest:
     memory_cgroup: str | None = None
     memory_per_exec: bool = False
     network: NetworkPlan | None = None  # bridge mode; None: only lo (or the host's network)
+    # Sizes of its /tmp and /dev/shm (tmpfs each, charged to its memory cgroup); its writable
+    # layers lie on a tmpfs the daemon sized before the spawn (daemon/disk.py).
+    tmp_bytes: int = 256 << 20
+    shm_bytes: int = 64 << 20
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"

@@ -3,7 +3,8 @@
 api/ calls SandboxManager (it implements daemon.models.SandboxService); it keeps records in
 the store, builds sandboxes through the zygote, and talks to each supervisor over its link.
 Files on the host, per sandbox:
-    STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers (removed when it ends)
+    STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers, on a tmpfs of its own
+                                               mounted at STATE/sandboxes/ID (daemon/disk.py)
     RUN/sandboxes/ID/                          the supervisor's socket and mailbox
     CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.cgroups, daemon.limits)
 and for a bridged one its host link and published ports (daemon/network.py, daemon/ports.py),
@@ -25,7 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import base, cgroups, hardening, limits
+from daemon import base, cgroups, disk, hardening, limits
 from daemon.config import Config
 from daemon.errors import Conflict, Invalid, NotFound, SandboxError, SetupFailed
 from daemon.execs import Execs
@@ -214,7 +215,7 @@ class SandboxManager:
 
     async def create(self, spec: SandboxCreate) -> Sandbox:
         if poolable(spec):
-            taken = self._take_pooled(spec)
+            taken = self._take_pooled(self._applied(spec))
             if taken is not None:
                 return taken
         return sandbox_view(await self._create(spec))
@@ -223,6 +224,7 @@ class SandboxManager:
         # 1. validate what the schema cannot see: the host paths and controllers, what is
         #    not built yet
         self._check_host(spec)
+        spec = self._applied(spec)
         bridged = spec.network.mode == "bridge"
         sandbox_id = new_id("sb")
         hostname = asked_hostname(spec, sandbox_id)
@@ -389,6 +391,11 @@ class SandboxManager:
         run_dir.mkdir(mode=0o700)
         (run_dir / "execs").mkdir(mode=0o700)
         (run_dir / STAGING_DIR).mkdir(mode=0o700)
+        # Its disk: one tmpfs holding every writable layer (undone by _remove_files).
+        disk_bytes = spec.limits.disk_bytes or self.config.default_disk_bytes
+        sandbox_dir = self.sandboxes_dir / record.id
+        sandbox_dir.mkdir(mode=0o700)
+        disk.mount_layers_fs(sandbox_dir, disk_bytes)
         if spec.rootfs is None:
             sources = [(str(self.base_dir), "/"), *base.host_layers()]
         else:
@@ -421,7 +428,14 @@ class SandboxManager:
             memory_cgroup=placement.memory,
             memory_per_exec=placement.memory_per_exec,
             network=self.network.plan(record.id, record.ip) if record.ip else None,
+            tmp_bytes=min(self.config.tmp_bytes, disk_bytes),
+            shm_bytes=min(self.config.shm_bytes, disk_bytes),
         )
+
+    def _applied(self, spec: SandboxCreate) -> SandboxCreate:
+        """The request with the limits it gets: the daemon's default disk if it asks none."""
+        applied = limits.with_disk(spec.limits, self.config.default_disk_bytes)
+        return spec if applied is spec.limits else spec.model_copy(update={"limits": applied})
 
     def _uid_base(self, record: SandboxRecord) -> int:
         """The first host uid of the range its user namespace maps (its root inside)."""
@@ -551,6 +565,16 @@ class SandboxManager:
     async def _remove_files(self, sandbox_id: str) -> None:
         """Everything of a sandbox on the host but its record (the cgroup kills what is left)."""
 
+        def remove_layers() -> None:
+            # Its tmpfs first: unmounted, its pages are freed at once and nothing is left to
+            # walk (should it fail, the walk empties the tmpfs and the directory stays).
+            path = self.sandboxes_dir / sandbox_id
+            try:
+                disk.unmount(path)
+            except OSError as exc:
+                log.error("sandbox %s: its disk stays mounted: %s", sandbox_id, exc)
+            shutil.rmtree(path, ignore_errors=True)
+
         def remove_cgroups(remove: Callable[[str], None]) -> None:
             try:
                 remove(sandbox_id)
@@ -563,7 +587,7 @@ class SandboxManager:
         await asyncio.gather(
             asyncio.to_thread(remove_cgroups, self.limits.remove),
             asyncio.to_thread(shutil.rmtree, self.runtime_dir / sandbox_id, ignore_errors=True),
-            asyncio.to_thread(shutil.rmtree, self.sandboxes_dir / sandbox_id, ignore_errors=True),
+            asyncio.to_thread(remove_layers),
         )
 
     async def _remove_strays(self) -> None:

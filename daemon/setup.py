@@ -28,9 +28,10 @@ The steps (bubblewrap's order: everything validated by the daemon before the fir
     5. fork B, the sandbox's PID 1, and report its host pid
   B, PID 1 in the new PID namespace, still host root:
     6. make every mount private, so nothing propagates back to the host
-    7. overlay each base layer: lower read-only and idmapped, upper in the state directory
+    7. overlay each base layer: lower read-only and idmapped, upper on the sandbox's tmpfs in
+       the state directory (mounted by the daemon, sized by limits.disk_bytes)
     8. pivot_root into the new root and detach the old one
-    9. /proc, /sys (read-only), a minimal /dev, /dev/pts, /dev/shm, /tmp, the bind mounts
+    9. /proc, /sys (read-only), a minimal /dev, /dev/pts, /dev/shm and /tmp (sized), the binds
    10. lo up, unprivileged ports from 0
    11. mask kernel files and make /proc/sys & co. read-only (daemon/hardening.py)
 Each exec's process then drops capabilities and loads the seccomp filter (daemon/execchild.py).
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     # bridged sandboxes loads it (daemon/zygote.py), so other supervisors fork lean.
     from pyroute2 import IPRoute
 
+from daemon import disk
 from daemon import syscalls as sc
 from daemon.protocol import SOCKET_NAME, STAGING_DIR, SpawnRequest, short_path
 
@@ -237,8 +239,17 @@ def build_root(req: SpawnRequest, userns_fd: int | None, base_userns_fd: int | N
         os.lchown(f"/dev/{name}", owner, owner)
     pts = f"newinstance,ptmxmode=0666,mode=620,gid={owner + 5}"
     mount_at("devpts", "/dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, pts, owner)
-    mount_at("tmpfs", "/dev/shm", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
-    mount_at("tmpfs", "/tmp", "tmpfs", _NOSUID_NODEV, f"mode=1777,{ids}", owner)
+    # Sized, or each would take up to half the host's memory.
+    shm = disk.tmpfs_options(req.shm_bytes, "1777", owner)
+    mount_at("tmpfs", "/dev/shm", "tmpfs", _NOSUID_NODEV, shm, owner)
+    mount_at(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        _NOSUID_NODEV,
+        disk.tmpfs_options(req.tmp_bytes, "1777", owner),
+        owner,
+    )
     ptmx = os.open("/dev/pts/ptmx", os.O_PATH | os.O_CLOEXEC)
     for mount, is_dir, fd in binds:
         target = resolved_target(mount.target)
