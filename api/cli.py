@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         help="sandboxes kept started for creates on the default options "
         "[SANDBOXD_POOL_SIZE; default 0]",
     )
+    serve.add_argument(
+        "--supervisor-timeout",
+        metavar="SECONDS",
+        help="how long a sandbox's supervisor may take to answer before a request gets 504 "
+        "[SANDBOXD_SUPERVISOR_TIMEOUT; default 5]",
+    )
     _bridge(serve)
     serve.add_argument(
         "--bridge-subnet",

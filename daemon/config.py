@@ -59,6 +59,9 @@ class Config:
     # Sandboxes kept started on the default options, so that a create that asks for no more
     # than a name, host name, labels, env and ttl takes one at once (see the README's Pool).
     pool_size: int = 0
+    # Seconds the daemon waits for an answer its supervisor owes at once (an exec's STARTED,
+    # a SUBSCRIBED): past it the request answers 504 (docs/supervisor-deadlines.md).
+    supervisor_timeout: int = 5
 
 
 class ConfigError(ValueError):
@@ -120,11 +123,12 @@ ENVIRONMENT = {
     "bridge_subnet": "SANDBOXD_BRIDGE_SUBNET",
     "egress": "SANDBOXD_EGRESS",
     "pool_size": "SANDBOXD_POOL_SIZE",
+    "supervisor_timeout": "SANDBOXD_SUPERVISOR_TIMEOUT",
 }
 FILE_KEYS = frozenset(
     {"listen", "state_dir", "run_dir", "token", "token_file", "max_sandboxes"}
     | {"output_limit", "max_body", "uid_base", "cgroup_name", "exec_retention"}
-    | {"bridge_name", "bridge_subnet", "egress", "pool_size"}
+    | {"bridge_name", "bridge_subnet", "egress", "pool_size", "supervisor_timeout"}
 )
 
 
@@ -145,7 +149,7 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
 
     `argv_values` uses the setting names (listen, state_dir, run_dir, token, token_file,
     max_sandboxes, output_limit, max_body, bridge_name, bridge_subnet, egress, pool_size,
-    config). Empty environment variables count as unset.
+    supervisor_timeout, config). Empty environment variables count as unset.
     Raises ConfigError for an unreadable file, an unknown key or a value that cannot be used.
     """
     flags = {k: _Setting(v, _flag(k)) for k, v in argv_values.items() if v is not None}
@@ -182,6 +186,7 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         bridge_subnet=_subnet(get("bridge_subnet"), Config.bridge_subnet),
         egress=_boolean(get("egress"), Config.egress),
         pool_size=_integer(get("pool_size"), Config.pool_size, minimum=0),
+        supervisor_timeout=_integer(get("supervisor_timeout"), Config.supervisor_timeout),
     )
     # Pooled sandboxes hold uid ranges too.
     last_uid = config.uid_base + (config.max_sandboxes + config.pool_size) * UID_RANGE - 1

@@ -100,7 +100,7 @@ class SandboxManager:
         self._store: Store | None = None
         self.base_dir = Path()
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
-        self.execs = Execs(lambda: self.store, self.live, config.exec_retention)
+        self.execs = Execs(lambda: self.store, self.live, config.exec_retention, self.tree.path)
 
     @property
     def store(self) -> Store:
@@ -436,6 +436,7 @@ class SandboxManager:
             str(live.run_dir / SOCKET_NAME),
             lambda kind, message: self.execs.on_message(live, kind, message),
             lambda: self._on_gone(live),
+            timeout=self.config.supervisor_timeout,
         )
         hello = await asyncio.wait_for(link.connect(), _CONNECT_TIMEOUT)
         live.link = link
