@@ -27,7 +27,14 @@ from typing import Any, NoReturn
 
 from daemon import base, cgroups, hardening, limits
 from daemon.config import Config
-from daemon.errors import Conflict, Invalid, NotFound, SandboxError, SetupFailed
+from daemon.errors import (
+    Conflict,
+    Invalid,
+    NotFound,
+    SandboxError,
+    SetupFailed,
+    SupervisorUnresponsive,
+)
 from daemon.execs import Execs
 from daemon.lifecycle import ExitReason, SandboxState
 from daemon.live import LiveSandbox, new_id, utcnow
@@ -301,7 +308,7 @@ class SandboxManager:
                 base.write_identity_files(self._upper(sandbox_id, 0), hostname, owner)
                 # The supervisor reads the link in order: this comes before any exec of theirs.
                 live.link.send(MessageType.CONFIGURE, hostname=hostname, env=spec.env)
-            except (NotFound, OSError, ConnectionError) as exc:
+            except (NotFound, OSError, ConnectionError, SupervisorUnresponsive) as exc:
                 log.warning("pooled sandbox %s cannot be taken, destroying it: %s", sandbox_id, exc)
                 self.pool.discard(sandbox_id)
                 continue
