@@ -8,6 +8,7 @@ A hang shows as httpx's timeout (ANSWER_BOUND) failing the test, never as a time
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -135,6 +136,25 @@ def test_an_exec_answers_504_while_the_supervisor_is_stopped(
 def mailbox(daemon: Daemon, box: dict[str, Any]) -> Path:
     """Execs the supervisor has and the daemon has not stored yet (main would be one)."""
     return daemon.run_dir / "sandboxes" / box["id"] / "execs"
+
+
+def test_following_output_ends_while_the_supervisor_is_stopped(
+    quick: Daemon, box: dict[str, Any]
+) -> None:
+    """No live output without the supervisor: the stream gives what the files hold, and ends
+    without an exit line (the exec still runs)."""
+    started = quick.sh(box["id"], "echo hi; exec sleep 60", wait=False)
+    url = f"/sandboxes/{box['id']}/execs/{started['id']}"
+    assert wait_for(lambda: (mailbox(quick, box) / started["id"] / "stdout").read_text())
+    with stopped(box):
+        response = quick.client.get(f"{url}/output?follow=true", timeout=ANSWER_BOUND)
+        assert response.status_code == 200
+        lines = [json.loads(line) for line in response.text.splitlines()]
+        assert lines == [{"stream": "stdout", "data": "hi\n"}]
+        assert quick.client.get(url).json()["state"] == "running"
+    signalled = quick.client.post(f"{url}/signal", json={"signal": "SIGTERM"})
+    assert signalled.status_code == 202
+    assert quick.await_state(url, "exited")["signal"] == "SIGTERM"
 
 
 def test_an_exec_that_runs_long_is_no_supervisor_timeout(
