@@ -82,7 +82,6 @@ log = logging.getLogger(__name__)
 ID_RANGE = 65536
 _GONE_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 30.0
-_ADOPT_TIMEOUT = 5.0
 _LOST_EXEC_MESSAGE = "sandboxd: the exec was lost: the daemon stopped before it could start\n"
 
 
@@ -609,7 +608,7 @@ class SandboxManager:
         try:
             if live.pidfd is None:
                 raise ConnectionError("the supervisor is gone")
-            hello = await asyncio.wait_for(self._connect(live), _ADOPT_TIMEOUT)
+            hello = await asyncio.wait_for(self._connect(live), self.config.supervisor_timeout)
         except (OSError, ConnectionError, TimeoutError, ValueError):
             await self._kill(live)
             await self._retire(live, record)
