@@ -4,7 +4,8 @@ supervisor. Runs in: the daemon, on its asyncio loop.
 A supervisor may stop answering (SIGSTOP, a debugger, a host under pressure) while its sandbox
 lives on. The link never lets that hang the daemon: an answer it owes at once is awaited at
 most `timeout` seconds (SupervisorLink.answer), and what it has not read is held up to
-MAX_UNREAD bytes (SupervisorLink.send); either past its bound is a SupervisorUnresponsive.
+MAX_UNREAD bytes, past which a message waits at most `timeout` for room (SupervisorLink.room)
+or is refused (SupervisorLink.send). Past a bound, SupervisorUnresponsive: a 504.
 """
 
 from __future__ import annotations

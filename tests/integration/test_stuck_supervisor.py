@@ -189,7 +189,7 @@ def test_a_waited_exec_past_its_deadline_answers_504_and_is_killed(
             assert_unresponsive(answer[0])
             assert_abandoned(execs(quick, box)[0])
             # The stopped supervisor could not enforce the deadline: the daemon did.
-            assert procs(leaf) == []
+            assert wait_for(lambda: procs(leaf) == []), procs(leaf)
     finally:
         waiter.join(ANSWER_BOUND)
     works(quick, box)
