@@ -33,6 +33,8 @@ DESCRIPTIONS = {
     415: "The body was not sent as application/json.",
     422: "The body or query is well-formed but breaks the schema or a rule.",
     503: "The daemon is at its configured sandbox limit.",
+    504: "The sandbox's supervisor did not answer within supervisor_timeout (it is stopped or "
+    "overloaded); see docs/supervisor-deadlines.md.",
 }
 _MAX_DETAILED_ISSUES = 5
 _FASTAPI_422 = "#/components/schemas/HTTPValidationError"

@@ -294,6 +294,14 @@ class Config(BaseSettings):
     shm_bytes: Annotated[
         Size, Doc("the size of every sandbox's /dev/shm, at most its disk_bytes", "BYTES")
     ] = 64 << 20
+    supervisor_timeout: Annotated[
+        Whole,
+        Doc(
+            "seconds the daemon waits for an answer a supervisor owes at once (an exec's "
+            "STARTED, a SUBSCRIBED): past it the request answers 504 supervisor-unresponsive",
+            "SECONDS",
+        ),
+    ] = 5
     uid_base: Annotated[
         Whole,
         Doc(

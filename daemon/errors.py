@@ -58,3 +58,12 @@ class SetupFailed(SandboxError):
 
     title = "Sandbox setup failed"
     slug = "setup-failed"
+
+
+class SupervisorUnresponsive(SandboxError):
+    """A sandbox's supervisor did not answer within `supervisor_timeout`, or has not read
+    what was sent to it: stopped (SIGSTOP), or too busy. The sandbox is left as it is."""
+
+    status = 504
+    title = "Supervisor unresponsive"
+    slug = "supervisor-unresponsive"

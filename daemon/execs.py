@@ -4,6 +4,12 @@ following it, and storing how it ended; and forgetting old ones.
 Runs in: the daemon, on its event loop. The supervisor runs each exec (daemon/supervisor.py)
 and reports over the link; what it reports lands here (on_message), and an ended exec moves
 from the sandbox's mailbox to the store (collect).
+
+What the supervisor owes at once (STARTED, SUBSCRIBED) is awaited `supervisor_timeout`
+seconds at most; an exec's end is owed only when its process ends, so a waited-for exec waits
+as long as it runs, or, with timeout_seconds, until that deadline plus the supervisor's time.
+An exec whose supervisor does not answer in time ends `exited` 255 (abandon) and the request
+answers 504 (docs/supervisor-deadlines.md).
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from signal import SIGKILL
 from typing import Any
 
-from daemon.errors import Conflict, SandboxError
+from daemon.errors import Conflict, SandboxError, SupervisorUnresponsive
 from daemon.following import STREAMS, Follower, TextCursor, read_prefix
 from daemon.lifecycle import ExecState, SandboxState
 from daemon.live import LiveSandbox, new_id, utcnow
@@ -36,11 +43,16 @@ class Execs:
     """The execs of the sandboxes in `live` (the service's own dict), stored in `store()`."""
 
     def __init__(
-        self, store: Callable[[], Store], live: dict[str, LiveSandbox], retention: int
+        self,
+        store: Callable[[], Store],
+        live: dict[str, LiveSandbox],
+        retention: int,
+        cgroup: Callable[[str], Path],
     ) -> None:
         self._get_store = store  # the service opens it at start
         self.live = live
         self.retention = retention
+        self.cgroup = cgroup  # a sandbox's cgroup2 directory, which holds a leaf per exec
 
     @property
     def store(self) -> Store:
@@ -68,8 +80,9 @@ class Execs:
         if spec.wait:
             live.quiet.add(exec_id)
         self.store.insert_exec(id=exec_id, sandbox_id=record.id, cmd=spec.cmd, now=utcnow())
+        link = live.link
         try:
-            live.link.send(
+            await link.post(
                 MessageType.EXEC,
                 id=exec_id,
                 cmd=spec.cmd,
@@ -84,32 +97,87 @@ class Execs:
                 rows=spec.tty_size.rows if spec.tty_size else None,
                 cols=spec.tty_size.cols if spec.tty_size else None,
             )
-            await started
+            await link.answer(started, "the exec")
         except ConnectionError as exc:  # the supervisor went away meanwhile: nothing ran
             live.started.pop(exec_id, None)
             live.finished.pop(exec_id, None)
             self.store.delete_exec(exec_id)
             raise Conflict(f"sandbox {record.id} is no longer running") from exc
+        except SupervisorUnresponsive as exc:
+            self._abandon(live, link, exec_id, exc)
+            raise
         except SandboxError:
             live.finished.pop(exec_id, None)
             self.store.finish_exec(exec_id, **killed_exec_fields())
             raise
-        if spec.wait and (ended := await finished) is not None:
-            return exec_view(ended)
+        if spec.wait:
+            ended = await self._ended(live, link, exec_id, finished, spec)
+            if ended is not None:
+                return exec_view(ended)
         return exec_view(self.store.get_exec(record.id, exec_id))
+
+    async def _ended(
+        self,
+        live: LiveSandbox,
+        link: SupervisorLink,
+        exec_id: str,
+        finished: asyncio.Future[ExecRecord | None],
+        spec: ExecCreate,
+    ) -> ExecRecord | None:
+        """A waited-for exec as it ended (None if its sandbox ended first). Without a
+        deadline it may run as long as it likes; with one, the supervisor kills it then, and
+        owes its end report within its own timeout after that."""
+        if spec.timeout_seconds is None:
+            return await finished
+        try:
+            return await link.answer(finished, "with its end", after=spec.timeout_seconds)
+        except SupervisorUnresponsive as exc:
+            self._abandon(live, link, exec_id, exc)
+            raise
+
+    def _abandon(
+        self, live: LiveSandbox, link: SupervisorLink, exec_id: str, why: SupervisorUnresponsive
+    ) -> None:
+        """An exec its supervisor did not answer for in time: it ends now, `exited` 255 with
+        the reason on stderr, and its process (should it run, or start later) is killed."""
+        live.started.pop(exec_id, None)
+        live.finished.pop(exec_id, None)
+        live.quiet.discard(exec_id)
+        path = Path(exec_dir(str(live.run_dir), exec_id))
+        with contextlib.suppress(SandboxError):  # first result stored wins, as always
+            self.store.finish_exec(
+                exec_id,
+                pid=live.pids.pop(exec_id, None),
+                exit_code=255,
+                signal=None,
+                timed_out=False,
+                stdout=read_output(path / "stdout"),
+                stderr=read_output(path / "stderr") + f"sandboxd: {why.detail}\n",
+                stdout_truncated=False,
+                stderr_truncated=False,
+                finished_at=utcnow(),
+            )
+        # Killed now through its cgroup leaf if the supervisor made one (a stopped supervisor
+        # cannot signal), and by the supervisor once it reads again: this comes after the EXEC.
+        with contextlib.suppress(OSError):
+            (self.cgroup(live.id) / exec_id / "cgroup.kill").write_text("1")
+        with contextlib.suppress(ConnectionError, SupervisorUnresponsive):
+            link.send(MessageType.SIGNAL, id=exec_id, signal=int(SIGKILL))
+        live.end_followers(exec_id)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
         link, found = self._running(ref, exec_id)
-        link.send(MessageType.SIGNAL, id=exec_id, signal=signal)
+        await link.post(MessageType.SIGNAL, id=exec_id, signal=signal)
         return exec_view(found)
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None:
         link, _ = self._running(ref, exec_id)
-        link.send(MessageType.INPUT, id=exec_id, data=base64.b64encode(data).decode(), eof=eof)
+        encoded = base64.b64encode(data).decode()
+        await link.post(MessageType.INPUT, id=exec_id, data=encoded, eof=eof)
 
     async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None:
         link, _ = self._running(ref, exec_id)
-        link.send(MessageType.RESIZE, id=exec_id, rows=rows, cols=cols)
+        await link.post(MessageType.RESIZE, id=exec_id, rows=rows, cols=cols)
 
     def _running(self, ref: str, exec_id: str) -> tuple[SupervisorLink, ExecRecord]:
         record = self.store.get_sandbox(ref)
@@ -150,11 +218,21 @@ class Execs:
         """Files up to the offsets of the subscription, then the live chunks after them."""
         follower = Follower()
         live.followers.setdefault(exec_id, set()).add(follower)
-        live.subscribing.setdefault(exec_id, deque()).append(follower)
         try:
-            assert live.link is not None
-            live.link.send(MessageType.SUBSCRIBE, id=exec_id)
-            offsets = await follower.offsets
+            link = live.link
+            assert link is not None
+            try:
+                await link.room()
+                link.send(MessageType.SUBSCRIBE, id=exec_id)
+                # SUBSCRIBED answers come in the order of the SUBSCRIBEs: so does the queue.
+                live.subscribing.setdefault(exec_id, deque()).append(follower)
+                offsets = await link.answer(follower.offsets, "a subscription")
+            except SupervisorUnresponsive as exc:  # no live output: what the files hold so far
+                log.warning("sandbox %s: exec %s: %s", live.id, exec_id, exc)
+                for stream in STREAMS:
+                    if text := cursor.feed(stream, 0, read_prefix(path / stream)):
+                        yield ExecOutput(stream=stream, data=text)
+                return
             if offsets is None:
                 return
             for stream in STREAMS:
@@ -172,7 +250,7 @@ class Execs:
                 followers.discard(follower)
                 if not followers and live.link is not None:
                     del live.followers[exec_id]
-                    with contextlib.suppress(ConnectionError):
+                    with contextlib.suppress(ConnectionError, SupervisorUnresponsive):
                         live.link.send(MessageType.UNSUBSCRIBE, id=exec_id)
 
     def on_message(self, live: LiveSandbox, kind: MessageType, message: dict[str, Any]) -> None:

@@ -1,5 +1,11 @@
 """The daemon's side of daemon/protocol.py: the zygote it spawns through, and the link to each
 supervisor. Runs in: the daemon, on its asyncio loop.
+
+A supervisor may stop answering (SIGSTOP, a debugger, a host under pressure) while its sandbox
+lives on. The link never lets that hang the daemon: an answer it owes at once is awaited at
+most `timeout` seconds (SupervisorLink.answer), and what it has not read is held up to
+MAX_UNREAD bytes, past which a message waits at most `timeout` for room (SupervisorLink.room)
+or is refused (SupervisorLink.send). Past a bound, SupervisorUnresponsive: a 504.
 """
 
 from __future__ import annotations
@@ -13,14 +19,20 @@ import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from daemon.errors import SupervisorUnresponsive
 from daemon.protocol import NET, MessageType, SpawnRequest, decode, encode, short_path
 from daemon.syscalls import process_start_time
 
 log = logging.getLogger(__name__)
 
 _LINE_LIMIT = 1 << 20
+# Bytes sent to one supervisor and not yet taken by its socket: past it nothing more is sent
+# (one message may overshoot it once: a 1 MiB stdin is never refused for its size alone).
+MAX_UNREAD = 4 << 20
+
+T = TypeVar("T")
 
 
 class SpawnError(Exception):
@@ -90,11 +102,17 @@ class SupervisorLink:
     """One connection to one supervisor: send requests, dispatch what comes back."""
 
     def __init__(
-        self, path: str, on_message: MessageHandler, on_closed: Callable[[], Awaitable[None]]
+        self,
+        path: str,
+        on_message: MessageHandler,
+        on_closed: Callable[[], Awaitable[None]],
+        *,
+        timeout: float,
     ):
         self.path = path
         self.on_message = on_message
         self.on_closed = on_closed
+        self.timeout = timeout  # for an answer owed at once (config.supervisor_timeout)
         self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -124,9 +142,50 @@ class SupervisorLink:
         return hello
 
     def send(self, kind: MessageType, **fields: Any) -> None:
+        """Queue a message now. ConnectionError if the link is gone; SupervisorUnresponsive
+        if the supervisor has left more than MAX_UNREAD bytes unread (nothing is queued)."""
+        writer = self._connected()
+        unread = writer.transport.get_write_buffer_size()
+        if unread > MAX_UNREAD:
+            raise SupervisorUnresponsive(
+                f"the supervisor did not read the last {unread} bytes sent to it"
+            )
+        writer.write(encode(kind, **fields))
+
+    async def post(self, kind: MessageType, **fields: Any) -> None:
+        """Queue a message once the supervisor has room for it (see room)."""
+        await self.room()
+        self.send(kind, **fields)
+
+    async def room(self) -> None:
+        """Return when send will take a message: past MAX_UNREAD unread bytes, once the
+        supervisor has read them (it may just have been continued), at most `timeout`."""
+        writer = self._connected()
+        if writer.transport.get_write_buffer_size() > MAX_UNREAD:
+            try:
+                await asyncio.wait_for(writer.drain(), self.timeout)
+            except TimeoutError:
+                raise SupervisorUnresponsive(
+                    f"the supervisor did not read what was sent to it within {self.timeout:g} s"
+                ) from None
+
+    def _connected(self) -> asyncio.StreamWriter:
         if self.writer is None or self.writer.is_closing():
             raise ConnectionError("not connected to the supervisor")
-        self.writer.write(encode(kind, **fields))
+        return self.writer
+
+    async def answer(self, future: asyncio.Future[T], what: str, *, after: float = 0.0) -> T:
+        """Await an answer the supervisor owes (`what` it answers, for the message): at
+        once, or `after` seconds from now (an exec's end at its deadline), give or take
+        `timeout`. Past that the future is cancelled (an answer arriving later finds it done)
+        and SupervisorUnresponsive is raised."""
+        try:
+            return await asyncio.wait_for(future, after + self.timeout)
+        except TimeoutError:
+            late = " after the exec's deadline" if after else ""
+            raise SupervisorUnresponsive(
+                f"the supervisor did not answer {what} within {self.timeout:g} s{late}"
+            ) from None
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -143,8 +202,10 @@ class SupervisorLink:
         await self.on_closed()
 
     def close(self) -> None:
+        """Drop the connection and what it had not sent: a supervisor that reads nothing
+        would otherwise keep the socket (and that buffer) open until it died."""
         if self.writer is not None:
-            self.writer.close()
+            self.writer.transport.abort()
             self.writer = None
 
     async def aclose(self) -> None:

@@ -28,7 +28,14 @@ from typing import Any, NoReturn
 
 from daemon import base, cgroups, disk, hardening, limits
 from daemon.config import Config
-from daemon.errors import Conflict, Invalid, NotFound, SandboxError, SetupFailed
+from daemon.errors import (
+    Conflict,
+    Invalid,
+    NotFound,
+    SandboxError,
+    SetupFailed,
+    SupervisorUnresponsive,
+)
 from daemon.execs import Execs
 from daemon.lifecycle import ExitReason, SandboxState
 from daemon.live import LiveSandbox, new_id, utcnow
@@ -77,7 +84,6 @@ log = logging.getLogger(__name__)
 ID_RANGE = 65536
 _GONE_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 30.0
-_ADOPT_TIMEOUT = 5.0
 _LOST_EXEC_MESSAGE = "sandboxd: the exec was lost: the daemon stopped before it could start\n"
 
 
@@ -102,7 +108,7 @@ class SandboxManager:
         self._store: Store | None = None
         self.base_dir = Path()
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
-        self.execs = Execs(lambda: self.store, self.live, config.exec_retention)
+        self.execs = Execs(lambda: self.store, self.live, config.exec_retention, self.tree.path)
 
     @property
     def store(self) -> Store:
@@ -304,7 +310,7 @@ class SandboxManager:
                 base.write_identity_files(self._upper(sandbox_id, 0), hostname, owner)
                 # The supervisor reads the link in order: this comes before any exec of theirs.
                 live.link.send(MessageType.CONFIGURE, hostname=hostname, env=spec.env)
-            except (NotFound, OSError, ConnectionError) as exc:
+            except (NotFound, OSError, ConnectionError, SupervisorUnresponsive) as exc:
                 log.warning("pooled sandbox %s cannot be taken, destroying it: %s", sandbox_id, exc)
                 self.pool.discard(sandbox_id)
                 continue
@@ -451,6 +457,7 @@ class SandboxManager:
             str(live.run_dir / SOCKET_NAME),
             lambda kind, message: self.execs.on_message(live, kind, message),
             lambda: self._on_gone(live),
+            timeout=self.config.supervisor_timeout,
         )
         hello = await asyncio.wait_for(link.connect(), _CONNECT_TIMEOUT)
         live.link = link
@@ -626,7 +633,7 @@ class SandboxManager:
         try:
             if live.pidfd is None:
                 raise ConnectionError("the supervisor is gone")
-            hello = await asyncio.wait_for(self._connect(live), _ADOPT_TIMEOUT)
+            hello = await asyncio.wait_for(self._connect(live), self.config.supervisor_timeout)
         except (OSError, ConnectionError, TimeoutError, ValueError):
             await self._kill(live)
             await self._retire(live, record)

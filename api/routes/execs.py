@@ -59,7 +59,7 @@ EXEC_LINKS = {
             "description": "Started; the Exec is `running`.",
             "links": EXEC_LINKS,
         },
-        **documented(400, 401, 404, 409, 413, 415, 422),
+        **documented(400, 401, 404, 409, 413, 415, 422, 504),
     },
 )
 async def create(
@@ -96,7 +96,7 @@ async def get(ref: str, exec_id: str, service: Service) -> Exec:
     status_code=202,
     summary="Send a signal to a running exec",
     description="202 with the Exec as it stands (the signal may not have landed yet).",
-    responses=documented(400, 401, 404, 409, 413, 415, 422),
+    responses=documented(400, 401, 404, 409, 413, 415, 422, 504),
 )
 async def signal(ref: str, exec_id: str, body: SignalRequest, service: Service) -> Exec:
     try:
