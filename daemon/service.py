@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import base, cgroups, hardening, limits
+from daemon import base, cgroups, hardening, limits, recovery
 from daemon.config import Config
 from daemon.errors import Conflict, Invalid, NotFound, SandboxError, SetupFailed
 from daemon.execs import Execs
@@ -83,6 +83,10 @@ class SandboxManager:
     def __init__(self, config: Config) -> None:
         # No sandbox without its seccomp filter: a host without libseccomp is refused here.
         hardening.check()
+        # One daemon (or recover) at a time on a state directory; and not on a database that
+        # is not the one kept with the sandboxes on disk: the stray sweep would destroy them.
+        self._lock: int | None = recovery.lock(config.state_dir)
+        recovery.preflight(config)
         self.config = config
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"
@@ -98,6 +102,7 @@ class SandboxManager:
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self._store: Store | None = None
+        self.generation = ""  # the database's, once it is open
         self.base_dir = Path()
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
         self.execs = Execs(lambda: self.store, self.live, config.exec_retention)
@@ -118,7 +123,9 @@ class SandboxManager:
         ):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
-        self._store = Store(self.config.state_dir / "sandboxd.db")
+        self._store = Store(self.config.state_dir / recovery.DATABASE)
+        self.generation = self.store.generation()
+        recovery.claim(self.config.state_dir, self.generation)
         self.tree.start()
         self.limits = limits.for_layout(cgroups.detect_layout(), self.tree)
         self.limits.start()
@@ -161,6 +168,9 @@ class SandboxManager:
         self.tree.stop()
         if self._store is not None:
             self._store.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -271,6 +281,7 @@ class SandboxManager:
                     pid_start=start_time,
                     started_at=utcnow(),
                 )
+                self._keep(record)
                 # 7. the published ports relay to its address
                 if live.ports is not None and record.ip is not None:
                     await live.ports.start(record.ip)
@@ -321,6 +332,7 @@ class SandboxManager:
                 self.pool.taken(sandbox_id)
                 continue
             self.pool.taken(sandbox_id)
+            self._keep(record)
             if record.expires_at is not None:
                 self._schedule_expiry(sandbox_id, record.expires_at)
             return sandbox_view(record)
@@ -421,6 +433,11 @@ class SandboxManager:
             memory_per_exec=placement.memory_per_exec,
             network=self.network.plan(record.id, record.ip) if record.ip else None,
         )
+
+    def _keep(self, record: SandboxRecord) -> None:
+        """Beside a running sandbox, what rebuilds its record should the database be lost."""
+        if record.state == SandboxState.RUNNING:
+            recovery.keep(self.sandboxes_dir / record.id, record, self.generation)
 
     def _uid_base(self, record: SandboxRecord) -> int:
         """The first host uid of the range its user namespace maps (its root inside)."""
@@ -566,10 +583,26 @@ class SandboxManager:
         )
 
     async def _remove_strays(self) -> None:
-        """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire)."""
+        """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire).
+
+        Only the files of this database's sandboxes: the preflight made sure that the state
+        directory is this database's, and a sandbox marked by another database's generation
+        is left alone (`sandboxd recover` settles it)."""
+        claimed = recovery.read_generation(self.config.state_dir)
+        if claimed != self.generation:
+            log.error("not removing strays: the state directory is not this database's")
+            return
         stray = {p.name for d in (self.runtime_dir, self.sandboxes_dir) for p in d.iterdir()}
         stray |= {*self.tree.sandboxes(), *self.limits.sandboxes()}
-        for sandbox_id in stray - set(self.live):
+        for sandbox_id in sorted(stray - set(self.live)):
+            kept = recovery.read_kept(self.sandboxes_dir / sandbox_id)
+            if kept is not None and kept.get("generation") != self.generation:
+                log.error(
+                    "sandbox %s was recorded by another database: left alone (remove its "
+                    "files by hand if nobody wants it)",
+                    sandbox_id,
+                )
+                continue
             await self._remove_files(sandbox_id)
 
     # -- restart ------------------------------------------------------------------------------
@@ -608,6 +641,7 @@ class SandboxManager:
             return
         if record.pooled:
             self.pool.add(record.id)
+        self._keep(record)  # marked with this database's generation, if it was not yet
         await self._publish_again(live, record)
         running: dict[str, int] = hello.get("running", {})
         for exec_id in hello.get("finished", []):
@@ -659,6 +693,7 @@ class SandboxManager:
             raise Conflict(f"sandbox {record.id} has expired and is being destroyed")
         expires_at = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
         record = self.store.update_sandbox(record.id, expires_at=expires_at)
+        self._keep(record)
         self._cancel_expiry(record.id)
         if expires_at is not None:
             self._schedule_expiry(record.id, expires_at)
