@@ -72,7 +72,11 @@ def gone(sandbox: dict[str, object]) -> bool:
 
 
 def two_sandboxes(daemon: Daemon) -> list[dict[str, object]]:
-    boxes = [daemon.create(name="plain"), daemon.create(name="sleeper", cmd=["sleep", "3600"])]
+    """One bridged (an address, a link on the bridge), one whose main cmd runs."""
+    boxes = [
+        daemon.create(name="plain", network={"mode": "bridge"}),
+        daemon.create(name="sleeper", cmd=["sleep", "3600"]),
+    ]
     for box in boxes:
         box["_start"] = process_start_time(int(box["pid"]))  # type: ignore[arg-type]
     return boxes
@@ -82,6 +86,8 @@ def test_an_emptied_database_is_refused_then_adopted(daemon: Daemon) -> None:
     boxes = two_sandboxes(daemon)
     before = daemon.sh("plain", "echo hello > /root/kept")
     assert before["exit_code"] == 0
+    # Runs across the recovery: its end, reported to a daemon with no record of it, is dropped.
+    across = daemon.sh("sleeper", "sleep 2; echo late; touch /tmp/ended", wait=False)
     listed_before = daemon.client.get("/sandboxes").json()["items"]
     daemon.stop(signal.SIGKILL)
     os.truncate(database(daemon), 0)
@@ -108,6 +114,9 @@ def test_an_emptied_database_is_refused_then_adopted(daemon: Daemon) -> None:
     assert listed == listed_before  # the same records: pid, cmd, address, times
     assert daemon.sh("plain", "cat /root/kept")["stdout"] == "hello\n"  # its layer survived
     assert daemon.client.get(f"/sandboxes/plain/execs/{before['id']}").status_code == 404
+    daemon.sh("sleeper", "while [ ! -e /tmp/ended ]; do sleep 0.1; done", timeout_seconds=30)
+    assert daemon.client.get(f"/sandboxes/sleeper/execs/{across['id']}").status_code == 404
+    assert daemon.sh("sleeper", "echo still")["stdout"] == "still\n"
     for box in boxes:
         assert daemon.client.delete(f"/sandboxes/{box['id']}").status_code == 204
         assert gone(box)
