@@ -222,12 +222,11 @@ def refusal(database: Path, what: str, on_disk: list[OnDisk]) -> str:
     ids = ", ".join(s.id for s in on_disk[:10]) + (", …" if len(on_disk) > 10 else "")
     return (
         f"refusing to start: the database {database} {what}, but {len(on_disk)} sandbox(es) "
-        f"of this daemon are on disk ({ids}; {len(alive)} with processes still running). "
-        "Starting would destroy them. Run `sandboxd recover --adopt` to rebuild the records of "
-        "those whose supervisor is alive (the others are removed), or `sandboxd recover "
-        "--remove` to remove them all, with the --config, --state-dir and --run-dir given to "
-        "serve; then start again. The database is kept aside, never deleted; the execs' "
-        "history it held is lost either way."
+        f"of this daemon are on disk ({ids}; {len(alive)} still running), which starting "
+        "would destroy. Run `sandboxd recover --adopt` to take back those whose supervisor "
+        "is alive (the rest are removed) or `sandboxd recover --remove` to remove them all, "
+        "with the --config, --state-dir and --run-dir given to serve, then start again. The "
+        "database is kept aside, never deleted; the execs' history it held is lost either way."
     )
 
 
@@ -256,8 +255,8 @@ def find_sandboxes(config: Config) -> list[OnDisk]:
     run, state = config.run_dir / "sandboxes", config.state_dir / "sandboxes"
     tree = _tree_root(config)
     v1 = cgroup_v1.find_hierarchies(Path("/proc/self/mountinfo").read_text())
-    parents = [run, state, *(p for p in (tree,) if p is not None)]
-    parents += list(dict.fromkeys(mount / config.cgroup_name for mount in v1.values()))
+    parents = [run, state] + ([tree] if tree is not None else [])
+    parents += dict.fromkeys(mount / config.cgroup_name for mount in v1.values())
     ids = sorted({p.name for d in parents if d.is_dir() for p in d.iterdir() if p.is_dir()})
     return [
         OnDisk(
@@ -349,8 +348,9 @@ async def _settle(
                 why = f"its record cannot be rebuilt: {exc}"
             else:
                 keep(config.state_dir / "sandboxes" / record.id, record, generation)
-                name = f" ({record.name})" if record.name else ""
-                report.append(f"adopted {record.id}{name}, supervisor pid {record.pid}")
+                what = f"named {record.name}" if record.name else "unnamed"
+                what = "pooled" if record.pooled else what
+                report.append(f"adopted {record.id}: {what}, supervisor pid {record.pid}")
                 continue
         await _remove(config, tree, controls, network, sandbox.id)
         report.append(f"removed {sandbox.id}: {why}")

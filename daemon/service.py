@@ -4,6 +4,7 @@ api/ calls SandboxManager (it implements daemon.models.SandboxService); it keeps
 the store, builds sandboxes through the zygote, and talks to each supervisor over its link.
 Files on the host, per sandbox:
     STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers (removed when it ends)
+    STATE/sandboxes/ID/sandbox.json            what rebuilds its record (daemon/recovery.py)
     RUN/sandboxes/ID/                          the supervisor's socket and mailbox
     CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.cgroups, daemon.limits)
 and for a bridged one its host link and published ports (daemon/network.py, daemon/ports.py),
@@ -86,7 +87,11 @@ class SandboxManager:
         # One daemon (or recover) at a time on a state directory; and not on a database that
         # is not the one kept with the sandboxes on disk: the stray sweep would destroy them.
         self._lock: int | None = recovery.lock(config.state_dir)
-        recovery.preflight(config)
+        try:
+            recovery.preflight(config)
+        except BaseException:
+            os.close(self._lock)
+            raise
         self.config = config
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"
@@ -587,7 +592,7 @@ class SandboxManager:
 
         Only the files of this database's sandboxes: the preflight made sure that the state
         directory is this database's, and a sandbox marked by another database's generation
-        is left alone (`sandboxd recover` settles it)."""
+        is left alone (and logged)."""
         claimed = recovery.read_generation(self.config.state_dir)
         if claimed != self.generation:
             log.error("not removing strays: the state directory is not this database's")

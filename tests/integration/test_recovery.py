@@ -218,3 +218,33 @@ def test_with_no_sandbox_on_disk_a_new_database_is_made(daemon: Daemon) -> None:
     assert daemon.client.get("/sandboxes").json()["items"] == []
     assert daemon.create()["state"] == "running"
     assert list(daemon.state_dir.glob("sandboxd.db.damaged-*"))
+
+
+def test_a_pooled_sandbox_is_adopted_back_into_the_pool(daemon: Daemon) -> None:
+    def ready() -> int:
+        return int(daemon.client.get("/info").json()["pool"]["ready"])
+
+    daemon.stop()
+    daemon.start("--pool-size", "1")
+    asked = daemon.create(name="asked")
+    assert wait_for(lambda: ready() == 1, timeout=30)
+    daemon.stop(signal.SIGKILL)  # the pooled sandbox survives it, as an asked-for one does
+    os.truncate(database(daemon), 0)
+    assert refused(daemon) is not None
+
+    result = recover(daemon, "--adopt")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    adopted = [line.split()[1].rstrip(":") for line in lines if line.startswith("adopted")]
+    assert len(adopted) == 2 and asked["id"] in adopted
+    pooled = next(sandbox_id for sandbox_id in adopted if sandbox_id != asked["id"])
+
+    daemon.start("--pool-size", "1")
+    assert [s["id"] for s in daemon.client.get("/sandboxes").json()["items"]] == [asked["id"]]
+    assert ready() == 1
+    taken = daemon.create(name="taken")
+    assert taken["id"] == pooled  # served from the pool: the adopted sandbox
+    assert daemon.sh("taken", "hostname")["stdout"] == "taken\n"
+    daemon.destroy_all()
+    daemon.stop()  # the pool's refill goes with it
+    daemon.start()
