@@ -1,5 +1,6 @@
 """The `sandboxd` command: `serve` the API, `migrate` the database, print the `openapi` document,
-`cleanup` what the daemon made on the host's network, print the `settings` reference.
+`cleanup` what the daemon made on the host's network, `recover` the sandboxes of a lost
+database, print the `settings` reference.
 
 Exit codes: 0 done, 1 a runtime failure (such as a socket in use), 2 a usage or configuration
 error, reported in one line rather than a traceback.
@@ -55,6 +56,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_flags(cleanup, frozenset({"state_dir", "bridge_name", "config"}))
     cleanup.set_defaults(run=_cleanup)
+
+    recover = commands.add_parser(
+        "recover",
+        help="after the database was lost or damaged: adopt or remove the sandboxes on disk",
+        description="Settle the sandboxes left on disk when the database is missing, empty, "
+        "unreadable or another state directory's (serve then refuses to start). The database "
+        "found is kept as sandboxd.db.damaged-TIME and a new one made; the history of execs "
+        "and of ended sandboxes is lost. Run it while no daemon serves the state directory, "
+        "with the options given to serve.",
+    )
+    what = recover.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--adopt",
+        action="store_true",
+        help="record again the sandboxes whose supervisor is alive, from what was kept beside "
+        "them; remove the others",
+    )
+    what.add_argument(
+        "--remove", action="store_true", help="remove them all: processes, cgroups, links, files"
+    )
+    add_flags(recover, frozenset({"state_dir", "run_dir", "bridge_name", "config"}))
+    recover.set_defaults(run=_recover)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the state database")
     add_flags(migrate, frozenset({"state_dir", "config"}))
@@ -140,6 +163,24 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 def _reference(args: argparse.Namespace) -> int:
     sys.stdout.write(example_toml() if args.toml else reference_markdown())
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from daemon.recovery import RecoveryError, recover
+
+    settings = {k: v for k, v in _settings(args).items() if k not in ("adopt", "remove")}
+    config = load_config(settings, os.environ)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
+    try:
+        report = asyncio.run(recover(config, adopt=args.adopt))
+    except RecoveryError as exc:
+        print(f"sandboxd: error: {exc}", file=sys.stderr)
+        return 1
+    for line in report:
+        print(line)
     return 0
 
 

@@ -5,6 +5,7 @@ the store, builds sandboxes through the zygote, and talks to each supervisor ove
 Files on the host, per sandbox:
     STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers, on a tmpfs of its own
                                                mounted at STATE/sandboxes/ID (daemon/disk.py)
+    STATE/sandboxes/ID/sandbox.json            what rebuilds its record (daemon/recovery.py)
     RUN/sandboxes/ID/                          the supervisor's socket and mailbox
     CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.cgroups, daemon.limits)
 and for a bridged one its host link and published ports (daemon/network.py, daemon/ports.py),
@@ -26,7 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import base, cgroups, disk, hardening, limits
+from daemon import base, cgroups, disk, hardening, limits, recovery
 from daemon.config import Config
 from daemon.errors import (
     Conflict,
@@ -91,6 +92,14 @@ class SandboxManager:
     def __init__(self, config: Config) -> None:
         # No sandbox without its seccomp filter: a host without libseccomp is refused here.
         hardening.check()
+        # One daemon (or recover) at a time on a state directory; and not on a database that
+        # is not the one kept with the sandboxes on disk: the stray sweep would destroy them.
+        self._lock: int | None = recovery.lock(config.state_dir)
+        try:
+            recovery.preflight(config)
+        except BaseException:
+            os.close(self._lock)
+            raise
         self.config = config
         self.sandboxes_dir = config.state_dir / "sandboxes"
         self.runtime_dir = config.run_dir / "sandboxes"
@@ -106,6 +115,7 @@ class SandboxManager:
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self._store: Store | None = None
+        self.generation = ""  # the database's, once it is open
         self.base_dir = Path()
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
         self.execs = Execs(lambda: self.store, self.live, config.exec_retention, self.tree.path)
@@ -126,7 +136,9 @@ class SandboxManager:
         ):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
-        self._store = Store(self.config.state_dir / "sandboxd.db")
+        self._store = Store(self.config.state_dir / recovery.DATABASE)
+        self.generation = self.store.generation()
+        recovery.claim(self.config.state_dir, self.generation)
         self.tree.start()
         self.limits = limits.for_layout(cgroups.detect_layout(), self.tree)
         self.limits.start()
@@ -169,6 +181,9 @@ class SandboxManager:
         self.tree.stop()
         if self._store is not None:
             self._store.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -280,6 +295,7 @@ class SandboxManager:
                     pid_start=start_time,
                     started_at=utcnow(),
                 )
+                self._keep(record)
                 # 7. the published ports relay to its address
                 if live.ports is not None and record.ip is not None:
                     await live.ports.start(record.ip)
@@ -330,6 +346,7 @@ class SandboxManager:
                 self.pool.taken(sandbox_id)
                 continue
             self.pool.taken(sandbox_id)
+            self._keep(record)
             if record.expires_at is not None:
                 self._schedule_expiry(sandbox_id, record.expires_at)
             return sandbox_view(record)
@@ -442,6 +459,11 @@ class SandboxManager:
         """The request with the limits it gets: the daemon's default disk if it asks none."""
         applied = limits.with_disk(spec.limits, self.config.default_disk_bytes)
         return spec if applied is spec.limits else spec.model_copy(update={"limits": applied})
+
+    def _keep(self, record: SandboxRecord) -> None:
+        """Beside a running sandbox, what rebuilds its record should the database be lost."""
+        if record.state == SandboxState.RUNNING:
+            recovery.keep(self.sandboxes_dir / record.id, record, self.generation)
 
     def _uid_base(self, record: SandboxRecord) -> int:
         """The first host uid of the range its user namespace maps (its root inside)."""
@@ -598,10 +620,26 @@ class SandboxManager:
         )
 
     async def _remove_strays(self) -> None:
-        """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire)."""
+        """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire).
+
+        Only the files of this database's sandboxes: the preflight made sure that the state
+        directory is this database's, and a sandbox marked by another database's generation
+        is left alone (and logged)."""
+        claimed = recovery.read_generation(self.config.state_dir)
+        if claimed != self.generation:
+            log.error("not removing strays: the state directory is not this database's")
+            return
         stray = {p.name for d in (self.runtime_dir, self.sandboxes_dir) for p in d.iterdir()}
         stray |= {*self.tree.sandboxes(), *self.limits.sandboxes()}
-        for sandbox_id in stray - set(self.live):
+        for sandbox_id in sorted(stray - set(self.live)):
+            kept = recovery.read_kept(self.sandboxes_dir / sandbox_id)
+            if kept is not None and kept.get("generation") != self.generation:
+                log.error(
+                    "sandbox %s was recorded by another database: left alone (remove its "
+                    "files by hand if nobody wants it)",
+                    sandbox_id,
+                )
+                continue
             await self._remove_files(sandbox_id)
 
     # -- restart ------------------------------------------------------------------------------
@@ -640,6 +678,7 @@ class SandboxManager:
             return
         if record.pooled:
             self.pool.add(record.id)
+        self._keep(record)  # marked with this database's generation, if it was not yet
         await self._publish_again(live, record)
         running: dict[str, int] = hello.get("running", {})
         for exec_id in hello.get("finished", []):
@@ -691,6 +730,7 @@ class SandboxManager:
             raise Conflict(f"sandbox {record.id} has expired and is being destroyed")
         expires_at = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
         record = self.store.update_sandbox(record.id, expires_at=expires_at)
+        self._keep(record)
         self._cancel_expiry(record.id)
         if expires_at is not None:
             self._schedule_expiry(record.id, expires_at)

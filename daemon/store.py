@@ -17,10 +17,11 @@ import enum
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import sqlalchemy as sa
 from alembic import command
@@ -163,6 +164,17 @@ class ExecRecord(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class MetaRecord(Base):
+    """One row: the database's generation, a random id made with it (migration 0005). The
+    files the daemon keeps beside it carry it too, so that a database put in place of
+    another is told apart from the one kept with them (daemon/recovery.py)."""
+
+    __tablename__ = "meta"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    generation: Mapped[str] = mapped_column(sa.String)
+
+
 R = TypeVar("R", SandboxRecord, ExecRecord)
 
 # Set up the mappers now rather than at their first use: _record builds instances without the
@@ -184,7 +196,10 @@ def _on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEnt
     for pragma in (
         "journal_mode=WAL",  # readers never wait for the writer
         "foreign_keys=ON",  # off by default, per connection; the exec cascade needs it
-        "synchronous=NORMAL",  # with WAL: durable up to the last checkpoint, never corrupt
+        # With WAL: a commit is not fsynced, only each checkpoint. A daemon killed loses
+        # nothing (the kernel holds the write); a power loss can lose the last commits, never
+        # the database's consistency, and kills every sandbox anyway (docs/recovery.md).
+        "synchronous=NORMAL",
         "busy_timeout=5000",  # wait for another writer's lock rather than fail at once
     ):
         cursor.execute(f"PRAGMA {pragma}")
@@ -225,6 +240,48 @@ def migrate(database: Path) -> None:
             command.upgrade(config, "head")
     finally:
         engine.dispose()
+
+
+@dataclass(frozen=True)
+class DatabaseFound:
+    """What a database file is, as read before the daemon trusts it (daemon/recovery.py).
+
+    `kind`: missing; empty (0 bytes); damaged (SQLite cannot read it, `detail` says why);
+    unmarked (readable, made before migration 0005: no generation yet); marked (readable,
+    with its `generation`).
+    """
+
+    kind: Literal["missing", "empty", "damaged", "unmarked", "marked"]
+    generation: str | None = None
+    detail: str = ""
+
+
+def inspect_database(database: Path) -> DatabaseFound:
+    """What `database` is, read only: its file is not changed, nor migrated."""
+    try:
+        size = database.stat().st_size
+    except FileNotFoundError:
+        return DatabaseFound("missing")
+    if size == 0:
+        return DatabaseFound("empty")
+    try:
+        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return DatabaseFound("damaged", detail=str(exc))
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if "sandboxes" not in tables:  # made, never migrated: nothing was ever stored
+            return DatabaseFound("empty", detail="no tables")
+        if "meta" not in tables:
+            return DatabaseFound("unmarked")
+        row = conn.execute("SELECT generation FROM meta WHERE id = 1").fetchone()
+        if row is None:
+            return DatabaseFound("damaged", detail="its generation is missing")
+        return DatabaseFound("marked", generation=str(row[0]))
+    except sqlite3.Error as exc:  # e.g. "file is not a database"
+        return DatabaseFound("damaged", detail=str(exc))
+    finally:
+        conn.close()
 
 
 # The statements, built once. SQLAlchemy caches each one's compiled SQL by its structure; an
@@ -274,6 +331,7 @@ _NEXT_SEQ = select(func.coalesce(func.max(_S.seq), 0) + 1).scalar_subquery()
 _INSERT_SANDBOX = (
     insert(_SANDBOXES).values(seq=_NEXT_SEQ, uid_slot=_LOWEST_FREE_SLOT).returning(*_SANDBOXES.c)
 )
+_RESTORE_SANDBOX = insert(_SANDBOXES).values(seq=_NEXT_SEQ).returning(*_SANDBOXES.c)
 # A pooled, running sandbox becomes the newest, asked for; any other matches no row.
 _TAKE_POOLED = (
     update(_SANDBOXES)
@@ -305,6 +363,7 @@ _FINISH_EXEC = (
     .returning(*_EXECS.c)
 )
 _DELETE_EXEC = delete(_EXECS).where(_X.id == bindparam("exec_id"))
+_GENERATION = select(MetaRecord.__table__.c.generation).where(MetaRecord.__table__.c.id == 1)
 
 
 _SQLITE_NEEDED = (3, 35, 0)
@@ -328,6 +387,11 @@ class Store:
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def generation(self) -> str:
+        """The database's generation (migration 0005): the mark of the files it keeps."""
+        with self._engine.connect() as conn:
+            return str(conn.execute(_GENERATION).scalar_one())
 
     # Sandboxes.
 
@@ -369,6 +433,19 @@ class Store:
             row = conn.execute(_INSERT_SANDBOX, values).one()
             if slots is not None and row.uid_slot >= slots:  # rolled back with the insert
                 raise LimitReached(f"all {slots} uid ranges are held, some by ending sandboxes")
+        return _record(SandboxRecord, row)
+
+    def restore_sandbox(self, **fields: Any) -> SandboxRecord:
+        """Record a running sandbox found alive on the host, as kept beside it when it was
+        created (daemon/recovery.py): its uid slot and address as they are, the newest
+        sandbox. Conflict if its name, uid slot or address is held by another record."""
+        _check_fields({k: v for k, v in fields.items() if k not in ("id", "created_at", "pooled")})
+        try:
+            with self._writer.begin() as conn:
+                values = {**fields, "state": SandboxState.RUNNING}
+                row = conn.execute(_RESTORE_SANDBOX, values).one()
+        except IntegrityError as exc:
+            raise Conflict(f"sandbox {fields['id']} collides with another: {exc.orig}") from exc
         return _record(SandboxRecord, row)
 
     def take_pooled(

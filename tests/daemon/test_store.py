@@ -647,3 +647,63 @@ def test_an_sqlite_without_returning_is_refused_at_start(
     with pytest.raises(ConfigError, match=r"too old: sandboxd needs 3\.35\.0"):
         Store(db)
     assert not db.exists()  # refused before anything was made
+
+
+# The generation and what the preflight reads (daemon/recovery.py).
+
+
+def test_a_database_has_one_generation_that_migrating_keeps(db: Path) -> None:
+    store = Store(db)
+    generation = store.generation()
+    store.close()
+    migrate(db)
+    store = Store(db)
+    assert store.generation() == generation and len(generation) == 32
+    store.close()
+    assert Store(db.with_name("other.db")).generation() != generation
+
+
+def test_a_0004_database_gets_a_generation(db: Path) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    db.parent.mkdir()
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+    engine.dispose()
+    assert daemon.store.inspect_database(db).kind == "unmarked"
+    generation = Store(db).generation()
+    assert daemon.store.inspect_database(db) == daemon.store.DatabaseFound("marked", generation)
+
+
+def test_inspect_database_tells_each_kind_and_changes_nothing(db: Path) -> None:
+    inspect = daemon.store.inspect_database
+    assert inspect(db).kind == "missing"
+    db.parent.mkdir()
+    db.touch()
+    assert inspect(db).kind == "empty"
+    db.write_bytes(b"garbage " * 512)
+    damaged = inspect(db)
+    assert damaged.kind == "damaged" and "not a database" in damaged.detail
+    assert db.read_bytes() == b"garbage " * 512
+    db.unlink()
+    sqlite3.connect(db).execute("CREATE TABLE unrelated (x)").connection.close()
+    assert inspect(db) == daemon.store.DatabaseFound("empty", detail="no tables")
+
+
+def test_restore_sandbox_records_it_running_as_the_newest(store: Store) -> None:
+    create(store, "a", "first")
+    fields: dict[str, Any] = {
+        "id": "b", "name": "back", "hostname": "back", "spec": {"labels": {}}, "uid_slot": 7,
+        "ip": "10.9.0.9", "pid": 123, "pid_start": 456, "base_dir": None, "created_at": T0,
+        "started_at": T0, "expires_at": None, "pooled": False,
+    }  # fmt: skip
+    record = store.restore_sandbox(**fields)
+    assert (record.state, record.uid_slot, record.ip, record.pid) == ("running", 7, "10.9.0.9", 123)
+    assert [r.id for r in store.list_sandboxes()] == ["a", "b"]
+    with pytest.raises(Conflict):  # the uid slot is held
+        store.restore_sandbox(**fields | {"id": "c", "name": None, "ip": None})
+    with pytest.raises(TypeError):
+        store.restore_sandbox(**fields | {"id": "d", "exit_cod": 1})
+    assert [r.id for r in store.list_sandboxes()] == ["a", "b"]
