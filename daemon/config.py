@@ -42,6 +42,9 @@ class Config:
     max_sandboxes: int = 1000
     output_limit: int = 1024 * 1024
     max_body: int = 1024 * 1024
+    # uid_base, cgroup_name, bridge_name and bridge_subnet, unless given, are claimed per state
+    # directory when the daemon starts (daemon/claims.py), so that daemons side by side never
+    # share them: the defaults below are the names of the default state directory's daemon.
     # First host uid of the ranges given to sandboxes' user namespaces: each live sandbox
     # owns [uid_base + slot * 65536, +65536). Far above the usual /etc/subuid ranges.
     uid_base: int = 1_000_000_000
@@ -50,8 +53,9 @@ class Config:
     # How long a finished exec's record (status and output) is kept, in seconds.
     exec_retention: int = 86400
     # The bridge that bridged sandboxes are plugged into, and its subnet: the bridge holds the
-    # first address, sandboxes lease the rest. 10.88/16 is podman's default and rarely used
-    # elsewhere; the daemon refuses to start if anything else on the host routes it.
+    # first address, sandboxes lease the rest. Unless given, the subnet is one that no route
+    # of the host uses, picked once per state directory; the daemon refuses to start if
+    # anything else on the host routes it.
     bridge_name: str = "sandboxd0"
     bridge_subnet: IPv4Network = DEFAULT_SUBNET
     # Masquerade the bridge's subnet to the outside (and turn on ip_forward).
@@ -59,6 +63,9 @@ class Config:
     # Sandboxes kept started on the default options, so that a create that asks for no more
     # than a name, host name, labels, env and ttl takes one at once (see the README's Pool).
     pool_size: int = 0
+    # The settings given by flag, environment or file; the others hold their defaults. Not
+    # part of equality: two configs with the same values are the same, however they were set.
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 class ConfigError(ValueError):
@@ -182,6 +189,7 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         bridge_subnet=_subnet(get("bridge_subnet"), Config.bridge_subnet),
         egress=_boolean(get("egress"), Config.egress),
         pool_size=_integer(get("pool_size"), Config.pool_size, minimum=0),
+        given=frozenset(merged),
     )
     # Pooled sandboxes hold uid ranges too.
     last_uid = config.uid_base + (config.max_sandboxes + config.pool_size) * UID_RANGE - 1
