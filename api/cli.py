@@ -222,8 +222,15 @@ def _serve(args: argparse.Namespace) -> int:
         # until it exits. Then the names and ranges of its own that no other daemon uses.
         private_dir(config.state_dir)
         lock = claims.lock_state_dir(config.state_dir)  # noqa: F841 (held, never read)
+        fresh = not claims.recorded(config.state_dir)
         config = claims.claim(config)
-        return serve(config)
+        served = False
+        try:
+            served = serve(config) == 0
+            return 0 if served else 1
+        finally:
+            if fresh and not served:  # refused before it ever served: nothing holds the claim
+                claims.release(config)
     except (ListenError, claims.StateDirBusy, NetworkError) as exc:
         print(f"sandboxd: error: {exc}", file=sys.stderr)
         return 1

@@ -184,6 +184,11 @@ def known(config: Config) -> Config | None:
     return None if bridge is None else replace(config, bridge_name=bridge)
 
 
+def recorded(state_dir: Path) -> bool:
+    """Whether a daemon on `state_dir` has claimed its names before (and not released them)."""
+    return (state_dir / RECORD_FILE).exists()
+
+
 def release(config: Config, registry: Path = REGISTRY) -> None:
     """Drop this state directory's claim and record (cleanup, with no sandbox left live):
     its next daemon claims afresh."""
