@@ -162,7 +162,8 @@ def claim(config: Config, registry: Path = REGISTRY) -> Config:
             uid_count=(config.max_sandboxes + config.pool_size) * UID_RANGE,
         )
         _check(config, mine, others)
-        kept = {key: str(values[key]) for key in CLAIMED if key not in config.given}
+        # A given setting overrides, but does not erase, what the state directory claimed.
+        kept = record | {key: values[key] for key in CLAIMED if key not in config.given}
         _write_json(config.state_dir / RECORD_FILE, kept)
         _write_json(_entry_path(registry, config.state_dir), mine.to_json())
     log.info(
