@@ -51,8 +51,10 @@ def _parser() -> argparse.ArgumentParser:
         "cleanup",
         help="remove the bridge, its links and the egress rule (the daemon never does)",
         description="Remove what sandboxd made on the host's network: the links on its bridge, "
-        "the bridge (only if this daemon's state directory made it) and the egress NAT table. "
-        "Refused while the state directory lists bridged sandboxes that are still live.",
+        "the bridge (only if this daemon's state directory made it) and the egress NAT table; "
+        "with no sandbox left live, release the names and ranges the state directory claimed. "
+        "Refused while a daemon serves the state directory, or while it lists bridged "
+        "sandboxes that are still live.",
     )
     add_flags(cleanup, frozenset({"state_dir", "bridge_name", "config"}))
     cleanup.set_defaults(run=_cleanup)
@@ -102,15 +104,30 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from api.serve import serve
+    from api.serve import check_serve, private_dir, serve
     from api.sockets import ListenError
+    from daemon import claims
+    from daemon.network import NetworkError
 
     config = load_config(_settings(args), os.environ)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin
     try:
-        return serve(config)
-    except ListenError as exc:
+        check_serve(config)  # before the first side effect
+        # One daemon per state directory, for its whole life: the lock is this process's
+        # until it exits. Then the names and ranges of its own that no other daemon uses.
+        private_dir(config.state_dir)
+        lock = claims.lock_state_dir(config.state_dir)  # noqa: F841 (held, never read)
+        fresh = not claims.recorded(config.state_dir)
+        config = claims.claim(config)
+        served = False
+        try:
+            served = serve(config) == 0
+            return 0 if served else 1
+        finally:
+            if fresh and not served:  # refused before it ever served: nothing holds the claim
+                claims.release(config)
+    except (ListenError, claims.StateDirBusy, NetworkError) as exc:
         print(f"sandboxd: error: {exc}", file=sys.stderr)
         return 1
 
@@ -128,32 +145,37 @@ def _migrate(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     import asyncio
 
-    from daemon.lifecycle import SandboxState
+    from daemon import claims
     from daemon.network import NetworkError, cleanup
     from daemon.store import Store
 
     config = load_config(_settings(args), os.environ)
+    if not config.state_dir.is_dir():
+        return 0  # no daemon ever ran there: nothing of it on the host
     database = config.state_dir / "sandboxd.db"
-    if database.exists():
-        store = Store(database)
-        try:
-            live = [
-                r.id
-                for r in store.list_sandboxes([SandboxState.CREATING, SandboxState.RUNNING])
-                if (r.spec.get("network") or {}).get("mode") == "bridge"
-            ]
-        finally:
-            store.close()
-        if live:
+    try:
+        # Held until the process ends: no daemon starts on the state directory meanwhile.
+        lock = claims.lock_state_dir(config.state_dir)  # noqa: F841 (held, never read)
+        live = []
+        if database.exists():
+            store = Store(database)
+            try:
+                live = store.live_sandboxes()
+            finally:
+                store.close()
+        bridged = [r.id for r in live if (r.spec.get("network") or {}).get("mode") == "bridge"]
+        if bridged:
             print(
-                f"sandboxd: error: {len(live)} bridged sandbox(es) are still live "
-                f"({', '.join(live[:5])}): delete them first",
+                f"sandboxd: error: {len(bridged)} bridged sandbox(es) are still live "
+                f"({', '.join(bridged[:5])}): delete them first",
                 file=sys.stderr,
             )
             return 1
-    try:
-        removed = asyncio.run(cleanup(config))
-    except NetworkError as exc:
+        ours = claims.known(config)
+        removed = [] if ours is None else asyncio.run(cleanup(ours))
+        if not live:  # no sandbox holds a uid or cgroup of it: the next daemon claims afresh
+            claims.release(config)
+    except (claims.StateDirBusy, NetworkError) as exc:
         print(f"sandboxd: error: {exc}", file=sys.stderr)
         return 1
     for line in removed:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -325,7 +325,12 @@ class Config(BaseSettings):
     bridge_name: Annotated[
         str,
         BeforeValidator(_ifname),
-        Doc("the bridge that bridged sandboxes are plugged into", "NAME"),
+        Doc(
+            "the bridge that bridged sandboxes are plugged into",
+            "NAME",
+            default_text="sandboxd0 for /var/lib/sandboxd, else sandboxdN, claimed once per "
+            "state directory",
+        ),
     ] = "sandboxd0"
     bridge_subnet: Annotated[
         IPv4Network,
@@ -334,6 +339,8 @@ class Config(BaseSettings):
             "the bridge's IPv4 subnet: the bridge holds the first address, sandboxes lease the "
             "rest; the daemon refuses to start if anything else on the host routes it",
             "CIDR",
+            default_text="10.88.0.0/16 for /var/lib/sandboxd, else one no route uses, claimed "
+            "once per state directory",
         ),
     ] = IPv4Network("10.88.0.0/16")
     egress: Annotated[
@@ -344,6 +351,29 @@ class Config(BaseSettings):
             default_text="off",
         ),
     ] = False
+
+    # The settings given by flag, environment or file; the others hold their defaults. Not part
+    # of equality: two configs with the same values are the same, however they were set.
+    # uid_base, cgroup_name, bridge_name and bridge_subnet, unless given, are claimed per state
+    # directory when the daemon starts (daemon/claims.py), so that daemons side by side never
+    # share them: their defaults above are the names of the default state directory's daemon.
+    _given: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @property
+    def given(self) -> frozenset[str]:
+        return self._given
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.model_dump(mode="json").items(), key=str)))
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with `changes`, validated, that keeps what was given."""
+        copy = Config.model_validate(self.model_dump() | changes)
+        copy._given = self._given
+        return copy
 
     @model_validator(mode="before")
     @classmethod
@@ -479,9 +509,11 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
     merged.pop("config", None)  # where the settings came from, not one of them
 
     try:
-        return Config.model_validate({name: setting.value for name, setting in merged.items()})
+        config = Config.model_validate({name: setting.value for name, setting in merged.items()})
     except ValidationError as exc:
         raise ConfigError(_explain(exc, merged)) from None
+    config._given = frozenset(merged)
+    return config
 
 
 def _resolve_token(layer: Mapping[str, _Setting]) -> _Layer:

@@ -682,6 +682,13 @@ class Info(BaseModel):
     pid: int = Field(description="The daemon's own pid.")
     state_dir: str
     run_dir: str
+    # What this daemon uses on the host, given or claimed for its state directory: no other
+    # daemon on the host uses the same.
+    bridge_name: str = Field(description="The bridge of its bridged sandboxes.")
+    bridge_subnet: str = Field(description="The bridge's IPv4 subnet, e.g. 10.42.8.0/22.")
+    cgroup_name: str = Field(description="The cgroup under which each sandbox has its own.")
+    uid_base: int = Field(description="The first host uid of its sandboxes' uid ranges.")
+    uid_last: int = Field(description="The last host uid its sandboxes' ranges may reach.")
 
 
 class SandboxService(Protocol):

@@ -9,11 +9,14 @@ leased in the store (daemon/store.py); published ports are daemon/ports.py.
 
 What it owns on the host, and how it tells its own from anyone else's:
     the bridge (config bridge_name)   its alias says "sandboxd STATE_DIR": a bridge of that name
-                                      with another alias belongs to another daemon, and is refused
+                                      with another alias belongs to another daemon, and is refused,
+                                      unless that state directory has no database any more (the
+                                      owner is gone): then it is taken over, made afresh
     sbxXXXXXXXXXXXX                   a sandbox's host link (from its id), enslaved to the bridge
     nft table ip sandboxd-BRIDGE      egress on: the masquerade rule; off: a forward rule that
                                       drops what the sandboxes send beyond the bridge
-The bridge stays when the daemon stops; only `sandboxd cleanup` removes it.
+The bridge stays when the daemon stops; only `sandboxd cleanup` removes it. Which bridge and
+subnet a state directory uses by default is daemon/claims.py's business.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import errno
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from pathlib import Path
@@ -91,13 +94,23 @@ class BridgeNetwork:
         """Make the bridge (or check the one there is ours), then egress on or off."""
         try:
             async with _ipr() as ipr:
-                await check_bridge(ipr, self.subnet, self.bridge, self.alias)
+                orphan = await check_bridge(ipr, self.subnet, self.bridge, self.alias)
+                if orphan is not None:
+                    await self._take_over(ipr, orphan)
                 await self._ensure_bridge(ipr)
             if self.egress:
                 _IP_FORWARD.write_text("1\n")
             await set_egress(self.bridge, self.subnet, self.egress)
         except (NetlinkError, OSError) as exc:
             raise NetworkError(f"cannot set up the bridge {self.bridge}: {exc}") from exc
+
+    async def _take_over(self, ipr: AsyncIPRoute, alias: str) -> None:
+        """Remove a bridge of our name whose owner is gone, with the links on it (of sandboxes
+        whose records went with their state directory): _ensure_bridge then makes ours."""
+        log.warning("taking over the bridge %s: its owner (%s) is gone", self.bridge, alias)
+        for name in await bridge_ports(ipr, self.bridge):
+            await delete_link(ipr, name)
+        await delete_link(ipr, self.bridge)
 
     async def _ensure_bridge(self, ipr: AsyncIPRoute) -> None:
         """Make the bridge if it is missing (check_bridge vouched for one that is there)."""
@@ -147,25 +160,70 @@ class BridgeNetwork:
         return ip, resolv_conf() if self.egress else ""
 
 
-def unrouted_subnet(prefix: str = "10", first: int = 200) -> IPv4Network:
-    """A random PREFIX.X.Y.0/24 (X from `first`) that no route of the host's main table covers
-    or falls in: for daemons beside the host's own (a bench's, a test module's)."""
-    routes = []
+_SUBNET_TRIES = 10000
+
+
+def unrouted_subnet(
+    prefix: str = "10",
+    first: int = 200,
+    last: int = 254,
+    prefixlen: int = 24,
+    avoid: Sequence[IPv4Network] = (),
+) -> IPv4Network:
+    """A random PREFIX.X.Y.0/PREFIXLEN (X from `first` to `last`) that no route of the host's
+    main table covers or falls in, nor any of `avoid`. Test modules take theirs from 10.200,
+    benches from 10.100, daemons on default settings below (daemon/claims.py)."""
+    taken = [*avoid]
     for line in Path("/proc/net/route").read_text().splitlines()[1:]:
         fields = line.split()
         dst, mask = (IPv4Address(bytes.fromhex(f)[::-1]) for f in (fields[1], fields[7]))
         if int(mask):
-            routes.append(IPv4Network(f"{dst}/{mask}", strict=False))
-    while True:
-        subnet = IPv4Network(
-            f"{prefix}.{random.randrange(first, 255)}.{random.randrange(256)}.0/24"
-        )
-        if not any(subnet.overlaps(route) for route in routes):
+            taken.append(IPv4Network(f"{dst}/{mask}", strict=False))
+    for _ in range(_SUBNET_TRIES):
+        address = f"{prefix}.{random.randrange(first, last + 1)}.{random.randrange(256)}.0"
+        subnet = IPv4Network(f"{address}/{prefixlen}", strict=False)
+        if not any(subnet.overlaps(other) for other in taken):
             return subnet
+    raise ConfigError(f"no free /{prefixlen} in {prefix}.{first}-{last}: set bridge_subnet")
 
 
 def owner_alias(config: Config) -> str:
-    return f"sandboxd {config.state_dir}"
+    return f"{_ALIAS_PREFIX}{config.state_dir}"
+
+
+_ALIAS_PREFIX = "sandboxd "
+
+
+def owner_gone(alias: str | None) -> bool:
+    """Whether a link's alias names a sandboxd state directory that no longer holds a database:
+    nothing can adopt the sandboxes behind it any more, so its bridge is free to take."""
+    if alias is None or not alias.startswith(_ALIAS_PREFIX):
+        return False
+    state_dir = Path(alias.removeprefix(_ALIAS_PREFIX))
+    return state_dir.is_absolute() and not (state_dir / "sandboxd.db").exists()
+
+
+async def host_bridges() -> dict[str, tuple[str | None, IPv4Network | None]]:
+    """Every bridge on the host: its alias and the network of its first IPv4 address."""
+    found: dict[str, tuple[str | None, IPv4Network | None]] = {}
+    try:
+        async with _ipr() as ipr:
+            for link in await dump(lambda: ipr.link("dump")):
+                if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "bridge":
+                    continue
+                addresses = await dump(
+                    partial(ipr.addr, "dump", family=socket.AF_INET, index=link["index"])
+                )
+                subnet = None
+                if addresses:
+                    first = addresses[0]
+                    subnet = IPv4Network(
+                        f"{first.get('address')}/{first['prefixlen']}", strict=False
+                    )
+                found[link.get("ifname")] = (link.get("ifalias"), subnet)
+    except (NetlinkError, OSError) as exc:
+        raise NetworkError(f"cannot read the host's links: {exc}") from exc
+    return found
 
 
 async def preflight(config: Config) -> None:
@@ -194,15 +252,21 @@ async def dump(request: Callable[[], Awaitable[AsyncIterator[Any]]]) -> list[Any
     raise AssertionError("unreachable")
 
 
-async def check_bridge(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alias: str) -> None:
-    """ConfigError for a link of the bridge's name that is not ours (not a bridge, or another
+async def check_bridge(
+    ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alias: str
+) -> str | None:
+    """ConfigError for a link of the bridge's name that is not ours (not a bridge, or a live
     daemon's), for our bridge with another subnet, and for a subnet that any route but our
-    bridge's covers or falls within."""
-    ours = None
+    bridge's covers or falls within. The alias of a bridge of our name whose owner is gone,
+    for the caller to take over; else None."""
+    ours = orphan = None
     for link in await dump(lambda: ipr.link("dump")):
         if link.get("ifname") != bridge:
             continue
         kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        if kind == "bridge" and owner_gone(link.get("ifalias")):
+            ours, orphan = link["index"], link.get("ifalias")  # its routes go with it
+            continue
         if kind != "bridge" or link.get("ifalias") != alias:
             raise ConfigError(
                 f"a link named {bridge} exists that this daemon did not make "
@@ -231,6 +295,7 @@ async def check_bridge(ipr: AsyncIPRoute, subnet: IPv4Network, bridge: str, alia
                 f"bridge_subnet {subnet} clashes with the host's route to {dst} (table "
                 f"{table}): choose another subnet for bridged sandboxes"
             )
+    return orphan
 
 
 async def bridge_ports(ipr: AsyncIPRoute, bridge: str) -> list[str]:

@@ -25,7 +25,6 @@ uid range or address it holds.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon import cgroup_v1, cgroups, disk, limits
+from daemon import cgroup_v1, cgroups, claims, disk, limits
 from daemon.config import Config, ConfigError
 from daemon.errors import Conflict
 from daemon.network import BridgeNetwork, NetworkError
@@ -92,14 +91,7 @@ class OnDisk:
 def lock(state_dir: Path) -> int:
     """Hold the state directory for this process (the daemon, or recover) till it exits: an fd."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        message = f"another sandboxd process uses the state directory {state_dir}"
-        raise ConfigError(message) from None
-    return fd
+    return claims.lock_state_dir(state_dir)
 
 
 # -- generations ------------------------------------------------------------------------------

@@ -198,7 +198,16 @@ class SandboxManager:
             pid=os.getpid(),
             state_dir=str(self.config.state_dir),
             run_dir=str(self.config.run_dir),
+            bridge_name=self.config.bridge_name,
+            bridge_subnet=str(self.config.bridge_subnet),
+            cgroup_name=self.config.cgroup_name,
+            uid_base=self.config.uid_base,
+            uid_last=self._uid_last(),
         )
+
+    def _uid_last(self) -> int:
+        slots = self.config.max_sandboxes + self.config.pool_size
+        return self.config.uid_base + slots * ID_RANGE - 1
 
     async def list(
         self, states: builtins.list[SandboxState], labels: dict[str, str]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -36,15 +37,28 @@ SLOTS_PER_DAEMON = 128
 UID_BASE = 1_000_000_000  # the daemon's default; each test daemon gets a region above it
 REGIONS = 360  # uid regions: they end below 2**32 with room for 1000 slots past the last
 SYS_NET = Path("/sys/class/net")
+# A process in a sandbox's cgroup (NAME/sb_ID/...) that is not the module's belongs to
+# another daemon (another test run's, or one on default settings, whose uid range may
+# overlap a test daemon's region): the module's own are found by their cgroup's name.
+OTHER_SANDBOX = re.compile(r"/sb_[0-9a-f]{16}(/|$)", re.MULTILINE)
 
 
 class Daemon:
     """One `sandboxd serve` process on a private directory."""
 
     def __init__(
-        self, root: Path, uid_base: int, cgroup_name: str, bridge: str, subnet: str
+        self,
+        root: Path,
+        uid_base: int,
+        cgroup_name: str,
+        bridge: str,
+        subnet: str,
+        derived: bool = False,
     ) -> None:
         self.root = root
+        # Derived: the daemon gets none of the four below and claims its own (they are read
+        # from GET /info once it serves).
+        self.derived = derived
         self.uid_base = uid_base
         self.cgroup_name = cgroup_name
         self.bridge = bridge
@@ -75,7 +89,9 @@ class Daemon:
         # A cgroup, a bridge and a subnet of its own: daemons sharing a cgroup would remove
         # each other's sandboxes, and a bridge belongs to one state directory.
         self.config.write_text(
-            f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
+            ""
+            if self.derived
+            else f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
             f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
         )
         # This checkout's code (python -m api, from ROOT), whatever `sandboxd` is installed.
@@ -93,6 +109,10 @@ class Daemon:
             try:
                 if self.client.get("/healthz").status_code == 200:
                     self.listening = listening_ports(self.proc.pid)
+                    if self.derived:
+                        info = self.client.get("/info").json()
+                        self.uid_base, self.cgroup_name = info["uid_base"], info["cgroup_name"]
+                        self.bridge, self.subnet = info["bridge_name"], info["bridge_subnet"]
                     return self
             except httpx.TransportError:
                 pass
@@ -183,7 +203,7 @@ def find_leaks(
             leaks.append(f"process {pid}: {cmdline}")
         elif root.name in cgroup:
             leaks.append(f"process {pid} in the module's cgroup: {cmdline}")
-        elif uid in uids and "sandboxd-test-" not in cgroup:  # not another test run's
+        elif uid in uids and not OTHER_SANDBOX.search(cgroup):  # not another daemon's
             leaks.append(f"process {pid} with sandbox uid {uid}: {cmdline}")
         elif marker in mountinfo:
             leaks.append(f"process {pid} holds mounts of {marker}")
@@ -202,6 +222,13 @@ def find_leaks(
         if (SYS_NET / host_ifname(sandbox_id)).exists():
             leaks.append(f"link {host_ifname(sandbox_id)} of sandbox {sandbox_id}")
     return leaks
+
+
+def cgroup_dirs(name: str) -> list[Path]:
+    """The cgroups named `name` at the top of any hierarchy (v2, and each v1 controller)."""
+    root = Path("/sys/fs/cgroup")
+    hierarchies = [root, *(p for p in root.iterdir() if p.is_dir())]
+    return [h / name for h in hierarchies if (h / name).is_dir()]
 
 
 def host_ifname(sandbox_id: str) -> str:
@@ -272,16 +299,16 @@ class Daemons:
         # Uid regions of their own, so daemons (and test runs) side by side never mix.
         self.regions = random.sample(range(REGIONS), 8)
 
-    def new(self, *args: str) -> Daemon:
+    def new(self, *args: str, derived: bool = False) -> Daemon:
         """Another daemon, with a directory (below the module's), a uid region, a cgroup, a
-        bridge and a subnet of its own."""
+        bridge and a subnet of its own: given it, or, `derived`, claimed by the daemon."""
         index = len(self.started)
         root = self.root if index == 0 else self.root / f"daemon{index}"
         root.mkdir(exist_ok=True)
         uid_base = UID_BASE + self.regions[index] * SLOTS_PER_DAEMON * 65536
         cgroup_name = self.root.name + (f"-{index}" if index else "")
         bridge = f"sbt{random.randrange(16**8):08x}"
-        daemon = Daemon(root, uid_base, cgroup_name, bridge, free_subnet())
+        daemon = Daemon(root, uid_base, cgroup_name, bridge, free_subnet(), derived)
         self.started.append(daemon)
         return daemon.start(*args)
 
@@ -311,6 +338,8 @@ class Daemons:
                 leaks.append(f"the bridge {daemon.bridge}")
             if f"sandboxd-{daemon.bridge}" in nft_tables():
                 leaks.append(f"the nft table ip sandboxd-{daemon.bridge}")
+            if daemon.derived:  # its cgroup is not named after the module
+                leaks += [f"cgroup {p}" for p in cgroup_dirs(daemon.cgroup_name)]
 
         def found() -> list[str]:
             return [

@@ -65,6 +65,11 @@ class FakeService:
             pid=1,
             state_dir="/var/lib/sandboxd",
             run_dir="/run/sandboxd",
+            bridge_name="sandboxd0",
+            bridge_subnet="10.42.0.0/22",
+            cgroup_name="sandboxd",
+            uid_base=1_000_000_000,
+            uid_last=1_000_000_000 + 1000 * 65536 - 1,
         )
 
     async def create(self, spec: SandboxCreate) -> Sandbox:

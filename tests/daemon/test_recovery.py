@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from datetime import UTC, datetime
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import recovery
+from daemon import claims, recovery
 from daemon.config import Config, ConfigError
 from daemon.recovery import RecoveryNeeded, preflight, read_generation, trusted
 from daemon.store import DatabaseFound, Store
@@ -101,11 +102,15 @@ def test_a_bad_database_with_nothing_on_disk_is_set_aside(config: Config) -> Non
 
 
 def test_the_state_directory_is_locked(config: Config) -> None:
-    held = recovery.lock(config.state_dir)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    other = os.open(config.state_dir / "sandboxd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)  # as another process would hold it
     with pytest.raises(ConfigError, match="another sandboxd process"):
         recovery.lock(config.state_dir)
-    os.close(held)
-    os.close(recovery.lock(config.state_dir))
+    os.close(other)
+    held = recovery.lock(config.state_dir)
+    assert recovery.lock(config.state_dir) == held  # this process holds it already
+    claims.unlock(config.state_dir)
 
 
 def test_what_is_kept_rebuilds_the_record(config: Config) -> None:

@@ -358,11 +358,14 @@ def test_a_subnet_the_host_routes_or_a_bridge_of_another_daemon_is_refused(
     inside = str(next(ipaddress.IPv4Network(daemon.subnet).subnets(new_prefix=25)))
     (tmp_path / "none.toml").write_text("")
     elsewhere, ours = str(tmp_path / "state"), str(daemon.state_dir)
-    for state_dir, name, subnet, said in [
+    cases = [
         (elsewhere, "sbtother0", inside, "clashes with"),
         (elsewhere, daemon.bridge, daemon.subnet, "did not make"),
         (ours, daemon.bridge, free_subnet(), "has the address(es)"),
-    ]:
+    ]
+    for state_dir, name, subnet, said in cases:
+        if state_dir == ours:
+            daemon.stop()  # one daemon per state directory: the next one only once it is gone
         result = subprocess.run(
             [sys.executable, "-m", "api", "serve", "--config", str(tmp_path / "none.toml"),
              "--listen", f"unix://{tmp_path}/s.sock", "--state-dir", state_dir,
@@ -371,6 +374,7 @@ def test_a_subnet_the_host_routes_or_a_bridge_of_another_daemon_is_refused(
         )  # fmt: skip
         assert result.returncode == 2, result.stderr
         assert said in result.stderr, result.stderr
+    daemon.start()
     assert not (SYS_NET / "sbtother0").exists()
 
 
