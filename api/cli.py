@@ -90,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
         help="let bridged sandboxes reach the outside through NAT, and give them the host's "
         "name servers [SANDBOXD_EGRESS; default off]",
     )
+    serve.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="let pages of this origin (http(s)://HOST[:PORT], or * for any) call the API from a "
+        "browser, repeatable [SANDBOXD_CORS_ORIGINS, comma-separated; default none: CORS off]",
+    )
     _config_file(serve)
     serve.set_defaults(run=_serve)
 

@@ -59,6 +59,8 @@ class Config:
     # Sandboxes kept started on the default options, so that a create that asks for no more
     # than a name, host name, labels, env and ttl takes one at once (see the README's Pool).
     pool_size: int = 0
+    # Browser origins (scheme://host[:port]) whose pages may call the API; none: CORS is off.
+    cors_origins: list[str] = field(default_factory=list)
 
 
 class ConfigError(ValueError):
@@ -120,11 +122,12 @@ ENVIRONMENT = {
     "bridge_subnet": "SANDBOXD_BRIDGE_SUBNET",
     "egress": "SANDBOXD_EGRESS",
     "pool_size": "SANDBOXD_POOL_SIZE",
+    "cors_origins": "SANDBOXD_CORS_ORIGINS",
 }
 FILE_KEYS = frozenset(
     {"listen", "state_dir", "run_dir", "token", "token_file", "max_sandboxes"}
     | {"output_limit", "max_body", "uid_base", "cgroup_name", "exec_retention"}
-    | {"bridge_name", "bridge_subnet", "egress", "pool_size"}
+    | {"bridge_name", "bridge_subnet", "egress", "pool_size", "cors_origins"}
 )
 
 
@@ -145,14 +148,15 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
 
     `argv_values` uses the setting names (listen, state_dir, run_dir, token, token_file,
     max_sandboxes, output_limit, max_body, bridge_name, bridge_subnet, egress, pool_size,
-    config). Empty environment variables count as unset.
+    cors_origins, config). Empty environment variables count as unset.
     Raises ConfigError for an unreadable file, an unknown key or a value that cannot be used.
     """
     flags = {k: _Setting(v, _flag(k)) for k, v in argv_values.items() if v is not None}
     env = {k: _Setting(environ[v], v) for k, v in ENVIRONMENT.items() if environ.get(v, "").strip()}
-    if "listen" in env:
-        urls = [u.strip() for u in str(env["listen"].value).split(",") if u.strip()]
-        env["listen"] = _Setting(urls, env["listen"].where)
+    for listed in ("listen", "cors_origins"):  # comma-separated in the environment
+        if listed in env:
+            items = [u.strip() for u in str(env[listed].value).split(",") if u.strip()]
+            env[listed] = _Setting(items, env[listed].where)
     file = _read_file(flags.get("config") or env.get("config"))
 
     # Lowest layer first. The token is one setting given two ways: the highest layer that
@@ -182,6 +186,7 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         bridge_subnet=_subnet(get("bridge_subnet"), Config.bridge_subnet),
         egress=_boolean(get("egress"), Config.egress),
         pool_size=_integer(get("pool_size"), Config.pool_size, minimum=0),
+        cors_origins=_origins(get("cors_origins")),
     )
     # Pooled sandboxes hold uid ranges too.
     last_uid = config.uid_base + (config.max_sandboxes + config.pool_size) * UID_RANGE - 1
@@ -195,6 +200,8 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
 
 
 def _flag(name: str) -> str:
+    if name == "cors_origins":  # one origin a flag, repeated
+        return "--cors-origin"
     return "--" + name.replace("_", "-")
 
 
@@ -233,6 +240,46 @@ def _listen(setting: _Setting | None, default: str) -> list[str]:
         except ValueError as exc:
             raise ConfigError(f"{setting.where}: {exc}") from exc
     return list(urls)
+
+
+def _origins(setting: _Setting | None) -> list[str]:
+    """Origins as a browser sends them (lower case, no default port, no path), or `*`."""
+    if setting is None:
+        return []
+    values = [setting.value] if isinstance(setting.value, str) else setting.value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{setting.where}: expected a list of origins like https://host:port")
+    origins = []
+    for value in values:
+        try:
+            origins.append(parse_origin(value))
+        except ValueError as exc:
+            raise ConfigError(f"{setting.where}: {exc}") from exc
+    return list(dict.fromkeys(origins))
+
+
+def parse_origin(value: str) -> str:
+    """`scheme://host[:port]` as a browser's Origin header spells it, or `*` (any origin)."""
+    if value == "*":
+        return value
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid origin: {exc}") from exc
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+        or parts.password is not None
+    ):
+        raise ValueError(f"{value!r}: an origin is http(s)://HOST[:PORT], with no path")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
 
 
 def _path(setting: _Setting | None, default: Path) -> Path:
