@@ -1,14 +1,20 @@
-"""The FastAPI application: routers, problem handlers, auth and body limit around a service."""
+"""The FastAPI application: routers, problem handlers, auth, body limit and CORS around a
+service, and the API's documentation (Swagger UI, served from the package: no internet needed)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.cors import CORSMiddleware
 
 from api import problems
 from api.auth import BearerAuth
@@ -18,9 +24,15 @@ from daemon.models import SandboxService
 
 DESCRIPTION = """\
 sandboxd hands out Linux sandboxes. Errors are RFC 9457 problem details
-(`application/problem+json`). When the daemon has a token, every request but `GET /healthz`
-needs `Authorization: Bearer <token>`.
+(`application/problem+json`). When the daemon has a token, every request needs
+`Authorization: Bearer <token>` but `GET /healthz` and the documentation (`/docs`, its assets
+under `/static/`, and this document, `/openapi.json`). In `/docs`, *Authorize* takes the token.
 """
+STATIC = Path(__file__).resolve().parent / "static"
+SWAGGER = "/static/vendor/swagger-ui"
+# Headers a browser page of an allowed origin may send, and read back, across origins.
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
+CORS_RESPONSE_HEADERS = ["Location", "X-Request-ID", "WWW-Authenticate"]
 TAGS = [
     {"name": "system", "description": "The daemon itself."},
     {"name": "sandboxes", "description": "Sandboxes: isolated process trees with their own root."},
@@ -40,8 +52,15 @@ def operation_id(route: APIRoute) -> str:
     return f"{route.tags[0]}_{route.name}"
 
 
-def create_app(service: SandboxService, *, token: str | None, max_body: int) -> FastAPI:
-    """The app serving `service`; it starts and stops the service with its own lifespan."""
+def create_app(
+    service: SandboxService,
+    *,
+    token: str | None,
+    max_body: int,
+    cors_origins: Sequence[str] = (),
+) -> FastAPI:
+    """The app serving `service`; it starts and stops the service with its own lifespan.
+    `cors_origins`: browser origins allowed to call it (none: no CORS headers at all)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -60,17 +79,55 @@ def create_app(service: SandboxService, *, token: str | None, max_body: int) -> 
         generate_unique_id_function=operation_id,
         # A body sent without Content-Type is read as JSON; one sent as another type is a 415.
         strict_content_type=False,
+        # FastAPI's own pages load Swagger UI and ReDoc from CDNs: /docs is served below.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     problems.install(app)
     for module in (system, sandboxes, execs):
         app.include_router(module.router)
-    # The last middleware added runs first: authenticate before reading any body.
+    _serve_docs(app)
+    # The last middleware added runs first: authenticate before reading any body, and answer
+    # a CORS preflight (which carries no token) before authenticating.
     app.add_middleware(BodyLimit, max_body=max_body)
     if token:
         app.add_middleware(BearerAuth, token=token)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_RESPONSE_HEADERS,
+            # The token travels in a header a page sets itself: no cookies, no credentials mode.
+            allow_credentials=False,
+            max_age=600,
+        )
     app.openapi = _documented_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI from the files vendored into the package (scripts/vendor_assets.py),
+    at /static/, so that it draws with no internet; it reads /openapi.json."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # A plain route: not an operation of the API (it has no tag, no operation id).
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} API",
+            swagger_js_url=f"{root}{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{SWAGGER}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{SWAGGER}/favicon-32x32.png",
+            oauth2_redirect_url=None,  # bearer tokens only: no OAuth2 flow to return from
+            # Swagger UI would otherwise show a badge fetched from validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    app.add_route("/docs", docs, methods=["GET", "HEAD"], include_in_schema=False)
 
 
 def _documented_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:

@@ -1,7 +1,10 @@
-"""Bearer-token authentication, as pure ASGI middleware in front of every route but /healthz.
+"""Bearer-token authentication, as pure ASGI middleware in front of every route but /healthz
+and the API's documentation.
 
-It sits in front of the whole app, so /docs, /openapi.json and unknown paths are guarded too,
-and a request without the token is answered before its body is read.
+It sits in front of the whole app, so unknown paths are guarded too, and a request without the
+token is answered before its body is read. Open without it, to GET and HEAD only: /healthz,
+/docs, its assets under /static/, and /openapi.json. Swagger UI needs the document to draw
+the page; it gives away only the API's shape, which is public (it is in the repository).
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.problems import problem
 
-# Probes (load balancers, systemd's ExecStartPost, scripts waiting for readiness) carry no token.
-_OPEN = {("GET", "/healthz"), ("HEAD", "/healthz")}
+# Probes (load balancers, systemd's ExecStartPost, scripts waiting for readiness) carry no token;
+# nor does a browser loading the documentation, which asks for the token itself (Authorize).
+_OPEN_PATHS = {"/healthz", "/docs", "/openapi.json"}
+_OPEN_PREFIX = "/static/"
+_READS = {"GET", "HEAD"}
 
 
 class BearerAuth:
@@ -28,7 +34,7 @@ class BearerAuth:
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
             return
-        if scope["type"] != "http" or (scope["method"], scope["path"]) in _OPEN:
+        if scope["type"] != "http" or _is_open(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         presented = _bearer(scope)
@@ -48,6 +54,15 @@ class BearerAuth:
             return
         await receive()  # websocket.connect
         await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
+
+
+def _is_open(method: str, path: str) -> bool:
+    if method not in _READS:
+        return False
+    if path in _OPEN_PATHS:
+        return True
+    # No "..": a path that climbs out of /static/ is not a static file (nor is it open).
+    return path.startswith(_OPEN_PREFIX) and ".." not in path.split("/")
 
 
 def _query_token(scope: Scope) -> bytes | None:

@@ -66,7 +66,10 @@ def serve(config: Config) -> int:
     except BaseException:
         close_listeners(listeners)
         raise
-    return run(create_app(service, token=config.token, max_body=config.max_body), listeners)
+    app = create_app(
+        service, token=config.token, max_body=config.max_body, cors_origins=config.cors_origins
+    )
+    return run(app, listeners)
 
 
 def run(app: FastAPI, listeners: list[Listener]) -> int:

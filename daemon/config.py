@@ -81,9 +81,11 @@ class Doc:
     default_text: str | None = None
     # Values the example file shows, commented out, besides the default.
     examples: tuple[str, ...] = ()
+    # The flag, where it is not the setting's name (one of a list given by a repeated flag).
+    flag_name: str | None = None
 
     def flag(self, name: str) -> str:
-        return "--" + name.replace("_", "-")
+        return self.flag_name or "--" + name.replace("_", "-")
 
     def variable(self, name: str) -> str:
         return ENV_PREFIX + name.upper()
@@ -129,6 +131,14 @@ def _listen(value: object) -> list[str]:
     for url in urls:
         parse_listen(url)
     return list(urls)
+
+
+def _origins(value: object) -> list[str]:
+    """Origins as a browser sends them (lower case, no default port, no path), or `*`."""
+    values = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError("expected a list of origins like https://host:port")
+    return list(dict.fromkeys(parse_origin(v) for v in values))
 
 
 def _name(value: object) -> str:
@@ -302,6 +312,19 @@ class Config(BaseSettings):
             "SECONDS",
         ),
     ] = 5
+    cors_origins: Annotated[
+        list[str],
+        NoDecode,
+        BeforeValidator(_origins),
+        Doc(
+            "browser origins (http(s)://HOST[:PORT], or * for any) whose pages may call the "
+            "API; repeatable (comma-separated in the environment); none: CORS is off",
+            "ORIGIN",
+            default_text="none",
+            flag_name="--cors-origin",
+            examples=('["https://dashboard.example:8443"]',),
+        ),
+    ] = Field(default_factory=list)
     uid_base: Annotated[
         Whole,
         Doc(
@@ -573,7 +596,7 @@ def add_flags(parser: argparse.ArgumentParser, names: frozenset[str] = FLAG_KEYS
             target.add_argument(
                 doc.flag(name), dest=name, action=argparse.BooleanOptionalAction, help=text
             )
-        elif name == "listen":
+        elif field.annotation == list[str]:
             target.add_argument(
                 doc.flag(name), dest=name, action="append", metavar=doc.metavar, help=text
             )
@@ -653,6 +676,30 @@ def _wrap(text: str, prefix: str, width: int = 96) -> list[str]:
         line += word + " "
     lines.append(line.rstrip())
     return lines
+
+
+def parse_origin(value: str) -> str:
+    """`scheme://host[:port]` as a browser's Origin header spells it, or `*` (any origin)."""
+    if value == "*":
+        return value
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid origin: {exc}") from exc
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+        or parts.password is not None
+    ):
+        raise ValueError(f"{value!r}: an origin is http(s)://HOST[:PORT], with no path")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
 
 
 # -- listen URLs -------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -85,6 +87,8 @@ log = logging.getLogger(__name__)
 ID_RANGE = 65536
 _GONE_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 30.0
+# How long an Idempotency-Key of POST /sandboxes is remembered (Stripe's 24 hours).
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
 _LOST_EXEC_MESSAGE = "sandboxd: the exec was lost: the daemon stopped before it could start\n"
 
 
@@ -119,6 +123,7 @@ class SandboxManager:
         self.base_dir = Path()
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
         self.execs = Execs(lambda: self.store, self.live, config.exec_retention, self.tree.path)
+        self.keyed_creates: dict[str, asyncio.Event] = {}  # Idempotency-Keys being created with
 
     @property
     def store(self) -> Store:
@@ -243,12 +248,55 @@ class SandboxManager:
 
     # -- create -------------------------------------------------------------------------------
 
-    async def create(self, spec: SandboxCreate) -> Sandbox:
+    async def create(self, spec: SandboxCreate, idempotency_key: str | None = None) -> Sandbox:
+        """A new sandbox; given an `idempotency_key`, at most one per key and body (below)."""
+        if idempotency_key is not None:
+            return await self._create_once(spec, idempotency_key)
         if poolable(spec):
             taken = self._take_pooled(self._applied(spec))
             if taken is not None:
                 return taken
         return sandbox_view(await self._create(spec))
+
+    async def _create_once(self, spec: SandboxCreate, key: str) -> Sandbox:
+        """The sandbox that `key` made from this body within IDEMPOTENCY_WINDOW, as it stands
+        now; else a new one, and the key is recorded once it is made (a create that fails
+        leaves the key unused). The same key with another body is Invalid (422); when its
+        sandbox has been deleted since, a Conflict (409): a retry must not make another."""
+        # One create at a time per key: a second request waits for the first, then finds it.
+        while (running := self.keyed_creates.get(key)) is not None:
+            await running.wait()
+        done = self.keyed_creates[key] = asyncio.Event()
+        try:
+            body_hash = spec_hash(spec)
+            known = self.store.find_idempotency_key(key, utcnow() - IDEMPOTENCY_WINDOW)
+            if known is None:
+                sandbox = await self.create(spec)
+                now = utcnow()
+                self.store.record_idempotency_key(
+                    key,
+                    body_hash=body_hash,
+                    sandbox_id=sandbox.id,
+                    now=now,
+                    since=now - IDEMPOTENCY_WINDOW,
+                )
+                return sandbox
+            if known.body_hash != body_hash:
+                raise Invalid(
+                    f"the Idempotency-Key {key!r} was used with another body; "
+                    "a new request needs a new key"
+                )
+            with contextlib.suppress(NotFound):
+                record = self.store.get_sandbox(known.sandbox_id)
+                if record.id == known.sandbox_id:  # not another one named after it
+                    return sandbox_view(record)
+            raise Conflict(
+                f"sandbox {known.sandbox_id}, created with the Idempotency-Key {key!r}, "
+                "has been deleted since"
+            )
+        finally:
+            del self.keyed_creates[key]
+            done.set()
 
     async def _create(self, spec: SandboxCreate, *, pooled: bool = False) -> SandboxRecord:
         # 1. validate what the schema cannot see: the host paths and controllers, what is
@@ -786,6 +834,13 @@ class SandboxManager:
 def asked_hostname(spec: SandboxCreate, sandbox_id: str) -> str:
     """The host name a create asks for: its own, else its name made valid, else the id."""
     return spec.hostname or (hostname_from_name(spec.name) if spec.name else sandbox_id)
+
+
+def spec_hash(spec: SandboxCreate) -> str:
+    """The body of a create in canonical form (as validated, defaults filled in, keys sorted,
+    compact JSON), hashed: two bodies that ask for the same sandbox hash alike."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _version() -> str:

@@ -175,7 +175,19 @@ class MetaRecord(Base):
     generation: Mapped[str] = mapped_column(sa.String)
 
 
-R = TypeVar("R", SandboxRecord, ExecRecord)
+class IdempotencyKeyRecord(Base):
+    """The Idempotency-Key of a create that succeeded: the sandbox it made, and a hash of the
+    body it came with (migration 0006). No foreign key: the key outlives its sandbox."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    body_hash: Mapped[str] = mapped_column(sa.String)
+    sandbox_id: Mapped[str] = mapped_column(sa.String)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+R = TypeVar("R", SandboxRecord, ExecRecord, IdempotencyKeyRecord, MetaRecord)
 
 # Set up the mappers now rather than at their first use: _record builds instances without the
 # constructor, which is what would otherwise trigger it.
@@ -364,6 +376,13 @@ _FINISH_EXEC = (
 )
 _DELETE_EXEC = delete(_EXECS).where(_X.id == bindparam("exec_id"))
 _GENERATION = select(MetaRecord.__table__.c.generation).where(MetaRecord.__table__.c.id == 1)
+
+_KEYS = Base.metadata.tables["idempotency_keys"]
+_K = _KEYS.c
+# A key recorded before `since` is forgotten: never found, and deleted at the next write.
+_FIND_KEY = select(_KEYS).where(_K.key == bindparam("key"), _K.created_at >= bindparam("since"))
+_FORGET_KEYS = delete(_KEYS).where(_K.created_at < bindparam("since"))
+_INSERT_KEY = insert(_KEYS)
 
 
 _SQLITE_NEEDED = (3, 35, 0)
@@ -642,6 +661,35 @@ class Store:
         statement = delete(_EXECS).where(_X.state == ExecState.EXITED, _X.finished_at < cutoff)
         with self._writer.begin() as conn:
             return conn.execute(statement).rowcount
+
+    # Idempotency keys.
+
+    def find_idempotency_key(self, key: str, since: datetime) -> IdempotencyKeyRecord | None:
+        """`key` as recorded at or after `since`, or None."""
+        with self._engine.connect() as conn:
+            row = conn.execute(_FIND_KEY, {"key": key, "since": since}).one_or_none()
+        return None if row is None else _record(IdempotencyKeyRecord, row)
+
+    def record_idempotency_key(
+        self, key: str, *, body_hash: str, sandbox_id: str, now: datetime, since: datetime
+    ) -> None:
+        """Record that `key` made `sandbox_id`, forgetting every key recorded before `since`
+        in the same transaction (so that an expired key can be used again). Conflict if `key`
+        is recorded already."""
+        with self._writer.begin() as conn:
+            conn.execute(_FORGET_KEYS, {"since": since})
+            try:
+                conn.execute(
+                    _INSERT_KEY,
+                    {
+                        "key": key,
+                        "body_hash": body_hash,
+                        "sandbox_id": sandbox_id,
+                        "created_at": now,
+                    },
+                )
+            except IntegrityError as exc:
+                raise Conflict(f"the Idempotency-Key {key!r} is already recorded") from exc
 
     def _execs(self, sandbox_id: str, state: ExecState | None = None) -> list[ExecRecord]:
         query = select(_EXECS).where(_X.sandbox_id == sandbox_id)

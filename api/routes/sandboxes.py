@@ -3,9 +3,9 @@ resource usage and their time to live."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Response
 from pydantic import StringConstraints
 
 from api.deps import Service
@@ -33,6 +33,18 @@ SANDBOX_LINKS = {
     )
 }
 
+IDEMPOTENCY_KEY: dict[str, Any] = {
+    "alias": "Idempotency-Key",
+    "min_length": 1,
+    "max_length": 255,
+    "pattern": r"^[\x20-\x7e]+$",  # printable ASCII
+    "description": "Makes a retried create safe: the same key with the same body within 24 "
+    "hours answers 201 with the sandbox it made (as it is now) instead of making another; "
+    "with another body 422; if that sandbox has been deleted since, 409. Requests with one "
+    "key run one at a time. A create that fails does not use up its key. At most 255 "
+    "printable ASCII characters, e.g. a UUID.",
+}
+
 
 @router.post(
     "",
@@ -50,8 +62,9 @@ async def create(
     service: Service,
     response: Response,
     spec: Annotated[SandboxCreate, Body(default_factory=SandboxCreate)],
+    idempotency_key: Annotated[str | None, Header(**IDEMPOTENCY_KEY)] = None,
 ) -> Sandbox:
-    sandbox = await service.create(spec)
+    sandbox = await service.create(spec, idempotency_key)
     response.headers["Location"] = f"/sandboxes/{sandbox.id}"
     return sandbox
 

@@ -72,7 +72,7 @@ class FakeService:
             uid_last=1_000_000_000 + 1000 * 65536 - 1,
         )
 
-    async def create(self, spec: SandboxCreate) -> Sandbox:
+    async def create(self, spec: SandboxCreate, idempotency_key: str | None = None) -> Sandbox:
         self.calls.append("create")
         if spec.name is not None and any(s.name == spec.name for s in self.sandboxes.values()):
             raise Conflict(f"the name {spec.name!r} is in use")

@@ -85,11 +85,15 @@ def test_the_scheme_is_case_insensitive(client: TestClient) -> None:
     assert client.get("/sandboxes", headers={"Authorization": f"bearer {TOKEN}"}).is_success
 
 
-def test_healthz_needs_no_token_but_docs_do(client: TestClient) -> None:
+def test_healthz_and_the_docs_need_no_token_but_the_rest_does(client: TestClient) -> None:
     assert client.get("/healthz", headers={"Authorization": ""}).status_code == 200
     assert client.get("/healthz", headers={"Authorization": "Bearer wrong"}).status_code == 200
-    for path in ("/docs", "/openapi.json", "/info"):
+    for path in ("/docs", "/openapi.json", "/static/vendor/swagger-ui/swagger-ui.css"):
+        assert client.get(path, headers={"Authorization": ""}).status_code == 200, path
+    for path in ("/info", "/sandboxes", "/static/../sandboxes", "/docs/", "/redoc"):
         assert_problem(client.get(path, headers={"Authorization": ""}), 401)
+    # Open to reading only.
+    assert_problem(client.post("/docs", headers={"Authorization": ""}), 401)
     assert client.get("/openapi.json").status_code == 200
 
 
