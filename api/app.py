@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from api import problems
 from api.auth import BearerAuth
 from api.body_limit import BodyLimit
+from api.request_id import RequestId
 from api.routes import execs, sandboxes, system
 from daemon.models import SandboxService
 
@@ -69,6 +70,8 @@ def create_app(service: SandboxService, *, token: str | None, max_body: int) -> 
     app.add_middleware(BodyLimit, max_body=max_body)
     if token:
         app.add_middleware(BearerAuth, token=token)
+    # Outermost: the request id is bound before anything logs, and goes on every answer.
+    app.add_middleware(RequestId)
     app.openapi = _documented_openapi(app)  # type: ignore[method-assign]
     return app
 

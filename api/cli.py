@@ -14,7 +14,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from daemon.config import ConfigError, load_config
+from daemon.config import (
+    CGROUP_PARENTS,
+    ENVIRONMENT,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    load_config,
+)
 
 USAGE_ERROR = 2
 
@@ -76,6 +83,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="sandboxes kept started for creates on the default options "
         "[SANDBOXD_POOL_SIZE; default 0]",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="log lines at this level and above [SANDBOXD_LOG_LEVEL; default info]",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text, or json: one object a line [SANDBOXD_LOG_FORMAT; default text]",
+    )
+    serve.add_argument(
+        "--cgroup-parent",
+        choices=CGROUP_PARENTS,
+        help="root: sandboxes' cgroups at the top of the cgroup2 tree; delegated: under the "
+        "daemon's own cgroup, as a systemd unit with Delegate=yes wants "
+        "[SANDBOXD_CGROUP_PARENT; default root]",
     )
     _bridge(serve)
     serve.add_argument(
@@ -207,15 +231,39 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
 def _serve(args: argparse.Namespace) -> int:
     from api.serve import serve
     from api.sockets import ListenError
+    from daemon import logs
 
-    config = load_config(_settings(args), os.environ)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin
+    # Logging first, as the flags and environment ask (the file is not read yet), so that a
+    # refusal below is a log line like any other.
+    logs.configure(*_early_log_settings(args))
+    log = logging.getLogger("api.serve")
+    if os.geteuid() != 0:
+        log.error(
+            "refusing to start: sandboxd serve needs root (it makes namespaces, mounts, "
+            "cgroups and links); run it as root or from its systemd unit"
+        )
+        return USAGE_ERROR
     try:
+        config = load_config(_settings(args), os.environ)
+        logs.configure(config.log_level, config.log_format)
         return serve(config)
+    except ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        return USAGE_ERROR
     except ListenError as exc:
-        print(f"sandboxd: error: {exc}", file=sys.stderr)
+        log.error("refusing to start: %s", exc)
         return 1
+
+
+def _early_log_settings(args: argparse.Namespace) -> tuple[str, str]:
+    """Level and format from the flag or the environment, if valid (load_config says why
+    not); the defaults otherwise."""
+    level = args.log_level or os.environ.get(ENVIRONMENT["log_level"], "").strip().lower()
+    fmt = args.log_format or os.environ.get(ENVIRONMENT["log_format"], "").strip().lower()
+    return (
+        level if level in LOG_LEVELS else "info",
+        fmt if fmt in LOG_FORMATS else "text",
+    )
 
 
 def _migrate(args: argparse.Namespace) -> int:

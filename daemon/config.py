@@ -29,6 +29,9 @@ _MAX_UID = 0xFFFFFFFE
 _MAX_SOCKET_PATH = 107
 # IFNAMSIZ is 16, including the terminating NUL.
 _MAX_IFNAME = 15
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+CGROUP_PARENTS = ("root", "delegated")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -59,6 +62,12 @@ class Config:
     # Sandboxes kept started on the default options, so that a create that asks for no more
     # than a name, host name, labels, env and ttl takes one at once (see the README's Pool).
     pool_size: int = 0
+    # The log: lines at this level or above (debug, info, warning, error), as text or json.
+    log_level: str = "info"
+    log_format: str = "text"
+    # Where the cgroup2 tree of sandboxes goes: "root", CGROUP2/cgroup_name; "delegated", under
+    # the daemon's own cgroup (a systemd unit with Delegate=yes), the daemon in a leaf of it.
+    cgroup_parent: str = "root"
 
 
 class ConfigError(ValueError):
@@ -120,11 +129,15 @@ ENVIRONMENT = {
     "bridge_subnet": "SANDBOXD_BRIDGE_SUBNET",
     "egress": "SANDBOXD_EGRESS",
     "pool_size": "SANDBOXD_POOL_SIZE",
+    "log_level": "SANDBOXD_LOG_LEVEL",
+    "log_format": "SANDBOXD_LOG_FORMAT",
+    "cgroup_parent": "SANDBOXD_CGROUP_PARENT",
 }
 FILE_KEYS = frozenset(
     {"listen", "state_dir", "run_dir", "token", "token_file", "max_sandboxes"}
     | {"output_limit", "max_body", "uid_base", "cgroup_name", "exec_retention"}
     | {"bridge_name", "bridge_subnet", "egress", "pool_size"}
+    | {"log_level", "log_format", "cgroup_parent"}
 )
 
 
@@ -145,7 +158,7 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
 
     `argv_values` uses the setting names (listen, state_dir, run_dir, token, token_file,
     max_sandboxes, output_limit, max_body, bridge_name, bridge_subnet, egress, pool_size,
-    config). Empty environment variables count as unset.
+    log_level, log_format, cgroup_parent, config). Empty environment variables count as unset.
     Raises ConfigError for an unreadable file, an unknown key or a value that cannot be used.
     """
     flags = {k: _Setting(v, _flag(k)) for k, v in argv_values.items() if v is not None}
@@ -182,6 +195,9 @@ def load_config(argv_values: Mapping[str, object], environ: Mapping[str, str]) -
         bridge_subnet=_subnet(get("bridge_subnet"), Config.bridge_subnet),
         egress=_boolean(get("egress"), Config.egress),
         pool_size=_integer(get("pool_size"), Config.pool_size, minimum=0),
+        log_level=_choice(get("log_level"), Config.log_level, LOG_LEVELS),
+        log_format=_choice(get("log_format"), Config.log_format, LOG_FORMATS),
+        cgroup_parent=_choice(get("cgroup_parent"), Config.cgroup_parent, CGROUP_PARENTS),
     )
     # Pooled sandboxes hold uid ranges too.
     last_uid = config.uid_base + (config.max_sandboxes + config.pool_size) * UID_RANGE - 1
@@ -321,6 +337,15 @@ def _boolean(setting: _Setting | None, default: bool) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise ConfigError(f"{setting.where}: expected true or false, got {value!r}")
+
+
+def _choice(setting: _Setting | None, default: str, choices: tuple[str, ...]) -> str:
+    if setting is None:
+        return default
+    value = setting.value
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        raise ConfigError(f"{setting.where}: expected one of {', '.join(choices)}, got {value!r}")
+    return value.strip().lower()
 
 
 def _token(layer: Mapping[str, _Setting]) -> str | None:
