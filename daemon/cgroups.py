@@ -72,7 +72,8 @@ def find_cgroup2() -> Path | None:
 
 def own_cgroup() -> Path:
     """The daemon's own directory in the cgroup2 hierarchy: what a service manager that
-    delegates (systemd's Delegate=yes) hands to it. NotDelegated if there is none."""
+    delegates (systemd's Delegate=yes) hands to it; its parent if that is a leaf named
+    `daemon`. NotDelegated if there is none."""
     mount = find_cgroup2()
     if mount is None:
         raise NotDelegated("this host mounts no cgroup2 hierarchy")
@@ -87,7 +88,10 @@ def own_cgroup() -> Path:
             "the daemon runs in the root cgroup, so nothing was delegated to it: start it "
             "from its systemd unit (Delegate=yes), or set cgroup_parent = root"
         )
-    return mount / relative
+    own = mount / relative
+    # Started in its leaf already (systemd's DelegateSubgroup=daemon: how a restart gets
+    # past OWN's controllers, which make OWN itself refuse a process).
+    return own.parent if own.name == DAEMON_LEAF else own
 
 
 class ProcessTree:

@@ -23,13 +23,15 @@ from typing import Any, TextIO
 import structlog
 
 # What every line gets, whichever logger made it: the bound ids, the level, the logger's name,
-# and the time (RFC 3339, UTC, microseconds).
+# the time (RFC 3339, UTC, microseconds), and the fields of `extra=` (but uvicorn's copy of
+# its message with terminal colours).
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
     structlog.stdlib.ExtraAdder(),
+    lambda _logger, _method, event: {k: v for k, v in event.items() if k != "color_message"},
 ]
 
 

@@ -378,15 +378,19 @@ def test_delegated_sandboxes_live_under_the_daemons_own_cgroup(daemons: Daemons)
         free_subnet(),
     )
 
-    def born_in_own() -> None:  # in the child, before exec
-        (own / "cgroup.procs").write_text("0")
-
     popen = subprocess.Popen
-    try:
+
+    def start_in(cgroup: Path) -> None:
+        def born_there() -> None:  # in the child, before exec
+            (cgroup / "cgroup.procs").write_text("0")
+
         with mock.patch.object(
-            subprocess, "Popen", lambda *a, **k: popen(*a, preexec_fn=born_in_own, **k)
+            subprocess, "Popen", lambda *a, **k: popen(*a, preexec_fn=born_there, **k)
         ):
             daemon.start("--cgroup-parent", "delegated")
+
+    try:
+        start_in(own)
         assert daemon.proc is not None
         assert _cgroup(daemon.proc.pid) == own / "daemon"
         box = daemon.create()
@@ -401,6 +405,14 @@ def test_delegated_sandboxes_live_under_the_daemons_own_cgroup(daemons: Daemons)
             assert _cgroup(pid).parent == sandbox_cgroup
         # Nothing of it at the top of the hierarchy, where cgroup_parent = root puts it.
         assert not (UNIFIED / daemon.cgroup_name).exists()
+        # Restarted as systemd's DelegateSubgroup=daemon does it, born in OWN/daemon: the same
+        # tree, and the sandbox adopted in it.
+        daemon.stop()
+        start_in(own / "daemon")
+        assert _cgroup(daemon.proc.pid) == own / "daemon"
+        assert daemon.client.get(f"/sandboxes/{box['id']}").json()["state"] == "running"
+        assert sorted(p.name for p in own.iterdir() if p.is_dir()) == ["daemon", "sandboxes"]
+        assert _cgroup(box["pid"]) == sandbox_cgroup / "init"
         daemon.client.delete(f"/sandboxes/{box['id']}")
         assert not sandbox_cgroup.exists()
     finally:
