@@ -2,7 +2,8 @@
 `cleanup` what the daemon made on the host's network; `bench` a daemon.
 
 Exit codes: 0 done, 1 a runtime failure (such as a socket in use), 2 a usage or configuration
-error, reported in one line rather than a traceback.
+error (or `serve` started without root), reported in one line rather than a traceback; for
+`serve`, that line is a log line (daemon/logs.py).
 """
 
 from __future__ import annotations

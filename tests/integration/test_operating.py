@@ -25,6 +25,7 @@ import pytest
 
 from api.sd_notify import Notifier
 from daemon.cgroups import detect_layout, remove_tree
+from daemon.config import ConfigError, load_config
 from tests.conftest import (
     ROOT,
     SLOTS_PER_DAEMON,
@@ -100,6 +101,8 @@ def test_serve_as_a_user_is_refused_in_one_line(tmp_path: Path, fmt: str) -> Non
     assert "needs root" in lines[0]
     if fmt == "json":
         assert json.loads(lines[0])["level"] == "error"
+    else:  # the time, RFC 3339 in UTC, and the level
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z \[error", lines[0])
     assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists()
 
 
@@ -132,6 +135,26 @@ def test_a_refused_start_is_one_log_line(jsond: Daemon, tmp_path: Path) -> None:
 
 
 # -- the log ----------------------------------------------------------------------------------
+
+
+def test_log_settings_come_from_flag_environment_or_file(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text('log_level = "warning"\nlog_format = "json"\ncgroup_parent = "delegated"\n')
+    config = load_config({"config": str(file)}, {})
+    assert (config.log_level, config.log_format, config.cgroup_parent) == (
+        "warning",
+        "json",
+        "delegated",
+    )
+    config = load_config(
+        {"config": str(file), "log_level": "debug"}, {"SANDBOXD_LOG_FORMAT": "text"}
+    )
+    assert (config.log_level, config.log_format) == ("debug", "text")
+    with pytest.raises(ConfigError, match="SANDBOXD_LOG_FORMAT: expected one of text, json"):
+        load_config({"config": str(file)}, {"SANDBOXD_LOG_FORMAT": "yaml"})
+    file.write_text('cgroup_parent = "systemd"\n')
+    with pytest.raises(ConfigError, match=r"cgroup_parent in .*: expected one of root, delegated"):
+        load_config({"config": str(file)}, {})
 
 
 def test_every_line_is_json_with_time_level_logger_and_event(jsond: Daemon) -> None:
