@@ -89,3 +89,12 @@ def _access(scope: Scope, status: int, started: float) -> None:
             "duration_ms": round((time.monotonic() - started) * 1000, 3),
         },
     )
+
+
+class NoServerAccessLines(logging.Filter):
+    """Drop uvicorn's own line for each WebSocket handshake (it logs those even without its
+    access log): it carries the query string, and so a browser's `?token=`. The access line
+    above replaces it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return '"WebSocket %s"' not in str(record.msg)

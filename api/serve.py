@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from api.problems import LoggedOnce
+from api.request_id import NoServerAccessLines
 from api.sd_notify import Notifier
 from api.sockets import Listener, bind_listeners, close_listeners
 from daemon.config import Config, ConfigError, TcpEndpoint, parse_listen
@@ -138,7 +139,9 @@ async def _run(app: FastAPI, listeners: list[Listener], log_level: str, notifier
         ),
         notifier,
     )
-    logging.getLogger("uvicorn.error").addFilter(LoggedOnce())
+    server_log = logging.getLogger("uvicorn.error")
+    for only_ours in (LoggedOnce(), NoServerAccessLines()):
+        server_log.addFilter(only_ours)
 
     # uvicorn re-raises the signal that stopped it once it has shut down, to whatever handler
     # was there before: make that one merely ask to stop, so SIGTERM or SIGINT exits 0.

@@ -22,6 +22,7 @@ from unittest import mock
 
 import httpx
 import pytest
+from websockets.sync.client import unix_connect
 
 from api.sd_notify import Notifier
 from daemon.cgroups import detect_layout, remove_tree
@@ -189,6 +190,22 @@ def test_the_request_id_is_echoed_or_made(jsond: Daemon) -> None:
     assert refused.status_code == 401 and refused.headers["x-request-id"] == "r-401"
     access = [r for r in records(jsond) if r.get("request_id") == "r-401"]
     assert one(access, "401 access line")["status"] == 401
+
+
+def test_a_websocket_gets_a_request_id_and_an_access_line(jsond: Daemon) -> None:
+    done = jsond.sh(jsond.create()["id"], "echo once")
+    path = f"/sandboxes/{done['sandbox_id']}/execs/{done['id']}/attach"
+    # A browser cannot set headers on a WebSocket: the token comes in the query.
+    uri = f"ws://localhost{path}?token={TOKEN}"
+    with unix_connect(str(jsond.socket), uri, additional_headers={"X-Request-ID": "r-ws"}) as ws:
+        assert ws.response is not None
+        assert ws.response.headers["X-Request-ID"] == "r-ws"
+        assert [json.loads(message) for message in ws][-1] == {"exit": done}
+    mine = [r for r in records(jsond) if r.get("request_id") == "r-ws"]
+    assert mine and not [r for r in mine if "WebSocket" in r["event"]]  # uvicorn's, with query
+    line = one([r for r in mine if r["logger"] == "api.access"], "ws access line")
+    assert (line["method"], line["path"], line["status"]) == ("GET", path, 101)
+    assert TOKEN not in jsond.log_text()
 
 
 def test_a_requests_lines_carry_its_id_and_the_sandbox_and_exec_ids(jsond: Daemon) -> None:
