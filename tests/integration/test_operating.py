@@ -456,13 +456,16 @@ def test_delegated_sandboxes_live_under_the_daemons_own_cgroup(daemons: Daemons)
         daemon.client.delete(f"/sandboxes/{box['id']}")
         assert not sandbox_cgroup.exists()
     finally:
-        if daemon.proc is not None:
-            daemon.destroy_all()
-            daemon.stop()
-        daemon.client.close()
-        daemon.cleanup()
-        wait_for(lambda: not (own / "daemon" / "cgroup.procs").read_text().strip())
-        remove_tree(own)
+        try:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.destroy_all()
+                daemon.stop()
+            daemon.client.close()
+            daemon.cleanup()
+        finally:  # the test's cgroup goes, whatever happened
+            leaf = own / "daemon" / "cgroup.procs"  # absent if the daemon never started
+            wait_for(lambda: not leaf.exists() or not leaf.read_text().strip())
+            remove_tree(own)
     assert not find_leaks(root, daemon.uid_base, bridge=daemon.bridge, sandbox_ids=daemon.created)
 
 
