@@ -19,6 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from api import problems
 from api.auth import BearerAuth
 from api.body_limit import BodyLimit
+from api.request_id import RequestId
 from api.routes import execs, sandboxes, system
 from daemon.models import SandboxService
 
@@ -104,6 +105,8 @@ def create_app(
             allow_credentials=False,
             max_age=600,
         )
+    # Outermost: the request id is bound before anything logs, and goes on every answer.
+    app.add_middleware(RequestId)
     app.openapi = _documented_openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -3,7 +3,8 @@
 database, print the `settings` reference.
 
 Exit codes: 0 done, 1 a runtime failure (such as a socket in use), 2 a usage or configuration
-error, reported in one line rather than a traceback.
+error (or `serve` started without root), reported in one line rather than a traceback; for
+`serve`, that line is a log line (daemon/logs.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-from daemon.config import ConfigError, add_flags, example_toml, load_config, reference_markdown
+from daemon.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    add_flags,
+    example_toml,
+    load_config,
+    reference_markdown,
+    variable,
+)
 
 USAGE_ERROR = 2
 
@@ -106,18 +116,27 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
 def _serve(args: argparse.Namespace) -> int:
     from api.serve import check_serve, private_dir, serve
     from api.sockets import ListenError
-    from daemon import claims
+    from daemon import claims, logs
     from daemon.network import NetworkError
 
-    config = load_config(_settings(args), os.environ)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin
+    # Logging first, as the flags and environment ask (the file is not read yet), so that a
+    # refusal below is a log line like any other.
+    logs.configure(*_early_log_settings(args))
+    log = logging.getLogger("api.serve")
+    if os.geteuid() != 0:
+        log.error(
+            "refusing to start: sandboxd serve needs root (it makes namespaces, mounts, "
+            "cgroups and links); run it as root or from its systemd unit"
+        )
+        return USAGE_ERROR
     try:
+        config = load_config(_settings(args), os.environ)
+        logs.configure(config.log_level, config.log_format)
         check_serve(config)  # before the first side effect
         # One daemon per state directory, for its whole life: the lock is this process's
         # until it exits. Then the names and ranges of its own that no other daemon uses.
         private_dir(config.state_dir)
-        lock = claims.lock_state_dir(config.state_dir)  # noqa: F841 (held, never read)
+        claims.lock_state_dir(config.state_dir)
         fresh = not claims.recorded(config.state_dir)
         config = claims.claim(config)
         served = False
@@ -127,9 +146,26 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             if fresh and not served:  # refused before it ever served: nothing holds the claim
                 claims.release(config)
-    except (ListenError, claims.StateDirBusy, NetworkError) as exc:
-        print(f"sandboxd: error: {exc}", file=sys.stderr)
+    except claims.StateDirBusy as exc:
+        log.error("refusing to start: %s", exc)
         return 1
+    except ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        return USAGE_ERROR
+    except (ListenError, NetworkError) as exc:
+        log.error("refusing to start: %s", exc)
+        return 1
+
+
+def _early_log_settings(args: argparse.Namespace) -> tuple[str, str]:
+    """Level and format from the flag or the environment, if valid (load_config says why
+    not); the defaults otherwise."""
+    level = args.log_level or os.environ.get(variable("log_level"), "").strip().lower()
+    fmt = args.log_format or os.environ.get(variable("log_format"), "").strip().lower()
+    return (
+        level if level in LOG_LEVELS else "info",
+        fmt if fmt in LOG_FORMATS else "text",
+    )
 
 
 def _migrate(args: argparse.Namespace) -> int:

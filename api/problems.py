@@ -2,13 +2,16 @@
 
 SandboxError subclasses carry their own status, title and slug. Validation failures are 422,
 except a body that is not JSON at all (400) or not sent as JSON (415). Unknown routes and
-methods, and anything unexpected (500, without a traceback), are problems too.
+methods, and anything unexpected (500, without a traceback), are problems too; a 500 is also
+logged, with its traceback and the request's id.
 """
 
 from __future__ import annotations
 
 import http
+import logging
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +22,8 @@ from starlette.routing import Match
 
 from api.schemas import Problem, ValidationIssue
 from daemon.errors import SandboxError
+
+log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://sandboxd.dev/problems/"
@@ -152,10 +157,30 @@ def _allowed_methods(request: Request) -> list[str]:
     return allowed
 
 
-async def _unexpected(_request: Request, _exc: Exception) -> ProblemResponse:
-    # Starlette re-raises the exception after this answer, so the server logs the traceback;
-    # the client learns only that it happened.
-    return problem(500, "internal", "an unexpected error occurred; the daemon's log has details")
+async def _unexpected(request: Request, exc: Exception) -> ProblemResponse:
+    # The log has the traceback, with the request's id (still bound: this handler runs in the
+    # request's task, outside the middleware that bound it); the client learns only that it
+    # happened, and the id to look for.
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    _logged.set(exc)
+    request_id = request.scope.get("state", {}).get("request_id")
+    headers = {"X-Request-ID": request_id} if request_id else None
+    detail = "an unexpected error occurred; the daemon's log has details"
+    return problem(500, "internal", detail, headers=headers)
+
+
+# The exception whose traceback _unexpected has logged, in the request's own context.
+_logged: ContextVar[BaseException | None] = ContextVar("logged_exception", default=None)
+
+
+class LoggedOnce(logging.Filter):
+    """Drop the server's own line for an exception that the 500 handler has logged: Starlette
+    re-raises it after the answer, and uvicorn would log the same traceback again, without
+    the request's context. (Exceptions it did not log, such as a WebSocket's, still pass.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logged = _logged.get()
+        return logged is None or record.exc_info is None or record.exc_info[1] is not logged
 
 
 def _issue(error: Any) -> ValidationIssue:

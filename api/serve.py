@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
 from api.app import create_app
+from api.problems import LoggedOnce
+from api.request_id import NoServerAccessLines
+from api.sd_notify import Notifier
 from api.sockets import Listener, bind_listeners, close_listeners
 from daemon.config import Config, ConfigError, TcpEndpoint, parse_listen
 
@@ -42,6 +47,18 @@ def check_network(config: Config) -> None:
         raise ConfigError(str(exc)) from exc
 
 
+def check_cgroups(config: Config) -> None:
+    """Refuse a delegated cgroup tree where nothing was delegated."""
+    if config.cgroup_parent != "delegated":
+        return
+    from daemon.cgroups import NotDelegated, own_cgroup
+
+    try:
+        own_cgroup()
+    except NotDelegated as exc:
+        raise ConfigError(f"cgroup_parent = delegated: {exc}") from exc
+
+
 def private_dir(path: Path) -> None:
     """Create `path` (and missing parents) and make it 0700, also when it already exists."""
     path.mkdir(parents=True, exist_ok=True)
@@ -53,6 +70,8 @@ def serve(config: Config) -> int:
     # Every setting is checked before the first side effect.
     check_serve(config)
     check_network(config)
+    check_cgroups(config)
+    notifier = Notifier.from_environment()
     # The private directories, 0700 even if they were there before.
     private_dir(config.run_dir)
     private_dir(config.state_dir)
@@ -69,30 +88,62 @@ def serve(config: Config) -> int:
     app = create_app(
         service, token=config.token, max_body=config.max_body, cors_origins=config.cors_origins
     )
-    return run(app, listeners)
+    return run(app, listeners, log_level=config.log_level, notifier=notifier)
 
 
-def run(app: FastAPI, listeners: list[Listener]) -> int:
+def run(
+    app: FastAPI,
+    listeners: list[Listener],
+    *,
+    log_level: str = "info",
+    notifier: Notifier | None = None,
+) -> int:
     """Run uvicorn on the bound listeners until a signal; then close them and remove the files.
     0, or 1 if the app never started (uvicorn has logged why)."""
     try:
-        started = asyncio.run(_run(app, listeners))
+        started = asyncio.run(_run(app, listeners, log_level, notifier or Notifier(None)))
     finally:
         close_listeners(listeners)
     return 0 if started else 1
 
 
-async def _run(app: FastAPI, listeners: list[Listener]) -> bool:
-    server = uvicorn.Server(
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling systemd when it serves and when it stops."""
+
+    def __init__(self, config: uvicorn.Config, notifier: Notifier) -> None:
+        super().__init__(config)
+        self.notifier = notifier
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Started: the service has started (the lifespan) and the sockets accept.
+        if self.started and not self.should_exit:
+            self.notifier.notify("READY=1", f"STATUS=serving, pid {os.getpid()}")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.notifier.notify("STOPPING=1")
+        await super().shutdown(sockets)
+
+
+async def _run(app: FastAPI, listeners: list[Listener], log_level: str, notifier: Notifier) -> bool:
+    server = _Server(
         uvicorn.Config(
             app,
             loop="asyncio",  # never uvloop: pyroute2 breaks under it
             http="h11",
             lifespan="on",
             timeout_graceful_shutdown=5,
-            log_level="info",
-        )
+            log_level=log_level,
+            # Our logging, not uvicorn's: its lines go through the daemon's formatter, and the
+            # access lines are the RequestId middleware's (with the request id and duration).
+            log_config=None,
+            access_log=False,
+        ),
+        notifier,
     )
+    server_log = logging.getLogger("uvicorn.error")
+    for only_ours in (LoggedOnce(), NoServerAccessLines()):
+        server_log.addFilter(only_ours)
 
     # uvicorn re-raises the signal that stopped it once it has shut down, to whatever handler
     # was there before: make that one merely ask to stop, so SIGTERM or SIGINT exits 0.

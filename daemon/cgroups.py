@@ -10,6 +10,14 @@ whole tree, setsid'd and orphaned processes included:
     CGROUP2/NAME/SANDBOX/init        the supervisor (joined before it is forked)
     CGROUP2/NAME/SANDBOX/EXEC        each exec and whatever it starts ("main": the main cmd)
 
+With `cgroup_parent = "delegated"` (a systemd unit with Delegate=yes) the tree goes where the
+service manager put the daemon, OWN (read from /proc/self/cgroup), which is the daemon's to
+manage and nobody else's. v2 lets a cgroup that hands controllers to its children hold no
+process itself, so the daemon first moves into a leaf of its own:
+
+    CGROUP2/OWN/daemon               the daemon, and the zygotes it forks
+    CGROUP2/OWN/sandboxes/SANDBOX/…  as above
+
 Limits and usage live where the controllers are: daemon/limits.py is the interface, with
 daemon/cgroup_v2.py (limits on the same directories) and daemon/cgroup_v1.py (directories of
 their own in each v1 hierarchy) behind it. The helpers at the end serve the supervisor, which
@@ -30,6 +38,12 @@ from daemon import syscalls
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 INIT_LEAF = "init"
+DAEMON_LEAF = "daemon"
+DELEGATED_TREE = "sandboxes"
+
+
+class NotDelegated(Exception):
+    """`cgroup_parent = "delegated"`, but the daemon has no cgroup2 subtree to manage."""
 
 
 def detect_layout(root: Path = CGROUP_ROOT) -> Literal["v1", "v2"] | None:
@@ -56,15 +70,49 @@ def find_cgroup2() -> Path | None:
     return None
 
 
+def own_cgroup() -> Path:
+    """The daemon's own directory in the cgroup2 hierarchy: what a service manager that
+    delegates (systemd's Delegate=yes) hands to it; its parent if that is a leaf named
+    `daemon`. NotDelegated if there is none."""
+    mount = find_cgroup2()
+    if mount is None:
+        raise NotDelegated("this host mounts no cgroup2 hierarchy")
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            relative = line.removeprefix("0::").strip().lstrip("/")
+            break
+    else:
+        raise NotDelegated("the daemon is in no cgroup2 cgroup (see /proc/self/cgroup)")
+    if not relative:
+        raise NotDelegated(
+            "the daemon runs in the root cgroup, so nothing was delegated to it: start it "
+            "from its systemd unit (Delegate=yes), or set cgroup_parent = root"
+        )
+    own = mount / relative
+    # Started in its leaf already (systemd's DelegateSubgroup=daemon: how a restart gets
+    # past OWN's controllers, which make OWN itself refuse a process).
+    return own.parent if own.name == DAEMON_LEAF else own
+
+
 class ProcessTree:
     """The daemon's cgroup2 subtree: one directory per sandbox, one leaf per exec in it."""
 
-    def __init__(self, name: str, run_dir: Path) -> None:
+    def __init__(self, name: str, run_dir: Path, *, delegated: bool = False) -> None:
         self.name = name
         self.own_mount = run_dir / "cgroup2"
+        self.delegated = delegated
         self.root = Path()
 
     def start(self) -> None:
+        if self.delegated:
+            own = own_cgroup()
+            # The daemon into a leaf, first: then OWN holds no process, and may enable
+            # controllers for the sandboxes' tree (the threads move with it).
+            (own / DAEMON_LEAF).mkdir(exist_ok=True)
+            write_file(str(own / DAEMON_LEAF / "cgroup.procs"), b"0")
+            self.root = own / DELEGATED_TREE
+            self.root.mkdir(exist_ok=True)
+            return
         mount = find_cgroup2()
         if mount is None:  # a v1-only host: a hierarchy of our own, without controllers
             self.own_mount.mkdir(mode=0o700, exist_ok=True)

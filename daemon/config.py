@@ -52,6 +52,9 @@ MIN_DISK_BYTES = 1 << 20
 MAX_DISK_BYTES = 1 << 44  # 16 TiB: more is surely a mistake for a filesystem in memory
 # IFNAMSIZ is 16, including the terminating NUL.
 _MAX_IFNAME = 15
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+CGROUP_PARENTS = ("root", "delegated")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -83,6 +86,8 @@ class Doc:
     examples: tuple[str, ...] = ()
     # The flag, where it is not the setting's name (one of a list given by a repeated flag).
     flag_name: str | None = None
+    # The values it may take, where they are a few words.
+    choices: tuple[str, ...] = ()
 
     def flag(self, name: str) -> str:
         return self.flag_name or "--" + name.replace("_", "-")
@@ -139,6 +144,15 @@ def _origins(value: object) -> list[str]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise ValueError("expected a list of origins like https://host:port")
     return list(dict.fromkeys(parse_origin(v) for v in values))
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value.strip().lower()
+
+    return check
 
 
 def _name(value: object) -> str:
@@ -325,6 +339,27 @@ class Config(BaseSettings):
             examples=('["https://dashboard.example:8443"]',),
         ),
     ] = Field(default_factory=list)
+    log_level: Annotated[
+        str,
+        BeforeValidator(_choice(LOG_LEVELS)),
+        Doc("log lines at this level and above", "LEVEL", choices=LOG_LEVELS),
+    ] = "info"
+    log_format: Annotated[
+        str,
+        BeforeValidator(_choice(LOG_FORMATS)),
+        Doc("text, or json: one object a line", "FORMAT", choices=LOG_FORMATS),
+    ] = "text"
+    cgroup_parent: Annotated[
+        str,
+        BeforeValidator(_choice(CGROUP_PARENTS)),
+        Doc(
+            "root: the sandboxes' cgroups at the top of the cgroup2 tree; delegated: under the "
+            "daemon's own cgroup, the daemon in a leaf of it, as a systemd unit with "
+            "Delegate=yes wants",
+            "WHERE",
+            choices=CGROUP_PARENTS,
+        ),
+    ] = "root"
     uid_base: Annotated[
         Whole,
         Doc(
@@ -564,6 +599,11 @@ def _explain(exc: ValidationError, merged: Mapping[str, _Setting]) -> str:
     return f"{where}: {message}"
 
 
+def variable(name: str) -> str:
+    """The environment variable of a setting."""
+    return _doc(name).variable(name)
+
+
 def _doc(name: str) -> Doc:
     return next(m for m in Config.model_fields[name].metadata if isinstance(m, Doc))
 
@@ -600,6 +640,8 @@ def add_flags(parser: argparse.ArgumentParser, names: frozenset[str] = FLAG_KEYS
             target.add_argument(
                 doc.flag(name), dest=name, action="append", metavar=doc.metavar, help=text
             )
+        elif doc.choices:
+            target.add_argument(doc.flag(name), dest=name, choices=doc.choices, help=text)
         else:
             target.add_argument(doc.flag(name), dest=name, metavar=doc.metavar, help=text)
 

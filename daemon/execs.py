@@ -25,6 +25,7 @@ from pathlib import Path
 from signal import SIGKILL
 from typing import Any
 
+from daemon import logs
 from daemon.errors import Conflict, SandboxError, SupervisorUnresponsive
 from daemon.following import STREAMS, Follower, TextCursor, read_prefix
 from daemon.lifecycle import ExecState, SandboxState
@@ -32,7 +33,7 @@ from daemon.live import LiveSandbox, new_id, utcnow
 from daemon.mailbox import empty_slot, killed_exec_fields, read_output, read_status
 from daemon.models import Exec, ExecCreate, ExecExit, ExecOutput
 from daemon.parent import SupervisorLink
-from daemon.protocol import MAIN_EXEC, MessageType, exec_dir
+from daemon.protocol import MAIN_EXEC, ExitStatus, MessageType, exec_dir
 from daemon.store import ExecRecord, Store
 from daemon.views import exec_view
 
@@ -73,6 +74,7 @@ class Execs:
             raise Conflict(f"sandbox {record.id} is {record.state}, not running")
         uid, _, gid = spec.user.partition(":")
         exec_id = new_id("ex")
+        logs.bind(sandbox_id=record.id, exec_id=exec_id)  # the request's task
         loop = asyncio.get_running_loop()
         started: asyncio.Future[int | None] = loop.create_future()
         finished: asyncio.Future[ExecRecord | None] = loop.create_future()
@@ -97,7 +99,7 @@ class Execs:
                 rows=spec.tty_size.rows if spec.tty_size else None,
                 cols=spec.tty_size.cols if spec.tty_size else None,
             )
-            await link.answer(started, "the exec")
+            pid = await link.answer(started, "the exec")
         except ConnectionError as exc:  # the supervisor went away meanwhile: nothing ran
             live.started.pop(exec_id, None)
             live.finished.pop(exec_id, None)
@@ -110,6 +112,7 @@ class Execs:
             live.finished.pop(exec_id, None)
             self.store.finish_exec(exec_id, **killed_exec_fields())
             raise
+        log.info("exec %s started", exec_id, extra={"pid": pid})
         if spec.wait:
             ended = await self._ended(live, link, exec_id, finished, spec)
             if ended is not None:
@@ -308,6 +311,8 @@ class Execs:
                 finished_at=datetime.fromtimestamp(status.finished_at, UTC),
                 oom_killed=status.oom_killed,
             )
+        with logs.bound(exec_id=exec_id):
+            _log_end(exec_id, status)
         empty_slot(path)
         live.quiet.discard(exec_id)
         future = live.finished.pop(exec_id, None)
@@ -324,3 +329,17 @@ class Execs:
             if forgotten:
                 log.info("forgot %d execs finished more than %s ago", forgotten, retention)
             await asyncio.sleep(min(60.0, self.retention / 4))
+
+
+def _log_end(exec_id: str, status: ExitStatus) -> None:
+    """The line for an ended exec: one the OOM killer ended is a warning."""
+    fields = {
+        "exit_code": status.exit_code,
+        "exit_signal": status.signal,
+        "timed_out": status.timed_out,
+        "oom_killed": status.oom_killed,
+    }
+    if status.oom_killed:
+        log.warning("exec %s: the OOM killer ended it", exec_id, extra=fields)
+    else:
+        log.info("exec %s ended", exec_id, extra=fields)

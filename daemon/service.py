@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import base, cgroups, disk, hardening, limits, recovery
+from daemon import base, cgroups, disk, hardening, limits, logs, recovery
 from daemon.config import Config
 from daemon.errors import (
     Conflict,
@@ -111,7 +111,9 @@ class SandboxManager:
         # others are forked from one without it, so their supervisors fork their execs lean.
         self.zygote = Zygote(str(config.run_dir))
         self.net_zygote = Zygote(str(config.run_dir), net=True)
-        self.tree = cgroups.ProcessTree(config.cgroup_name, config.run_dir)
+        self.tree = cgroups.ProcessTree(
+            config.cgroup_name, config.run_dir, delegated=config.cgroup_parent == "delegated"
+        )
         self.limits: limits.ResourceControl = limits.NoControllers(self.tree)
         self.expiring: set[str] = set()  # sandboxes whose ttl ran out, being torn down
         self.housekeeping: asyncio.Task[None] | None = None
@@ -151,8 +153,22 @@ class SandboxManager:
         await self.network.start()
         await self.zygote.start()
         await self.net_zygote.start()
+        adopted = ended = 0
         for record in self.store.live_sandboxes():
-            await self._adopt(record)
+            with logs.bound(sandbox_id=record.id):
+                await self._adopt(record)
+                if record.id in self.live:
+                    adopted += 1
+                    log.info("adopted sandbox %s", record.id, extra={"pooled": record.pooled})
+                else:
+                    ended += 1
+                    log.info("sandbox %s ended while no daemon watched it", record.id)
+        log.info(
+            "adoption done: %d sandboxes running, %d ended",
+            adopted,
+            ended,
+            extra={"adopted": adopted, "ended": ended},
+        )
         await self._remove_strays()
         await self.network.remove_stale(set(self.live))
         in_use = {r.base_dir for r in self.store.live_sandboxes() if r.base_dir}
@@ -305,6 +321,7 @@ class SandboxManager:
         spec = self._applied(spec)
         bridged = spec.network.mode == "bridge"
         sandbox_id = new_id("sb")
+        logs.bind(sandbox_id=sandbox_id)  # the request's task, or the pool's (which unbinds)
         hostname = asked_hostname(spec, sandbox_id)
         if "uts" not in spec.namespaces:
             hostname = socket.gethostname()  # the host's, which it shares
@@ -362,6 +379,7 @@ class SandboxManager:
                 await self._undo_create(live, exc)
         if record.expires_at is not None:  # as stored: POST …/ttl may have changed it meanwhile
             self._schedule_expiry(sandbox_id, record.expires_at)
+        log.info("sandbox %s created", sandbox_id, extra={"pooled": pooled, "pid": record.pid})
         return record
 
     def _take_pooled(self, spec: SandboxCreate) -> Sandbox | None:
@@ -406,18 +424,25 @@ class SandboxManager:
             self._keep(record)
             if record.expires_at is not None:
                 self._schedule_expiry(sandbox_id, record.expires_at)
+            logs.bind(sandbox_id=sandbox_id)  # the request's task
+            log.info("sandbox %s created, taken from the pool", sandbox_id)
             return sandbox_view(record)
         return None
 
     async def _fill_pool(self) -> str:
-        return (await self._create(SandboxCreate(), pooled=True)).id
+        try:
+            return (await self._create(SandboxCreate(), pooled=True)).id
+        finally:
+            logs.unbind("sandbox_id")
 
     async def _drain_pool(self, sandbox_id: str) -> None:
-        await self._destroy(self.store.get_sandbox(sandbox_id, pooled_too=True))
+        with logs.bound(sandbox_id=sandbox_id):
+            await self._destroy(self.store.get_sandbox(sandbox_id, pooled_too=True))
 
     async def _undo_create(self, live: LiveSandbox, exc: Exception) -> NoReturn:
         """Undo a create that failed: kill what started, remove what was made, and say why."""
         message = self._setup_error(live) or str(exc)
+        log.warning("sandbox %s could not be set up: %s", live.id, message)
         await self._kill(live)
         record = self.store.get_sandbox(live.id, pooled_too=True)
         await self._unplug(live, record)
@@ -538,7 +563,12 @@ class SandboxManager:
             lambda: self._on_gone(live),
             timeout=self.config.supervisor_timeout,
         )
-        hello = await asyncio.wait_for(link.connect(), _CONNECT_TIMEOUT)
+        # The link's reader task, started by connect, lives as long as the sandbox: its lines
+        # carry the sandbox's id, not the id of the request that happened to create it.
+        connecting = asyncio.get_running_loop().create_task(
+            link.connect(), context=logs.context_of(sandbox_id=live.id)
+        )
+        hello = await asyncio.wait_for(connecting, _CONNECT_TIMEOUT)
         live.link = link
         return hello
 
@@ -551,6 +581,7 @@ class SandboxManager:
         await self._destroy(self.store.get_sandbox(ref), expired=expired)
 
     async def _destroy(self, record: SandboxRecord, *, expired: bool = False) -> None:
+        logs.bind(sandbox_id=record.id)  # a request's task, the ttl's or the pool's
         live = self.live.get(record.id)
         if live is not None:
             async with live.lock:
@@ -567,6 +598,7 @@ class SandboxManager:
         # The record last, so that a 404 means everything is gone. Off the event loop:
         # deleting much stored output takes SQLite a while.
         await asyncio.to_thread(self.store.delete_sandbox, record.id)
+        log.info("sandbox %s destroyed", record.id, extra={"expired": expired})
 
     async def _kill(self, live: LiveSandbox) -> None:
         """Kill every process of the sandbox at once through its cgroup, and wait for PID 1.
@@ -626,6 +658,7 @@ class SandboxManager:
         crash = read_text(live.run_dir / SUPERVISOR_ERROR_FILE)
         if crash:
             log.error("sandbox %s: its supervisor failed: %s", record.id, crash)
+        _log_end(record.id, reason, main.exit_code if main else None, main.signal if main else None)
         # The record first: should the daemon die now, the files left are strays at start.
         if record.pooled:  # nobody asked for it: it is forgotten, and the pool makes another
             self.pool.taken(record.id)
@@ -807,6 +840,8 @@ class SandboxManager:
             timer.cancel()
 
     async def _expire(self, sandbox_id: str) -> None:
+        logs.only(sandbox_id=sandbox_id)  # the timer's own task: no request's id
+        log.info("sandbox %s: its ttl ran out; destroying it", sandbox_id)
         self.timers.pop(sandbox_id, None)
         self.expiring.add(sandbox_id)
         try:
@@ -829,6 +864,18 @@ class SandboxManager:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _log_end(sandbox_id: str, reason: ExitReason, code: int | None, signal: str | None) -> None:
+    """The line for a sandbox whose main cmd or supervisor ended: an OOM kill is a warning, a
+    lost supervisor an error."""
+    fields = {"exit_reason": str(reason), "exit_code": code, "exit_signal": signal}
+    if reason == ExitReason.SUPERVISOR_LOST:
+        log.error("sandbox %s failed: its supervisor was lost", sandbox_id, extra=fields)
+    elif reason == ExitReason.OOM:
+        log.warning("sandbox %s: the OOM killer ended its main cmd", sandbox_id, extra=fields)
+    else:
+        log.info("sandbox %s: its main cmd ended", sandbox_id, extra=fields)
 
 
 def asked_hostname(spec: SandboxCreate, sandbox_id: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from daemon.config import ENVIRONMENT, ConfigError, load_config
+from daemon.config import ConfigError, load_config, variable
 from tests.conftest import Daemon, Daemons, wait_for
 
 MiB = 1 << 20
@@ -179,8 +179,8 @@ def test_a_pooled_sandbox_has_the_default_disk(daemons: Daemons) -> None:
 
 @pytest.mark.parametrize("name", ["default_disk_bytes", "tmp_bytes", "shm_bytes"])
 def test_the_settings_are_bounded(name: str) -> None:
-    variable = ENVIRONMENT[name]
-    assert getattr(load_config({}, {variable: str(8 * MiB)}), name) == 8 * MiB
+    env_name = variable(name)
+    assert getattr(load_config({}, {env_name: str(8 * MiB)}), name) == 8 * MiB
     for bad in ("0", str(MiB - 1), str(1 << 45), "1G"):
-        with pytest.raises(ConfigError, match=variable):
-            load_config({}, {variable: bad})
+        with pytest.raises(ConfigError, match=env_name):
+            load_config({}, {env_name: bad})
