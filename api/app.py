@@ -112,7 +112,7 @@ def create_app(
 
 
 def _serve_docs(app: FastAPI) -> None:
-    """/docs: Swagger UI from the files vendored into the package (scripts/vendor_assets.py),
+    """/docs: Swagger UI from the files vendored into the package (deploy/vendor_assets.py),
     at /static/, so that it draws with no internet; it reads /openapi.json."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -114,10 +114,7 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from api.serve import check_serve, private_dir, serve
-    from api.sockets import ListenError
-    from daemon import claims, logs
-    from daemon.network import NetworkError
+    from daemon import logs
 
     # Logging first, as the flags and environment ask (the file is not read yet), so that a
     # refusal below is a log line like any other.
@@ -129,6 +126,11 @@ def _serve(args: argparse.Namespace) -> int:
             "cgroups and links); run it as root or from its systemd unit"
         )
         return USAGE_ERROR
+    from api.serve import check_serve, private_dir, serve
+    from api.sockets import ListenError
+    from daemon import claims
+    from daemon.network import NetworkError
+
     try:
         config = load_config(_settings(args), os.environ)
         logs.configure(config.log_level, config.log_format)

@@ -309,7 +309,7 @@ class Limits(_Input):
         description="CPU time as a number of CPUs (0.25: a quarter of one), at most the "
         "host's CPUs.",
     )
-    disk_bytes: Annotated[int, Field(ge=MIN_DISK, le=MAX_DISK)] | None = Field(
+    disk_bytes: Annotated[int, Field(ge=MIN_DISK, le=MAX_DISK), WHOLE] | None = Field(
         default=None,
         description="What it may write to its own files (everything outside its bind mounts): "
         "its writable layer is a filesystem in memory of this size, and its /tmp and /dev/shm "

@@ -213,7 +213,7 @@ def refusal(database: Path, what: str, on_disk: list[OnDisk]) -> str:
     alive = [s.id for s in on_disk if s.pids]
     ids = ", ".join(s.id for s in on_disk[:10]) + (", …" if len(on_disk) > 10 else "")
     return (
-        f"refusing to start: the database {database} {what}, but {len(on_disk)} sandbox(es) "
+        f"the database {database} {what}, but {len(on_disk)} sandbox(es) "
         f"of this daemon are on disk ({ids}; {len(alive)} still running), which starting "
         "would destroy. Run `sandboxd recover --adopt` to take back those whose supervisor "
         "is alive (the rest are removed) or `sandboxd recover --remove` to remove them all, "

@@ -149,8 +149,9 @@ def test_a_damaged_database_is_refused_in_one_line(daemon: Daemon) -> None:
 
     said = refused(daemon)
     assert said is not None and "Traceback" not in said
-    error = [line for line in said.splitlines() if line.startswith("sandboxd: error:")]
+    error = [line for line in said.splitlines() if "refusing to start" in line]
     assert len(error) == 1 and "file is not a database" in error[0]
+    assert "error" in error[0].lower().split("refusing")[0]  # a log line at level error
     assert all(alive(box) for box in boxes)
 
     result = recover(daemon, "--adopt")

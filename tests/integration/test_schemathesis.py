@@ -9,7 +9,8 @@ which this daemon (capped at a few sandboxes) does reach.
 Fuzzed creates make real sandboxes, so the document the fuzzer reads is narrowed, never widened,
 where a fuzzed value would reach the host: no `mounts` (a bind of a host path, read-write if
 the fuzzer so chose), no `rootfs`, no published `ports` (they listen on every host address) and
-no `host` network mode. Those fields are covered by their own tests (test_mount_paths.py,
+no `host` network mode; and no `Idempotency-Key`, whose reuse with another body is a 422 by
+design. Those fields are covered by their own tests (test_mount_paths.py,
 test_network.py, tests/api/test_schema_rules.py). A sandbox made outside the stateful phase is
 deleted at once (a hook), and everything left is destroyed before the module's leak check.
 """
@@ -93,6 +94,19 @@ def narrowed(document: dict[str, Any]) -> dict[str, Any]:
     # The cpus limit is bounded by this host's CPUs, which no document can know.
     cpus = schemas["Limits"]["properties"]["cpus"]["anyOf"][0]
     cpus["maximum"] = os.cpu_count()
+    # disk_bytes may not exceed memory_bytes (its files are in memory): a rule between two
+    # fields that the schema cannot state (tests/integration/test_disk.py covers it).
+    # What a create sends: the Limits without it (a Sandbox still shows the disk it got).
+    asked = copy.deepcopy(schemas["Limits"])
+    del asked["properties"]["disk_bytes"]
+    schemas["LimitsAsked"] = asked
+    schemas["SandboxCreate"]["properties"]["limits"] = {"$ref": "#/components/schemas/LimitsAsked"}
+    # An Idempotency-Key binds a key to the first body sent with it: the same key with another
+    # body is a 422 that no schema can foresee (tests/integration/test_idempotency.py).
+    create = narrow["paths"]["/sandboxes"]["post"]
+    create["parameters"] = [
+        p for p in create.get("parameters", []) if p.get("name", "").lower() != "idempotency-key"
+    ]
     return narrow
 
 

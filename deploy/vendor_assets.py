@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Vendor the browser assets the daemon serves, from npm, at the exact versions pinned below.
 
-Run from the repository: `python3 scripts/vendor_assets.py` (needs `npm`; only the npm registry
+Run from the repository: `python3 deploy/vendor_assets.py` (needs `npm`; only the npm registry
 is contacted). For each package of PACKAGES it runs `npm pack NAME@VERSION`, checks the
 tarball's sha512 against the pinned integrity, copies the listed files into
 api/static/vendor/<directory>/ (replacing what was there) and writes a VERSIONS file there naming
@@ -88,7 +88,7 @@ def vendor(package: Package) -> None:
             f"licence: {package.licence} (see {notices})\n"
             f"integrity: {package.integrity}\n"
             f"files: {', '.join(package.files)}\n"
-            "fetched with `npm pack` by scripts/vendor_assets.py; do not edit by hand\n"
+            "fetched with `npm pack` by deploy/vendor_assets.py; do not edit by hand\n"
         )
     print(f"vendored {package.name}@{package.version} into {target.relative_to(REPO)}")
 
