@@ -94,6 +94,11 @@ def lock(state_dir: Path) -> int:
     return claims.lock_state_dir(state_dir)
 
 
+def unlock(state_dir: Path) -> None:
+    """Let the state directory go (the lock is one per process: claims.lock_state_dir)."""
+    claims.unlock(state_dir)
+
+
 # -- generations ------------------------------------------------------------------------------
 
 

@@ -102,7 +102,7 @@ class SandboxManager:
         try:
             recovery.preflight(config)
         except BaseException:
-            os.close(self._lock)
+            recovery.unlock(config.state_dir)
             raise
         self.config = config
         self.sandboxes_dir = config.state_dir / "sandboxes"
@@ -203,7 +203,7 @@ class SandboxManager:
         if self._store is not None:
             self._store.close()
         if self._lock is not None:
-            os.close(self._lock)
+            recovery.unlock(self.config.state_dir)
             self._lock = None
 
     # -- queries ------------------------------------------------------------------------------
