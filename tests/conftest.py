@@ -366,3 +366,13 @@ def daemons() -> Iterator[Daemons]:
 @pytest.fixture(scope="module")
 def daemon(daemons: Daemons) -> Daemon:
     return daemons.new()
+
+
+@pytest.fixture
+def nothing_carries_over(daemon: Daemon) -> Iterator[None]:
+    """A test that fails (or stops its daemon) leaves no sandbox for the next test, or for
+    the module's leak check, to find. Modules opt in with `pytestmark`."""
+    yield
+    if daemon.proc is None:
+        daemon.start()
+    daemon.destroy_all()

@@ -140,21 +140,32 @@ def test_migration_matches_the_models(db: Path) -> None:
     engine.dispose()
 
 
-def migration_head() -> str | None:
+def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    return ScriptDirectory.from_config(config).get_current_head()
+    return config
+
+
+def migration_head() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def migrated_to(db: Path, revision: str) -> None:
+    """A new database at an older `revision` of the schema, as an older daemon left it."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    config = alembic_config()
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+    engine.dispose()
 
 
 def test_a_database_of_the_first_schema_is_migrated(db: Path) -> None:
     """A database made before execs knew of OOM kills keeps its execs, as not OOM-killed."""
-    db.parent.mkdir(parents=True)
+    migrated_to(db, "0001")
     engine = create_engine(f"sqlite:///{db}")
-    config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0001")
         conn.exec_driver_sql(
             "INSERT INTO sandboxes (id, seq, state, hostname, spec, created_at) "
             "VALUES ('sb_1', 1, 'running', 'h', '{}', '2025-01-01 00:00:00')"
@@ -171,14 +182,7 @@ def test_a_database_of_the_first_schema_is_migrated(db: Path) -> None:
 
 
 def test_a_0001_database_with_sandboxes_upgrades(db: Path) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    db.parent.mkdir()
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0001")
-    engine.dispose()
+    migrated_to(db, "0001")
     raw(
         db,
         "INSERT INTO sandboxes (id, seq, state, hostname, spec, created_at) "
@@ -664,14 +668,7 @@ def test_a_database_has_one_generation_that_migrating_keeps(db: Path) -> None:
 
 
 def test_a_0004_database_gets_a_generation(db: Path) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    db.parent.mkdir()
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0004")
-    engine.dispose()
+    migrated_to(db, "0004")
     assert daemon.store.inspect_database(db).kind == "unmarked"
     generation = Store(db).generation()
     assert daemon.store.inspect_database(db) == daemon.store.DatabaseFound("marked", generation)

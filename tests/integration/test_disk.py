@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,7 @@ MiB = 1 << 20
 ENOSPC = "No space left on device"
 
 
-@pytest.fixture(autouse=True)
-def nothing_carries_over(daemon: Daemon) -> Iterator[None]:
-    yield
-    if daemon.proc is None:
-        daemon.start()
-    daemon.destroy_all()
+pytestmark = pytest.mark.usefixtures("nothing_carries_over")
 
 
 def sizes(daemon: Daemon, ref: str, *paths: str) -> dict[str, int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,7 @@ from daemon.live import utcnow
 from daemon.store import Store
 from tests.conftest import Daemon
 
-
-@pytest.fixture(autouse=True)
-def nothing_carries_over(daemon: Daemon) -> Iterator[None]:
-    yield
-    if daemon.proc is None:
-        daemon.start()
-    daemon.destroy_all()
+pytestmark = pytest.mark.usefixtures("nothing_carries_over")
 
 
 def post(daemon: Daemon, key: str, body: dict[str, Any]) -> httpx.Response:

@@ -7,21 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Daemon, Daemons, wait_for
 
-
-@pytest.fixture(autouse=True)
-def nothing_carries_over(daemon: Daemon) -> Iterator[None]:
-    """A test that fails leaves no sandbox for the next one's leak check to find."""
-    yield
-    if daemon.proc is None:
-        daemon.start()
-    daemon.destroy_all()
+pytestmark = pytest.mark.usefixtures("nothing_carries_over")
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
