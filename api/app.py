@@ -21,7 +21,7 @@ from api.auth import BearerAuth
 from api.body_limit import BodyLimit
 from api.request_id import RequestId
 from api.routes import execs, sandboxes, system
-from daemon.models import SandboxService
+from daemon.shapes import SandboxService
 
 DESCRIPTION = """\
 sandboxd hands out Linux sandboxes. Errors are RFC 9457 problem details

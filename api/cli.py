@@ -128,8 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
         return USAGE_ERROR
     from api.serve import check_serve, private_dir, serve
     from api.sockets import ListenError
-    from daemon import claims
-    from daemon.network import NetworkError
+    from daemon.lifecycle import claims
+    from daemon.network.bridge import NetworkError
 
     try:
         config = load_config(_settings(args), os.environ)
@@ -172,7 +172,7 @@ def _early_log_settings(args: argparse.Namespace) -> tuple[str, str]:
 
 def _migrate(args: argparse.Namespace) -> int:
     from api.serve import private_dir
-    from daemon.store import migrate
+    from daemon.store.database import migrate
 
     config = load_config(_settings(args), os.environ)
     private_dir(config.state_dir)
@@ -183,9 +183,9 @@ def _migrate(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     import asyncio
 
-    from daemon import claims
-    from daemon.network import NetworkError, cleanup
-    from daemon.store import Store
+    from daemon.lifecycle import claims
+    from daemon.network.bridge import NetworkError, cleanup
+    from daemon.store.database import Store
 
     config = load_config(_settings(args), os.environ)
     if not config.state_dir.is_dir():
@@ -229,7 +229,7 @@ def _reference(args: argparse.Namespace) -> int:
 def _recover(args: argparse.Namespace) -> int:
     import asyncio
 
-    from daemon.recovery import RecoveryError, recover
+    from daemon.lifecycle.recovery import RecoveryError, recover
 
     settings = {k: v for k, v in _settings(args).items() if k not in ("adopt", "remove")}
     config = load_config(settings, os.environ)

@@ -6,7 +6,7 @@ from typing import Annotated, cast
 
 from fastapi import Depends, Request
 
-from daemon.models import SandboxService
+from daemon.shapes import SandboxService
 
 
 def _service(request: Request) -> SandboxService:

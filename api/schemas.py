@@ -1,6 +1,6 @@
 """The shapes only HTTP needs: problem details, list envelopes and the health answer.
 
-The resources themselves (Sandbox, Exec, Info and the request bodies) are daemon.models.
+The resources themselves (Sandbox, Exec, Info and the request bodies) are daemon.shapes.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from daemon.models import Exec, ExecExit, ExecOutput, Sandbox
+from daemon.shapes import Exec, ExecExit, ExecOutput, Sandbox
 
 __all__ = ["ExecExit", "ExecOutput"]
 

@@ -39,7 +39,7 @@ def check_serve(config: Config) -> None:
 def check_network(config: Config) -> None:
     """Refuse a bridge subnet that the host already routes, or a bridge that is not ours."""
     # Imported here: the kernel side, which `openapi` never needs.
-    from daemon.network import NetworkError, preflight
+    from daemon.network.bridge import NetworkError, preflight
 
     try:
         asyncio.run(preflight(config))
@@ -51,7 +51,7 @@ def check_cgroups(config: Config) -> None:
     """Refuse a delegated cgroup tree where nothing was delegated."""
     if config.cgroup_parent != "delegated":
         return
-    from daemon.cgroups import NotDelegated, own_cgroup
+    from daemon.linux.cgroups import NotDelegated, own_cgroup
 
     try:
         own_cgroup()
@@ -79,7 +79,7 @@ def serve(config: Config) -> int:
     listeners = bind_listeners(config.listen, run_dir=config.run_dir)
     try:
         # Imported here: the manager pulls in the kernel side, which `openapi` never needs.
-        from daemon.service import SandboxManager
+        from daemon.lifecycle.service import SandboxManager
 
         service = SandboxManager(config)
     except BaseException:

@@ -413,7 +413,8 @@ class Config(BaseSettings):
     # The settings given by flag, environment or file; the others hold their defaults. Not part
     # of equality: two configs with the same values are the same, however they were set.
     # uid_base, cgroup_name, bridge_name and bridge_subnet, unless given, are claimed per state
-    # directory when the daemon starts (daemon/claims.py), so that daemons side by side never
+    # directory when the daemon starts (daemon/lifecycle/claims.py), so that daemons side by side
+    # never
     # share them: their defaults above are the names of the default state directory's daemon.
     _given: frozenset[str] = PrivateAttr(default=frozenset())
 

@@ -108,7 +108,8 @@ class BindMount:
 
 @dataclass
 class NetworkPlan:
-    """A bridged sandbox's link, decided by the daemon: process A makes it (daemon/setup.py)."""
+    """A bridged sandbox's link, decided by the daemon: process A makes it
+    (daemon/sandbox/build.py)."""
 
     bridge: str  # the daemon's bridge, in the host's network namespace
     host_ifname: str  # the host end of the veth pair, enslaved to the bridge
@@ -132,9 +133,9 @@ class SpawnRequest:
     env: dict[str, str]
     cmd: list[str] | None
     output_limit: int
-    cgroup: str  # the sandbox's directory in the cgroup2 tree (daemon.cgroups)
+    cgroup: str  # the sandbox's directory in the cgroup2 tree (daemon.linux.cgroups)
     id_range: int = 65536
-    # Its cgroups beyond the cgroup2 tree (daemon.limits.Placement): v1 hierarchies A joins
+    # Its cgroups beyond the cgroup2 tree (daemon.linux.limits.Placement): v1 hierarchies A joins
     # with the tree's init leaf; its memory cgroup, which counts OOM kills, and whether each
     # exec's leaf has a count of its own there.
     join: list[str] = field(default_factory=list)
@@ -142,7 +143,7 @@ class SpawnRequest:
     memory_per_exec: bool = False
     network: NetworkPlan | None = None  # bridge mode; None: only lo (or the host's network)
     # Sizes of its /tmp and /dev/shm (tmpfs each, charged to its memory cgroup); its writable
-    # layers lie on a tmpfs the daemon sized before the spawn (daemon/disk.py).
+    # layers lie on a tmpfs the daemon sized before the spawn (daemon/linux/disk.py).
     tmp_bytes: int = 256 << 20
     shm_bytes: int = 64 << 20
 

@@ -1,6 +1,8 @@
-"""Alembic's entry point: runs migrations on the connection daemon.store.migrate hands over.
+"""Alembic's entry point: runs migrations on the connection daemon.store.database.migrate hands
+over.
 
-Run only through `daemon.store.migrate` (or `sandboxd migrate`), which opens the database with
+Run only through `daemon.store.database.migrate` (or `sandboxd migrate`), which opens the database
+with
 the daemon's pragmas and passes the connection in `config.attributes["connection"]`. There is
 deliberately no logging setup here (no fileConfig): the daemon owns its logging.
 """
@@ -10,12 +12,12 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from daemon.store import Base
+from daemon.store.database import Base
 
 connection = context.config.attributes.get("connection")
 if not isinstance(connection, Connection):
     raise RuntimeError(
-        "run migrations through daemon.store.migrate(), which supplies the connection"
+        "run migrations through daemon.store.database.migrate(), which supplies the connection"
     )
 
 context.configure(

@@ -30,7 +30,7 @@ import httpx
 import pytest
 from pyroute2.nftables.main import NFTables
 
-from daemon.network import unrouted_subnet
+from daemon.network.bridge import unrouted_subnet
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOTS_PER_DAEMON = 128
@@ -232,7 +232,7 @@ def cgroup_dirs(name: str) -> list[Path]:
 
 
 def host_ifname(sandbox_id: str) -> str:
-    """The host end of a bridged sandbox's veth (as daemon/network.py names it)."""
+    """The host end of a bridged sandbox's veth (as daemon/network/bridge.py names it)."""
     return "sbx" + sandbox_id.removeprefix("sb_")[:12]
 
 

@@ -14,7 +14,7 @@ from api.deps import Service
 from api.problems import documented, invalid
 from api.schemas import ExecList
 from daemon.errors import SandboxError
-from daemon.models import (
+from daemon.shapes import (
     AttachMessage,
     Exec,
     ExecCreate,

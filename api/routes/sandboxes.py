@@ -11,8 +11,8 @@ from pydantic import StringConstraints
 from api.deps import Service
 from api.problems import documented
 from api.schemas import SandboxList
-from daemon.lifecycle import SandboxState
-from daemon.models import Sandbox, SandboxCreate, SandboxStats, TtlUpdate
+from daemon.lifecycle.states import SandboxState
+from daemon.shapes import Sandbox, SandboxCreate, SandboxStats, TtlUpdate
 
 router = APIRouter(prefix="/sandboxes", tags=["sandboxes"])
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from api.deps import Service
 from api.problems import documented
 from api.schemas import Health
-from daemon.models import Info
+from daemon.shapes import Info
 
 router = APIRouter(tags=["system"])
 

@@ -1,6 +1,7 @@
 """The initial schema: sandboxes and their execs.
 
-Written by hand to match daemon/store.py; tests/daemon/test_store.py checks that they agree.
+Written by hand to match daemon/store/database.py; tests/daemon/test_store.py checks that they
+agree.
 
 Revision ID: 0001
 Revises:

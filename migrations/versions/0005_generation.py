@@ -2,7 +2,8 @@
 
 A database that is replaced (lost, emptied, restored from elsewhere) has another generation than
 the files of the state directory, and the daemon then refuses to sweep what it finds there
-(daemon/recovery.py). A database made before this migration gets a generation of its own here.
+(daemon/lifecycle/recovery.py). A database made before this migration gets a generation of its own
+here.
 
 Revision ID: 0005
 Revises: 0004

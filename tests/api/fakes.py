@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 from daemon.errors import Conflict, LimitReached, NotFound
-from daemon.lifecycle import ExecState, ExitReason, SandboxState
-from daemon.models import (
+from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
+from daemon.shapes import (
     Exec,
     ExecCreate,
     ExecExit,

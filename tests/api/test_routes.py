@@ -7,7 +7,7 @@ import json
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from daemon.models import ALL_NAMESPACES
+from daemon.shapes import ALL_NAMESPACES
 from tests.api.conftest import TOKEN
 from tests.api.fakes import FakeService
 

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from daemon.models import (
+from daemon.shapes import (
     PATH_PATTERN,
     SIGNAL_PATTERN,
     TARGET_PATTERN,
@@ -189,7 +189,7 @@ def test_every_signal_the_pattern_admits_is_one(name: str) -> None:
 @pytest.mark.parametrize("pattern", [PATH_PATTERN, TARGET_PATTERN, USER_PATTERN, SIGNAL_PATTERN])
 def test_the_patterns_need_no_python_only_syntax(pattern: str) -> None:
     """ECMA-262 (the document's dialect) reads them as Python does: no `.`, `\\d`, `\\w`,
-    `\\Z`, inline flags or named groups; and none ends in `$` (see daemon.models.END)."""
+    `\\Z`, inline flags or named groups; and none ends in `$` (see daemon.shapes.END)."""
     assert not re.search(r"(?<!\\)\.(?![^\[]*\])|\\[dwZAb]|\(\?[a-zP]", pattern)
     assert not pattern.endswith("$")
 

@@ -1,4 +1,4 @@
-"""daemon.cgroup_v1 against the host's real v1 hierarchies (skipped where there are none),
+"""daemon.linux.cgroup_v1 against the host's real v1 hierarchies (skipped where there are none),
 and its reading of /proc/self/mountinfo for hosts laid out otherwise than this one."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import cgroups
-from daemon.cgroup_v1 import HIERARCHIES, CgroupV1, find_hierarchies
-from daemon.models import Limits
+from daemon.linux import cgroups
+from daemon.linux.cgroup_v1 import HIERARCHIES, CgroupV1, find_hierarchies
+from daemon.shapes import Limits
 
 MiB = 1 << 20
 SANDBOX = "sb_00000000000000bb"

@@ -1,4 +1,4 @@
-"""daemon.cgroup_v2: limits and usage on the cgroup2 tree.
+"""daemon.linux.cgroup_v2: limits and usage on the cgroup2 tree.
 
 Against the host's real cgroup2 mount first: where it has the memory, pids and cpu controllers
 (a pure v2 host) every limit is checked there. On a hybrid host (this project's CI) those
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import cgroups
-from daemon.cgroup_v2 import CONTROLLERS, CgroupV2
 from daemon.errors import Invalid
-from daemon.models import Limits
+from daemon.linux import cgroups
+from daemon.linux.cgroup_v2 import CONTROLLERS, CgroupV2
+from daemon.shapes import Limits
 
 MiB = 1 << 20
 SANDBOX = "sb_00000000000000aa"

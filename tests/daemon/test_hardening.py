@@ -1,4 +1,4 @@
-"""daemon/hardening.py on the host: a process given the exec child's last two steps, against
+"""daemon/sandbox/hardening.py on the host: a process given the exec child's last two steps, against
 the same process without them. As host root, only the filter can make these calls fail with
 EPERM, so these tests see the filter itself, apart from the capability checks."""
 
@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from daemon import hardening, seccomp
+from daemon.linux import seccomp
+from daemon.sandbox import hardening
 
 PROBE = Path(__file__).resolve().parent.parent / "syscall_probe.py"
 DOCKER_CAPABILITIES = "00000000a80425fb"
@@ -31,7 +32,7 @@ def native() -> str:
 
 
 def run_probe(hardened: bool) -> dict[str, Any]:
-    def harden() -> None:  # in the child, between fork and exec, as in daemon/execchild.py
+    def harden() -> None:  # in the child, between fork and exec, as in daemon/sandbox/spawn.py
         hardening.drop_capabilities()
         hardening.restrict_syscalls()
 

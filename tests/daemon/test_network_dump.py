@@ -1,4 +1,4 @@
-"""daemon.network.dump: a netlink dump the kernel marks interrupted (a link or route changed
+"""daemon.network.bridge.dump: a netlink dump the kernel marks interrupted (a link or route changed
 meanwhile: NLM_F_DUMP_INTR) is taken again, so a busy host cannot stop the daemon's start.
 The real dump runs against this host's links."""
 
@@ -12,7 +12,7 @@ import pytest
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
-from daemon.network import dump
+from daemon.network.bridge import dump
 
 
 def test_a_real_dump_lists_the_hosts_links() -> None:

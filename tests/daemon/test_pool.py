@@ -1,4 +1,4 @@
-"""daemon/pool.py's bookkeeping, with fills and drains that only count: which requests a
+"""daemon/lifecycle/pool.py's bookkeeping, with fills and drains that only count: which requests a
 pooled sandbox can serve, refilling to size, trimming, retrying, and a stop that waits for the
 fill under way and then drains everything. (tests/integration/test_pool.py runs real ones.)"""
 
@@ -9,10 +9,10 @@ import itertools
 
 import pytest
 
-import daemon.pool
+import daemon.lifecycle.pool
 from daemon.errors import SetupFailed
-from daemon.models import SandboxCreate
-from daemon.pool import Pool, poolable
+from daemon.lifecycle.pool import Pool, poolable
+from daemon.shapes import SandboxCreate
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ async def settle() -> None:
 def test_it_fills_refills_after_a_pause_and_drains_on_stop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(daemon.pool, "_REFILL_PAUSE", 0.5)  # long enough for a loaded CI
+    monkeypatch.setattr(daemon.lifecycle.pool, "_REFILL_PAUSE", 0.5)  # long enough for a loaded CI
 
     async def scenario() -> None:
         counting = Counting()

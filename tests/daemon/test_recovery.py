@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import claims, recovery
 from daemon.config import Config, ConfigError
-from daemon.recovery import RecoveryNeeded, preflight, read_generation, trusted
-from daemon.store import DatabaseFound, Store
+from daemon.lifecycle import claims, recovery
+from daemon.lifecycle.recovery import RecoveryNeeded, preflight, read_generation, trusted
+from daemon.store.database import DatabaseFound, Store
 
 
 @pytest.fixture

@@ -22,12 +22,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-import daemon.store
+import daemon.store.database
 import migrations
 from daemon.config import ConfigError
 from daemon.errors import Conflict, InvalidTransition, LimitReached, NotFound
-from daemon.lifecycle import ExecState, ExitReason, SandboxState
-from daemon.store import Base, Store, migrate
+from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
+from daemon.store.database import Base, Store, migrate
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -239,7 +239,7 @@ def test_name_taken_is_a_conflict(store: Store, db: Path) -> None:
 def test_name_unique_in_the_database_too(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # Were the check fooled (another writer, a bug), the UNIQUE constraint still refuses.
     create(store, "a", "web")
-    monkeypatch.setattr(daemon.store, "_check_room", lambda conn, name, max_live: None)
+    monkeypatch.setattr(daemon.store.database, "_check_room", lambda conn, name, max_live: None)
     with pytest.raises(Conflict):
         create(store, "b", "web")
     assert [r.id for r in store.list_sandboxes()] == ["a"]
@@ -653,7 +653,7 @@ def test_an_sqlite_without_returning_is_refused_at_start(
     assert not db.exists()  # refused before anything was made
 
 
-# The generation and what the preflight reads (daemon/recovery.py).
+# The generation and what the preflight reads (daemon/lifecycle/recovery.py).
 
 
 def test_a_database_has_one_generation_that_migrating_keeps(db: Path) -> None:
@@ -669,13 +669,15 @@ def test_a_database_has_one_generation_that_migrating_keeps(db: Path) -> None:
 
 def test_a_0004_database_gets_a_generation(db: Path) -> None:
     migrated_to(db, "0004")
-    assert daemon.store.inspect_database(db).kind == "unmarked"
+    assert daemon.store.database.inspect_database(db).kind == "unmarked"
     generation = Store(db).generation()
-    assert daemon.store.inspect_database(db) == daemon.store.DatabaseFound("marked", generation)
+    assert daemon.store.database.inspect_database(db) == daemon.store.database.DatabaseFound(
+        "marked", generation
+    )
 
 
 def test_inspect_database_tells_each_kind_and_changes_nothing(db: Path) -> None:
-    inspect = daemon.store.inspect_database
+    inspect = daemon.store.database.inspect_database
     assert inspect(db).kind == "missing"
     db.parent.mkdir()
     db.touch()
@@ -686,7 +688,7 @@ def test_inspect_database_tells_each_kind_and_changes_nothing(db: Path) -> None:
     assert db.read_bytes() == b"garbage " * 512
     db.unlink()
     sqlite3.connect(db).execute("CREATE TABLE unrelated (x)").connection.close()
-    assert inspect(db) == daemon.store.DatabaseFound("empty", detail="no tables")
+    assert inspect(db) == daemon.store.database.DatabaseFound("empty", detail="no tables")
 
 
 def test_restore_sandbox_records_it_running_as_the_newest(store: Store) -> None:

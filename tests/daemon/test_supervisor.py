@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import selectors
 
-from daemon.supervisor import RunningExec, Stream, Supervisor
+from daemon.sandbox.supervisor import RunningExec, Stream, Supervisor
 
 
 def bare_supervisor() -> Supervisor:

@@ -14,7 +14,7 @@ import pytest
 
 from daemon.config import ConfigError, load_config
 from daemon.errors import SupervisorUnresponsive
-from daemon.parent import MAX_UNREAD, SupervisorLink
+from daemon.lifecycle.supervisor_link import MAX_UNREAD, SupervisorLink
 from daemon.protocol import MessageType, encode
 
 TIMEOUT = 0.2

@@ -1,4 +1,5 @@
-"""What root inside must not do (daemon/hardening.py), checked from inside a real sandbox and,
+"""What root inside must not do (daemon/sandbox/hardening.py), checked from inside a real sandbox
+and,
 where it shows, from the host: capabilities, no_new_privs, the seccomp filter, masked and
 read-only kernel files, file descriptors, the supervisor out of reach, cwd kept inside."""
 

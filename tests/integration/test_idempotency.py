@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from daemon.errors import Conflict
-from daemon.live import utcnow
-from daemon.store import Store
+from daemon.lifecycle.running import utcnow
+from daemon.store.database import Store
 from tests.conftest import Daemon
 
 pytestmark = pytest.mark.usefixtures("nothing_carries_over")

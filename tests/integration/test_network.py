@@ -151,8 +151,9 @@ def test_none_has_only_lo_and_host_sees_the_hosts_links(daemon: Daemon) -> None:
 
 
 def test_only_bridged_sandboxes_come_from_the_zygote_with_netlink(daemon: Daemon) -> None:
-    """A supervisor keeps its zygote's command line: `… daemon.zygote FD RUN net` for the one
-    that loaded pyroute2. The others fork from the lean one (see daemon/service.py)."""
+    """A supervisor keeps its zygote's command line: `… daemon.sandbox.zygote FD RUN net` for the
+    one
+    that loaded pyroute2. The others fork from the lean one (see daemon/lifecycle/service.py)."""
     none = daemon.create()
     bridged = daemon.create(network={"mode": "bridge"})
     try:
@@ -161,7 +162,7 @@ def test_only_bridged_sandboxes_come_from_the_zygote_with_netlink(daemon: Daemon
             for box in (none, bridged)
         }
         assert words["bridge"][-2:] == [b"net", b""], words
-        assert b"net" not in words["none"] and b"daemon.zygote" in words["none"], words
+        assert b"net" not in words["none"] and b"daemon.sandbox.zygote" in words["none"], words
     finally:
         for box in (none, bridged):
             daemon.client.delete(f"/sandboxes/{box['id']}")

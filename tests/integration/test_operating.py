@@ -25,8 +25,8 @@ import pytest
 from websockets.sync.client import unix_connect
 
 from api.sd_notify import Notifier
-from daemon.cgroups import detect_layout, remove_tree
 from daemon.config import ConfigError, load_config
+from daemon.linux.cgroups import detect_layout, remove_tree
 from tests.conftest import (
     ROOT,
     SLOTS_PER_DAEMON,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.syscalls import process_start_time
+from daemon.linux.syscalls import process_start_time
 from tests.conftest import ROOT, Daemon, Daemons, wait_for
 
 

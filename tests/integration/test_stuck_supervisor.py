@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.cgroups import find_cgroup2
+from daemon.linux.cgroups import find_cgroup2
 from tests.conftest import Daemon, Daemons, wait_for
 
 SUPERVISOR_TIMEOUT = 1  # --supervisor-timeout of this module's daemon

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from pyroute2 import IPRoute
 
-from daemon import claims
 from daemon.config import Config, load_config
+from daemon.lifecycle import claims
 from tests.conftest import (
     ROOT,
     SYS_NET,

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from daemon import syscalls  # noqa: E402
+from daemon.linux import syscalls  # noqa: E402
 from tests.perf.bench import memory  # noqa: E402
 from tests.perf.bench.run import (  # noqa: E402
     OUTPUT_BYTES,

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from daemon.lifecycle import SandboxState  # noqa: E402
-from daemon.store import Store  # noqa: E402
+from daemon.lifecycle.states import SandboxState  # noqa: E402
+from daemon.store.database import Store  # noqa: E402
 
 T = TypeVar("T")
 SUBNET = IPv4Network("10.88.0.0/16")

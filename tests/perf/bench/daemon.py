@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 import api
-from daemon.network import unrouted_subnet
+from daemon.network.bridge import unrouted_subnet
 
 PACKAGE_ROOT = Path(api.__file__).resolve().parent.parent
 UID_RANGE = 65536

@@ -25,7 +25,7 @@ import socket
 from collections.abc import Sequence
 
 from daemon.errors import Conflict
-from daemon.models import PortSpec
+from daemon.shapes import PortSpec
 
 log = logging.getLogger(__name__)
 

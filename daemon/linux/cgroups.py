@@ -18,8 +18,9 @@ process itself, so the daemon first moves into a leaf of its own:
     CGROUP2/OWN/daemon               the daemon, and the zygotes it forks
     CGROUP2/OWN/sandboxes/SANDBOX/…  as above
 
-Limits and usage live where the controllers are: daemon/limits.py is the interface, with
-daemon/cgroup_v2.py (limits on the same directories) and daemon/cgroup_v1.py (directories of
+Limits and usage live where the controllers are: daemon/linux/limits.py is the interface, with
+daemon/linux/cgroup_v2.py (limits on the same directories) and daemon/linux/cgroup_v1.py
+(directories of
 their own in each v1 hierarchy) behind it. The helpers at the end serve the supervisor, which
 reaches all of a sandbox's cgroups only through fds opened before pivot_root (`SandboxCgroups`).
 """
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from daemon import syscalls
+from daemon.linux import syscalls
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 INIT_LEAF = "init"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from daemon.lifecycle import ExecState, ExitReason, SandboxState
-from daemon.models import Exec, ExitInfo, NetworkView, Sandbox, stored_spec
-from daemon.store import ExecRecord, SandboxRecord
+from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
+from daemon.shapes import Exec, ExitInfo, NetworkView, Sandbox, stored_spec
+from daemon.store.database import ExecRecord, SandboxRecord
 
 
 def sandbox_view(record: SandboxRecord) -> Sandbox:

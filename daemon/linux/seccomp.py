@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from daemon import syscalls as sc
+from daemon.linux import syscalls as sc
 
 LIBRARY = "libseccomp.so.2"
 SCMP_ACT_ALLOW = 0x7FFF0000

@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from daemon.models import SandboxCreate
+from daemon.shapes import SandboxCreate
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,13 @@ from sqlalchemy.pool import ConnectionPoolEntry
 import migrations
 from daemon.config import ConfigError
 from daemon.errors import Conflict, LimitReached, NotFound
-from daemon.lifecycle import LIVE_STATES, ExecState, ExitReason, SandboxState, check_transition
+from daemon.lifecycle.states import (
+    LIVE_STATES,
+    ExecState,
+    ExitReason,
+    SandboxState,
+    check_transition,
+)
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -167,7 +173,7 @@ class ExecRecord(Base):
 class MetaRecord(Base):
     """One row: the database's generation, a random id made with it (migration 0005). The
     files the daemon keeps beside it carry it too, so that a database put in place of
-    another is told apart from the one kept with them (daemon/recovery.py)."""
+    another is told apart from the one kept with them (daemon/lifecycle/recovery.py)."""
 
     __tablename__ = "meta"
 
@@ -256,7 +262,7 @@ def migrate(database: Path) -> None:
 
 @dataclass(frozen=True)
 class DatabaseFound:
-    """What a database file is, as read before the daemon trusts it (daemon/recovery.py).
+    """What a database file is, as read before the daemon trusts it (daemon/lifecycle/recovery.py).
 
     `kind`: missing; empty (0 bytes); damaged (SQLite cannot read it, `detail` says why);
     unmarked (readable, made before migration 0005: no generation yet); marked (readable,
@@ -456,7 +462,7 @@ class Store:
 
     def restore_sandbox(self, **fields: Any) -> SandboxRecord:
         """Record a running sandbox found alive on the host, as kept beside it when it was
-        created (daemon/recovery.py): its uid slot and address as they are, the newest
+        created (daemon/lifecycle/recovery.py): its uid slot and address as they are, the newest
         sandbox. Conflict if its name, uid slot or address is held by another record."""
         _check_fields({k: v for k, v in fields.items() if k not in ("id", "created_at", "pooled")})
         try:

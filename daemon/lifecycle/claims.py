@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from daemon.cgroups import CGROUP_ROOT, find_cgroup2
 from daemon.config import UID_RANGE, Config, ConfigError
-from daemon.network import host_bridges, owner_alias, owner_gone, unrouted_subnet
+from daemon.linux.cgroups import CGROUP_ROOT, find_cgroup2
+from daemon.network.bridge import host_bridges, owner_alias, owner_gone, unrouted_subnet
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The public shapes of sandboxd (what a client sends and gets back) and the service interface.
 
 These pydantic models are the contract of ../shared/spec/api.md in code. They are not the
-database rows (daemon/store.py holds those): the service converts rows to these before they
+database rows (daemon/store/database.py holds those): the service converts rows to these before they
 leave the daemon. api/ imports this module and `SandboxService`, nothing deeper.
 """
 
@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic.config import JsonDict, JsonValue
 
-from daemon.lifecycle import ExecState, ExitReason, SandboxState
+from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
 
 MAX_SECONDS = 10 * 365 * 86400  # durations past ten years are surely mistakes
 MIN_SECONDS = 0.001  # shorter durations round to nothing in the daemon's clocks
@@ -692,7 +692,7 @@ class Info(BaseModel):
 
 
 class SandboxService(Protocol):
-    """What api/ needs of the daemon. `daemon.service.SandboxManager` is the real one."""
+    """What api/ needs of the daemon. `daemon.lifecycle.service.SandboxManager` is the real one."""
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...

@@ -34,12 +34,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon import cgroup_v1, cgroups, claims, disk, limits
 from daemon.config import Config, ConfigError
 from daemon.errors import Conflict
-from daemon.network import BridgeNetwork, NetworkError
-from daemon.store import DatabaseFound, SandboxRecord, Store, inspect_database
-from daemon.syscalls import process_start_time
+from daemon.lifecycle import claims
+from daemon.linux import cgroup_v1, cgroups, disk, limits
+from daemon.linux.syscalls import process_start_time
+from daemon.network.bridge import BridgeNetwork, NetworkError
+from daemon.store.database import DatabaseFound, SandboxRecord, Store, inspect_database
 
 log = logging.getLogger(__name__)
 

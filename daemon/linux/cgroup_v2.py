@@ -1,6 +1,6 @@
 """Limits on cgroup v2: the controllers sit on the sandbox's own directory of the cgroup2 tree.
 
-Runs in: the daemon (host root). The directories are daemon.cgroups.ProcessTree's:
+Runs in: the daemon (host root). The directories are daemon.linux.cgroups.ProcessTree's:
 
     CGROUP2/NAME                  cgroup.subtree_control +memory +pids +cpu
     CGROUP2/NAME/SANDBOX          memory.max, memory.swap.max, pids.max, cpu.max; and
@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from daemon import cgroups
 from daemon.errors import Invalid
-from daemon.limits import CPU_PERIOD_USEC, Placement, Usage, cpu_quota, unavailable
-from daemon.models import Limits
+from daemon.linux import cgroups
+from daemon.linux.limits import CPU_PERIOD_USEC, Placement, Usage, cpu_quota, unavailable
+from daemon.shapes import Limits
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,8 @@ import stat
 import termios
 from pathlib import Path
 
-from daemon import seccomp
-from daemon import syscalls as sc
-from daemon.config import ConfigError
+from daemon.linux import seccomp
+from daemon.linux import syscalls as sc
 
 # Docker's default capabilities: root inside keeps these and no other (bit N = capability N).
 KEPT_CAPABILITIES = {
@@ -98,8 +97,9 @@ READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sys
 _PROC_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
 
 
-class HardeningUnavailable(ConfigError):
-    """The host lacks what the hardening needs: the daemon refuses to start."""
+class HardeningUnavailable(RuntimeError):
+    """The host lacks what the hardening needs: the daemon refuses to start (it says so as a
+    ConfigError, daemon/lifecycle/service.py)."""
 
 
 def seccomp_rules() -> list[seccomp.Rule]:

@@ -1,5 +1,6 @@
 """What the daemon holds for a sandbox whose supervisor runs, and how it names and dates
-what it records. Shared by the lifecycle (daemon/service.py) and the execs (daemon/execs.py).
+what it records. Shared by the lifecycle (daemon/lifecycle/service.py) and the execs
+(daemon/lifecycle/execs.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from daemon.following import Follower
-from daemon.parent import SupervisorLink
-from daemon.ports import PublishedPorts
-from daemon.store import ExecRecord
+from daemon.lifecycle.following import Follower
+from daemon.lifecycle.supervisor_link import SupervisorLink
+from daemon.network.ports import PublishedPorts
+from daemon.store.database import ExecRecord
 
 
 @dataclass

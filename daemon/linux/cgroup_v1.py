@@ -23,10 +23,10 @@ import contextlib
 from pathlib import Path
 from typing import Literal
 
-from daemon import cgroups
 from daemon.errors import Invalid
-from daemon.limits import CPU_PERIOD_USEC, Placement, Usage, cpu_quota, unavailable
-from daemon.models import Limits
+from daemon.linux import cgroups
+from daemon.linux.limits import CPU_PERIOD_USEC, Placement, Usage, cpu_quota, unavailable
+from daemon.shapes import Limits
 
 HIERARCHIES = ("memory", "pids", "cpu", "cpuacct")
 MOUNTINFO = Path("/proc/self/mountinfo")

@@ -1,8 +1,9 @@
 """Resource limits and usage of sandboxes through cgroups: one interface, one module per layout.
 
-    daemon/cgroup_v2.py   the unified hierarchy: memory.max, pids.max and cpu.max on the
-                          sandbox's own directory of the cgroup2 tree (daemon.cgroups.ProcessTree)
-    daemon/cgroup_v1.py   a hierarchy per controller: a directory per sandbox in each of
+    daemon/linux/cgroup_v2.py   the unified hierarchy: memory.max, pids.max and cpu.max on the
+                          sandbox's own directory of the cgroup2 tree
+                          (daemon.linux.cgroups.ProcessTree)
+    daemon/linux/cgroup_v1.py   a hierarchy per controller: a directory per sandbox in each of
                           memory, pids, cpu and cpuacct, joined beside the cgroup2 tree
 
 The daemon picks one at start from the host's layout (`for_layout`). Either way a sandbox's
@@ -18,9 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from daemon import cgroups
 from daemon.errors import Invalid
-from daemon.models import Limits
+from daemon.linux import cgroups
+from daemon.shapes import Limits
 
 Layout = Literal["v1", "v2"]
 CPU_PERIOD_USEC = 100_000  # cpus times this is the quota per period (cpu.max, cpu.cfs_quota_us)
@@ -112,7 +113,7 @@ class NoControllers:
 
 def for_layout(layout: Layout | None, tree: cgroups.ProcessTree) -> ResourceControl:
     # Imported here: both modules import this one's types.
-    from daemon import cgroup_v1, cgroup_v2
+    from daemon.linux import cgroup_v1, cgroup_v2
 
     if layout == "v2":
         return cgroup_v2.CgroupV2(tree)
@@ -123,7 +124,7 @@ def for_layout(layout: Layout | None, tree: cgroups.ProcessTree) -> ResourceCont
 
 def with_disk(limits: Limits, default: int) -> Limits:
     """`limits` as applied: with the daemon's default disk_bytes if it gives none, or half
-    its memory_bytes if less (its files are charged to its memory: daemon/disk.py)."""
+    its memory_bytes if less (its files are charged to its memory: daemon/linux/disk.py)."""
     if limits.disk_bytes is not None:
         return limits
     if limits.memory_bytes is not None:

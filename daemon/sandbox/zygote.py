@@ -1,7 +1,8 @@
 """The zygote: a warm, thread-free Python process that forks one supervisor per sandbox.
 
 Runs in: a child of the daemon, started once as a fresh interpreter (`python -m
-daemon.zygote FD RUN_DIR`), host root in every host namespace, with no threads, so that fork is safe
+daemon.sandbox.zygote FD RUN_DIR`), host root in every host namespace, with no threads, so that
+fork is safe
 and a new supervisor costs a fork, not an interpreter start. It reads SpawnRequests on the
 socket FD, one JSON line each, and answers each with {"pid": B} or {"error": text}. It exits
 when the daemon closes the socket, or dies.
@@ -20,7 +21,7 @@ import signal
 import socket
 import sys
 
-from daemon import cgroups, hardening, setup, syscalls
+from daemon.linux import cgroups, syscalls
 from daemon.protocol import (
     INVALID_PREFIX,
     NET,
@@ -28,7 +29,8 @@ from daemon.protocol import (
     SUPERVISOR_ERROR_FILE,
     SpawnRequest,
 )
-from daemon.supervisor import Supervisor, install_signal_handlers
+from daemon.sandbox import build, hardening
+from daemon.sandbox.supervisor import Supervisor, install_signal_handlers
 
 OOM_SCORE_SUPERVISOR = -1000  # never chosen by the OOM killer
 
@@ -78,7 +80,7 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> tuple[int, int]:
 
 
 def _intermediate(req: SpawnRequest, report_w: int, joined: bool) -> None:
-    """A, a fork of the zygote, host root in host namespaces: steps 1-5 of daemon.setup."""
+    """A, a fork of the zygote, host root in host namespaces: steps 1-5 of daemon.sandbox.build."""
     try:
         # Before anything else, into the rest of the sandbox's cgroups (a v1 host's
         # hierarchies: their limits bound it from here on).
@@ -89,15 +91,15 @@ def _intermediate(req: SpawnRequest, report_w: int, joined: bool) -> None:
         cgroup_fds = cgroups.SandboxCgroups.open(req.cgroup, req.memory_cgroup, req.memory_per_exec)
         userns_fd = base_userns_fd = None
         if req.uid_base is not None:
-            userns_fd = setup.create_user_namespace(req.uid_base, req.id_range)
-            base_userns_fd = setup.create_user_namespace(req.uid_base, 1)
-        listener = setup.listen_supervisor_socket(req.run_dir)
+            userns_fd = build.create_user_namespace(req.uid_base, req.id_range)
+            base_userns_fd = build.create_user_namespace(req.uid_base, 1)
+        listener = build.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        host_netlink = setup.open_host_netlink(req)  # before the unshare: stays on the host
-        setup.unshare_namespaces(req)
+        host_netlink = build.open_host_netlink(req)  # before the unshare: stays on the host
+        build.unshare_namespaces(req)
         if host_netlink is not None:
             with host_netlink:
-                setup.plug_network(req, host_netlink)
+                build.plug_network(req, host_netlink)
         # B's pivot_root moves our root too (we share its mount namespace): keep the host's /proc.
         proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pid = os.fork()
@@ -137,19 +139,19 @@ def _supervisor(
         with contextlib.suppress(PermissionError), open("/proc/self/oom_score_adj", "w") as f:
             f.write(str(OOM_SCORE_SUPERVISOR))
         syscalls.set_name("sandboxd-sup")
-        ptmx_fd = setup.build_root(req, userns_fd, base_userns_fd)
+        ptmx_fd = build.build_root(req, userns_fd, base_userns_fd)
         if base_userns_fd is not None:
             os.close(base_userns_fd)
         _lock_imports()
         if "net" in req.namespaces:
-            setup.configure_network()
+            build.configure_network()
         # After the sysctls: /proc/sys becomes read-only here.
         hardening.protect_kernel_files(req.uid_base or 0)
         wakeup_r = install_signal_handlers()
         supervisor = Supervisor(req, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, wakeup_r)
     except BaseException as exc:
         # No traceback: formatting one reads source files, and the root is the sandbox's now.
-        prefix = INVALID_PREFIX if isinstance(exc, setup.InvalidMount) else ""
+        prefix = INVALID_PREFIX if isinstance(exc, build.InvalidMount) else ""
         _report(run_fd, SETUP_ERROR_FILE, f"{prefix}{type(exc).__name__}: {exc}")
         os._exit(1)
     try:

@@ -33,11 +33,11 @@ The steps (bubblewrap's order: everything validated by the daemon before the fir
     8. pivot_root into the new root and detach the old one
     9. /proc, /sys (read-only), a minimal /dev, /dev/pts, /dev/shm and /tmp (sized), the binds
    10. lo up, unprivileged ports from 0
-   11. mask kernel files and make /proc/sys & co. read-only (daemon/hardening.py)
-Each exec's process then drops capabilities and loads the seccomp filter (daemon/execchild.py).
+   11. mask kernel files and make /proc/sys & co. read-only (daemon/sandbox/hardening.py)
+Each exec's process then drops capabilities and loads the seccomp filter (daemon/sandbox/spawn.py).
 A's network step is done before B exists, so the main cmd sees eth0 from its first instruction.
 If A fails after making the veth, the new namespace dies with A and takes eth0 with it; the
-daemon still deletes the host end by name and waits for it (daemon/network.py).
+daemon still deletes the host end by name and waits for it (daemon/network/bridge.py).
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     # Imported where used: pyroute2 is 20 MB of a process, and only the zygote that builds
-    # bridged sandboxes loads it (daemon/zygote.py), so other supervisors fork lean.
+    # bridged sandboxes loads it (daemon/sandbox/zygote.py), so other supervisors fork lean.
     from pyroute2 import IPRoute
 
-from daemon import disk
-from daemon import syscalls as sc
+from daemon.linux import disk
+from daemon.linux import syscalls as sc
 from daemon.protocol import SOCKET_NAME, STAGING_DIR, SpawnRequest, short_path
 
 KERNEL_TREES = ("proc", "sys", "dev")  # made by the steps above: no bind goes in or over them

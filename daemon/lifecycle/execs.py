@@ -1,7 +1,7 @@
 """Execs in running sandboxes: starting one through its supervisor, signalling, feeding and
 following it, and storing how it ended; and forgetting old ones.
 
-Runs in: the daemon, on its event loop. The supervisor runs each exec (daemon/supervisor.py)
+Runs in: the daemon, on its event loop. The supervisor runs each exec (daemon/sandbox/supervisor.py)
 and reports over the link; what it reports lands here (on_message), and an ended exec moves
 from the sandbox's mailbox to the store (collect).
 
@@ -27,15 +27,15 @@ from typing import Any
 
 from daemon import logs
 from daemon.errors import Conflict, SandboxError, SupervisorUnresponsive
-from daemon.following import STREAMS, Follower, TextCursor, read_prefix
-from daemon.lifecycle import ExecState, SandboxState
-from daemon.live import LiveSandbox, new_id, utcnow
-from daemon.mailbox import empty_slot, killed_exec_fields, read_output, read_status
-from daemon.models import Exec, ExecCreate, ExecExit, ExecOutput
-from daemon.parent import SupervisorLink
+from daemon.lifecycle.following import STREAMS, Follower, TextCursor, read_prefix
+from daemon.lifecycle.mailbox import empty_slot, killed_exec_fields, read_output, read_status
+from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
+from daemon.lifecycle.states import ExecState, SandboxState
+from daemon.lifecycle.supervisor_link import SupervisorLink
+from daemon.lifecycle.views import exec_view
 from daemon.protocol import MAIN_EXEC, ExitStatus, MessageType, exec_dir
-from daemon.store import ExecRecord, Store
-from daemon.views import exec_view
+from daemon.shapes import Exec, ExecCreate, ExecExit, ExecOutput
+from daemon.store.database import ExecRecord, Store
 
 log = logging.getLogger(__name__)
 

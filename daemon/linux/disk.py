@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-from daemon import syscalls as sc
+from daemon.linux import syscalls as sc
 
 # The kernel's own ratio for a tmpfs (its default nr_inodes is one per page of its default
 # size): inodes cost memory that size= does not count, so a sandbox cannot pin more than

@@ -4,8 +4,8 @@ egress NAT, and the files that name a bridged sandbox's address and name servers
 Runs in: the daemon, host root in the host's namespaces, on its asyncio loop, through pyroute2's
 AsyncIPRoute and AsyncNFTables (the sync classes must not run inside a running loop: pyroute2
 issue 1342); `sandboxd cleanup` runs the same code under asyncio.run. The sandbox's side (the
-veth pair, eth0's address and route) is made by process A, in daemon/setup.py; addresses are
-leased in the store (daemon/store.py); published ports are daemon/ports.py.
+veth pair, eth0's address and route) is made by process A, in daemon/sandbox/build.py; addresses are
+leased in the store (daemon/store/database.py); published ports are daemon/network/ports.py.
 
 What it owns on the host, and how it tells its own from anyone else's:
     the bridge (config bridge_name)   its alias says "sandboxd STATE_DIR": a bridge of that name
@@ -16,7 +16,7 @@ What it owns on the host, and how it tells its own from anyone else's:
     nft table ip sandboxd-BRIDGE      egress on: the masquerade rule; off: a forward rule that
                                       drops what the sandboxes send beyond the bridge
 The bridge stays when the daemon stops; only `sandboxd cleanup` removes it. Which bridge and
-subnet a state directory uses by default is daemon/claims.py's business.
+subnet a state directory uses by default is daemon/lifecycle/claims.py's business.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def unrouted_subnet(
 ) -> IPv4Network:
     """A random PREFIX.X.Y.0/PREFIXLEN (X from `first` to `last`) that no route of the host's
     main table covers or falls in, nor any of `avoid`. Test modules take theirs from 10.200,
-    benches from 10.100, daemons on default settings below (daemon/claims.py)."""
+    benches from 10.100, daemons on default settings below (daemon/lifecycle/claims.py)."""
     taken = [*avoid]
     for line in Path("/proc/net/route").read_text().splitlines()[1:]:
         fields = line.split()

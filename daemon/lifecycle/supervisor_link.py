@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from daemon.errors import SupervisorUnresponsive
+from daemon.linux.syscalls import process_start_time
 from daemon.protocol import NET, MessageType, SpawnRequest, decode, encode, short_path
-from daemon.syscalls import process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class SpawnError(Exception):
 
 
 class Zygote:
-    """A warm, thread-free child process that forks supervisors (see daemon/zygote.py)."""
+    """A warm, thread-free child process that forks supervisors (see daemon/sandbox/zygote.py)."""
 
     def __init__(self, label: str, *, net: bool = False) -> None:
         self.label = label  # on the command line, so `ps` tells which daemon's it is
@@ -54,7 +54,7 @@ class Zygote:
         ours, theirs = socket.socketpair()
         # Supervisors inherit the zygote's environment: nothing of the daemon's (its token!).
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH")}
-        command = [sys.executable, "-m", "daemon.zygote", str(theirs.fileno()), self.label]
+        command = [sys.executable, "-m", "daemon.sandbox.zygote", str(theirs.fileno()), self.label]
         self.process = subprocess.Popen(
             command + ([NET] if self.net else []),
             pass_fds=[theirs.fileno()],

@@ -26,8 +26,7 @@ import termios
 import time
 from dataclasses import dataclass, field
 
-from daemon import cgroups, execchild
-from daemon.execchild import EXIT_NOT_EXECUTABLE
+from daemon.linux import cgroups
 from daemon.protocol import (
     EXECS_DIR,
     MAIN_EXEC,
@@ -41,6 +40,8 @@ from daemon.protocol import (
     signal_name,
     valid_exec_id,
 )
+from daemon.sandbox import spawn
+from daemon.sandbox.spawn import EXIT_NOT_EXECUTABLE
 
 _READ_CHUNK = 65536
 _OUTBOX_LIMIT = 8 << 20  # past it, live output is dropped (never status messages)
@@ -275,7 +276,7 @@ class Supervisor:
             self.not_started(req, running, child_stdio, exc)
             return
         if pid == 0:  # Child, in the sandbox, host root: becomes the exec's process.
-            execchild.become(child_req, child_stdio, self.cgroups, self.userns_fd, joined)
+            spawn.become(child_req, child_stdio, self.cgroups, self.userns_fd, joined)
         for fd in set(child_stdio):
             os.close(fd)
         running.pid = pid

@@ -1,14 +1,17 @@
 """The daemon's service: the sandboxes' lifecycle, from an HTTP request down to the kernel.
 
-api/ calls SandboxManager (it implements daemon.models.SandboxService); it keeps records in
+api/ calls SandboxManager (it implements daemon.shapes.SandboxService); it keeps records in
 the store, builds sandboxes through the zygote, and talks to each supervisor over its link.
 Files on the host, per sandbox:
     STATE/sandboxes/ID/layers/N/{upper,work}   the writable layers, on a tmpfs of its own
-                                               mounted at STATE/sandboxes/ID (daemon/disk.py)
-    STATE/sandboxes/ID/sandbox.json            what rebuilds its record (daemon/recovery.py)
+                                               mounted at STATE/sandboxes/ID (daemon/linux/disk.py)
+    STATE/sandboxes/ID/sandbox.json            what rebuilds its record
+    (daemon/lifecycle/recovery.py)
     RUN/sandboxes/ID/                          the supervisor's socket and mailbox
-    CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.cgroups, daemon.limits)
-and for a bridged one its host link and published ports (daemon/network.py, daemon/ports.py),
+    CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.linux.cgroups,
+    daemon.linux.limits)
+and for a bridged one its host link and published ports (daemon/network/bridge.py,
+daemon/network/ports.py),
 removed before its address lease is released.
 """
 
@@ -29,8 +32,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from daemon import base, cgroups, disk, hardening, limits, logs, recovery
-from daemon.config import Config
+from daemon import logs
+from daemon.config import Config, ConfigError
 from daemon.errors import (
     Conflict,
     Invalid,
@@ -39,16 +42,36 @@ from daemon.errors import (
     SetupFailed,
     SupervisorUnresponsive,
 )
-from daemon.execs import Execs
-from daemon.lifecycle import ExitReason, SandboxState
-from daemon.live import LiveSandbox, new_id, utcnow
-from daemon.mailbox import (
+from daemon.lifecycle import default_root, recovery
+from daemon.lifecycle.execs import Execs
+from daemon.lifecycle.mailbox import (
     finished_in_mailbox,
     killed_exec_fields,
     read_status,
     read_text,
 )
-from daemon.models import (
+from daemon.lifecycle.pool import Pool, poolable
+from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
+from daemon.lifecycle.states import ExitReason, SandboxState
+from daemon.lifecycle.supervisor_link import SupervisorLink, Zygote, open_pidfd, wait_readable
+from daemon.lifecycle.views import sandbox_view
+from daemon.linux import cgroups, disk, limits
+from daemon.network.bridge import BridgeNetwork, NetworkError
+from daemon.network.ports import PublishedPorts
+from daemon.protocol import (
+    INVALID_PREFIX,
+    MAIN_EXEC,
+    SETUP_ERROR_FILE,
+    SOCKET_NAME,
+    STAGING_DIR,
+    SUPERVISOR_ERROR_FILE,
+    BindMount,
+    Layer,
+    MessageType,
+    SpawnRequest,
+)
+from daemon.sandbox import hardening
+from daemon.shapes import (
     Exec,
     ExecCreate,
     ExecExit,
@@ -63,24 +86,7 @@ from daemon.models import (
     kernel_release,
     stored_spec,
 )
-from daemon.network import BridgeNetwork, NetworkError
-from daemon.parent import SupervisorLink, Zygote, open_pidfd, wait_readable
-from daemon.pool import Pool, poolable
-from daemon.ports import PublishedPorts
-from daemon.protocol import (
-    INVALID_PREFIX,
-    MAIN_EXEC,
-    SETUP_ERROR_FILE,
-    SOCKET_NAME,
-    STAGING_DIR,
-    SUPERVISOR_ERROR_FILE,
-    BindMount,
-    Layer,
-    MessageType,
-    SpawnRequest,
-)
-from daemon.store import SandboxRecord, Store
-from daemon.views import sandbox_view
+from daemon.store.database import SandboxRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +101,10 @@ _LOST_EXEC_MESSAGE = "sandboxd: the exec was lost: the daemon stopped before it 
 class SandboxManager:
     def __init__(self, config: Config) -> None:
         # No sandbox without its seccomp filter: a host without libseccomp is refused here.
-        hardening.check()
+        try:
+            hardening.check()
+        except hardening.HardeningUnavailable as exc:
+            raise ConfigError(str(exc)) from exc
         # One daemon (or recover) at a time on a state directory; and not on a database that
         # is not the one kept with the sandboxes on disk: the stray sweep would destroy them.
         self._lock: int | None = recovery.lock(config.state_dir)
@@ -149,7 +158,7 @@ class SandboxManager:
         self.tree.start()
         self.limits = limits.for_layout(cgroups.detect_layout(), self.tree)
         self.limits.start()
-        self.base_dir = base.prepare(self.config.state_dir / "bases")
+        self.base_dir = default_root.prepare(self.config.state_dir / "bases")
         await self.network.start()
         await self.zygote.start()
         await self.net_zygote.start()
@@ -172,7 +181,7 @@ class SandboxManager:
         await self._remove_strays()
         await self.network.remove_stale(set(self.live))
         in_use = {r.base_dir for r in self.store.live_sandboxes() if r.base_dir}
-        base.remove_unused(self.config.state_dir / "bases", in_use, self.base_dir)
+        default_root.remove_unused(self.config.state_dir / "bases", in_use, self.base_dir)
         for record in self.store.list_sandboxes():
             if record.expires_at is not None:
                 self._schedule_expiry(record.id, record.expires_at)
@@ -398,7 +407,7 @@ class SandboxManager:
             hostname = asked_hostname(spec, sandbox_id)
             try:
                 owner = self._uid_base(self.store.get_sandbox(sandbox_id, pooled_too=True))
-                base.write_identity_files(self._upper(sandbox_id, 0), hostname, owner)
+                default_root.write_identity_files(self._upper(sandbox_id, 0), hostname, owner)
                 # The supervisor reads the link in order: this comes before any exec of theirs.
                 live.link.send(MessageType.CONFIGURE, hostname=hostname, env=spec.env)
             except (NotFound, OSError, ConnectionError, SupervisorUnresponsive) as exc:
@@ -502,7 +511,7 @@ class SandboxManager:
         sandbox_dir.mkdir(mode=0o700)
         disk.mount_layers_fs(sandbox_dir, disk_bytes)
         if spec.rootfs is None:
-            sources = [(str(self.base_dir), "/"), *base.host_layers()]
+            sources = [(str(self.base_dir), "/"), *default_root.host_layers()]
         else:
             sources = [(spec.rootfs, "/")]
         layers = []
@@ -515,7 +524,9 @@ class SandboxManager:
             os.chown(upper, owner, owner)
             layers.append(Layer(lower, target, str(upper), str(work), spec.rootfs is not None))
         hosts_ip, resolv = self.network.identity(record.ip) if record.ip else (None, "")
-        base.write_identity_files(Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv)
+        default_root.write_identity_files(
+            Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv
+        )
         return SpawnRequest(
             sandbox_id=record.id,
             hostname=record.hostname,
@@ -792,7 +803,7 @@ class SandboxManager:
         except (SandboxError, OSError) as exc:
             log.error("sandbox %s: cannot publish its ports again: %s", record.id, exc)
 
-    # -- execs (daemon/execs.py) --------------------------------------------------------------
+    # -- execs (daemon/lifecycle/execs.py) ----------------------------------------------------
 
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
         return await self.execs.exec(ref, spec)

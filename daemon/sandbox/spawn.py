@@ -3,7 +3,7 @@
 Runs in: a child of the supervisor, in every namespace of the sandbox except (until step 3)
 its user namespace, still host root. It never returns: it execs, or exits 126/127 with the
 reason on stderr, as a shell would (and as tini reports). What it execs keeps Docker's default
-capabilities at most, with no_new_privs and the seccomp filter (daemon/hardening.py).
+capabilities at most, with no_new_privs and the seccomp filter (daemon/sandbox/hardening.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import signal
 import stat
 import termios
 
-from daemon import cgroups, hardening
-from daemon import syscalls as sc
+from daemon.linux import cgroups
+from daemon.linux import syscalls as sc
 from daemon.protocol import ExecRequest
+from daemon.sandbox import hardening
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_NOT_EXECUTABLE = 126
