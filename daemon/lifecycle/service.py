@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from daemon import logs
-from daemon.config import Config, ConfigError
+from daemon.config import UID_RANGE, Config, ConfigError
 from daemon.errors import (
     Conflict,
     Invalid,
@@ -90,13 +90,13 @@ from daemon.shapes import (
     SandboxStats,
     hostname_from_name,
     kernel_release,
+    package_version,
     stored_spec,
 )
 from daemon.store.database import SandboxRecord, Store
 
 log = logging.getLogger(__name__)
 
-ID_RANGE = 65536
 _GONE_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 30.0
 # How long an Idempotency-Key of POST /sandboxes is remembered (Stripe's 24 hours).
@@ -226,7 +226,7 @@ class SandboxManager:
     async def info(self) -> Info:
         running, total = self.store.count_sandboxes()
         return Info(
-            version=_version(),
+            version=package_version(),
             kernel=kernel_release(),
             cgroup=self.limits.layout,
             sandboxes=SandboxCounts(running=running, total=total),
@@ -238,12 +238,8 @@ class SandboxManager:
             bridge_subnet=str(self.config.bridge_subnet),
             cgroup_name=self.config.cgroup_name,
             uid_base=self.config.uid_base,
-            uid_last=self._uid_last(),
+            uid_last=self.config.uid_base + self.config.uid_count - 1,
         )
-
-    def _uid_last(self) -> int:
-        slots = self.config.max_sandboxes + self.config.pool_size
-        return self.config.uid_base + slots * ID_RANGE - 1
 
     async def list(
         self, states: builtins.list[SandboxState], labels: dict[str, str]
@@ -357,7 +353,7 @@ class SandboxManager:
                 subnet=self.network.subnet if bridged else None,
                 pooled=pooled,
                 base_dir=str(self.base_dir) if spec.rootfs is None else None,
-                slots=self.config.max_sandboxes + self.config.pool_size,
+                slots=self.config.slots,
             )
         except BaseException:
             if ports is not None:
@@ -546,7 +542,7 @@ class SandboxManager:
             cmd=spec.cmd,
             output_limit=self.config.output_limit,
             cgroup=str(self.tree.path(record.id)),
-            id_range=ID_RANGE,
+            id_range=UID_RANGE,
             join=placement.join,
             memory_cgroup=placement.memory,
             memory_per_exec=placement.memory_per_exec,
@@ -568,7 +564,7 @@ class SandboxManager:
     def _uid_base(self, record: SandboxRecord) -> int:
         """The first host uid of the range its user namespace maps (its root inside)."""
         assert record.uid_slot is not None
-        return self.config.uid_base + record.uid_slot * ID_RANGE
+        return self.config.slot_uid_base(record.uid_slot)
 
     def _upper(self, sandbox_id: str, layer: int) -> Path:
         """The writable layer over its `layer`th lower one (0: the root)."""
@@ -905,12 +901,3 @@ def spec_hash(spec: SandboxCreate) -> str:
     compact JSON), hashed: two bodies that ask for the same sandbox hash alike."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sandboxd")
-    except PackageNotFoundError:
-        return "0.1.0"
