@@ -28,7 +28,7 @@ hold up every other create. `step` names the step that failed (daemon/sandbox/bu
 the OSError's number if it was one, `message` the exception as "Type: text"; `invalid` says
 the request's own rootfs or mounts caused it. The daemon turns it into the API's errors: invalid,
 a 422 and nothing stored; else the record ends failed (setup_failed, with the message) and the
-client gets SetupFailed ("sandbox ID could not be set up: MESSAGE").
+client gets SetupFailed, a 500 ("sandbox ID could not be set up: MESSAGE").
 
 Running (over supervisor.sock, either way):
 
