@@ -19,6 +19,12 @@ its end); over supervisor.sock (listened on by A, accepted by B):
     │ connect(supervisor.sock) ──────────────────────────────────────────►│ accept
     │◄──────────────────────────────── HELLO {version, running, finished} ─│
 
+  or, a step failed (the rest of the exchange does not happen):
+
+    │◄─ SETUP_ERROR ─────────│◄─ SETUP_ERROR ───────│  the zygote or A failed
+    │ connect(supervisor.sock) ──────────────────────────────────────────►│ accept
+    │◄──────────────────────────────────────────────────── SETUP_ERROR ───│ B failed; exit
+
 Errors: one shape, SETUP_ERROR {step, errno, message, invalid}, in place of the answer the
 daemon waits for. A failure in the zygote or in A ends its exchange with SETUP_ERROR instead of
 SPAWNED (A writes it to the setup pipe, the zygote relays it); a failure in B's setup with
