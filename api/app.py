@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from api.auth import BearerAuth
 from api.body_limit import BodyLimit
 from api.request_id import RequestId
 from api.routes import execs, sandboxes, system
-from daemon.shapes import SandboxService
+from daemon.shapes import SandboxService, package_version
 
 DESCRIPTION = """\
 sandboxd hands out Linux sandboxes. Errors are RFC 9457 problem details
@@ -39,13 +38,6 @@ TAGS = [
     {"name": "sandboxes", "description": "Sandboxes: isolated process trees with their own root."},
     {"name": "execs", "description": "Processes run inside a sandbox."},
 ]
-
-
-def package_version() -> str:
-    try:
-        return version("sandboxd")
-    except PackageNotFoundError:
-        return "0.1.0"
 
 
 def operation_id(route: APIRoute) -> str:

@@ -443,10 +443,23 @@ class Config(BaseSettings):
             data = {**data, "listen": [f"unix://{run_dir / SOCKET_NAME}"]}
         return data
 
+    @property
+    def slots(self) -> int:
+        """How many sandboxes may hold a uid range and an address at once: pooled ones too."""
+        return self.max_sandboxes + self.pool_size
+
+    @property
+    def uid_count(self) -> int:
+        """How many host uids the sandboxes take: a UID_RANGE for each slot."""
+        return self.slots * UID_RANGE
+
+    def slot_uid_base(self, slot: int) -> int:
+        """The first host uid of a slot's range: root inside the sandbox holding it."""
+        return self.uid_base + slot * UID_RANGE
+
     @model_validator(mode="after")
     def _uid_ranges_fit(self) -> Config:
-        # Pooled sandboxes hold uid ranges too.
-        last_uid = self.uid_base + (self.max_sandboxes + self.pool_size) * UID_RANGE - 1
+        last_uid = self.uid_base + self.uid_count - 1
         if self.uid_base < UID_RANGE or last_uid > _MAX_UID:
             raise ValueError(
                 f"uid_base {self.uid_base} with max_sandboxes {self.max_sandboxes} and pool_size "

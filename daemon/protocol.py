@@ -1,19 +1,42 @@
-"""The protocol between the daemon and a sandbox's supervisor, and the files they share.
+"""The protocol between the daemon and the processes that build and run a sandbox (the
+zygote, A, and B = the supervisor): typed messages, their one encoding, and the files they share.
 
-Creating a sandbox (the zygote is a warm, thread-free child of the daemon; A and B forks):
+Every message is one dataclass below, sent as one JSON object a line with its `type`; encode and
+decode here are the only ones, used by both sides. decode refuses what it does not know (a
+type, a field too many or too few, a HELLO of another version) with ProtocolError.
 
-  daemon                 zygote              A (host ns, root)     B (PID 1 of the sandbox)
-    │ SpawnRequest ──────►│                     │                      │
-    │                     │── fork ────────────►│ userns; listen on    │
-    │                     │                     │ the socket; unshare; │
-    │                     │                     │ fork ───────────────►│ mounts, pivot_root,
-    │                     │◄─ B's host pid ─────│ exit                 │ lo up, main cmd
-    │◄─ {pid} ────────────│                                            │
-    │ connect(supervisor.sock) ───────────────────────────────────────►│ accept
-    │◄──────────────────────────────────────────── HELLO {execs} ──────│ (or it exits, leaving
-    │                                                                  │  setup_error behind)
+Creating a sandbox. Over the zygote's socket (a socketpair the daemon made when it started the
+zygote); over a setup pipe the zygote makes for each sandbox (A writes it, the zygote reads it to
+its end); over supervisor.sock (listened on by A, accepted by B):
 
-Running (one JSON object a line, either way, over supervisor.sock):
+  daemon                 zygote                 A (host ns, root)      B (PID 1 of the sandbox)
+    │ SPAWN {SpawnRequest}─►│                      │                      │
+    │                       │── fork ─────────────►│ cgroups, user ns,    │
+    │                       │                      │ listen, unshare, veth│
+    │                       │                      │── fork ─────────────►│ mounts, pivot_root,
+    │                       │◄─ SPAWNED {pid,start}│ exit                 │ lo up, hardening
+    │◄─ SPAWNED {pid,start} ─│      (setup pipe)                          │
+    │ connect(supervisor.sock) ──────────────────────────────────────────►│ accept
+    │◄──────────────────────────────── HELLO {version, running, finished} ─│
+
+  or, a step failed (the rest of the exchange does not happen):
+
+    │◄─ SETUP_ERROR ─────────│◄─ SETUP_ERROR ───────│  the zygote or A failed
+    │ connect(supervisor.sock) ──────────────────────────────────────────►│ accept
+    │◄──────────────────────────────────────────────────── SETUP_ERROR ───│ B failed; exit
+
+Errors: one shape, SETUP_ERROR {step, errno, message, invalid}, in place of the answer the
+daemon waits for. A failure in the zygote or in A ends its exchange with SETUP_ERROR instead of
+SPAWNED (A writes it to the setup pipe, the zygote relays it); a failure in B's setup with
+SETUP_ERROR instead of HELLO (B accepts the daemon's connection only to say it, waiting at most
+SETUP_REPORT_WAIT, then exits). The zygote does not wait for B's setup: one slow mount does not
+hold up every other create. `step` names the step that failed (daemon/sandbox/build.py), `errno`
+the OSError's number if it was one, `message` the exception as "Type: text"; `invalid` says
+the request's own rootfs or mounts caused it. The daemon turns it into the API's errors: invalid,
+a 422 and nothing stored; else the record ends failed (setup_failed, with the message) and the
+client gets SetupFailed, a 500 ("sandbox ID could not be set up: MESSAGE").
+
+Running (over supervisor.sock, either way):
 
     daemon                                      supervisor
       │ EXEC {id, cmd, env, cwd, uid, gid, ...} ───►│ fork, join its cgroups, exec
@@ -28,15 +51,25 @@ Running (one JSON object a line, either way, over supervisor.sock):
       │ RESIZE {id, rows, cols} ───────────────────►│ the terminal's window size
       │ CONFIGURE {hostname, env} ─────────────────►│ a pooled sandbox taken: its host name,
       │                                             │ and the env of every later exec
-      │◄─────────────── EXITED {id, status fields} ─│ after status.json is on disk
+      │◄────────────────────── EXITED {id, status} ─│ after status.json is on disk
       │◄──────────────────────── ERROR {id, message}│ a request it could not act on
+
+The version. HELLO carries PROTOCOL_VERSION; it is the one message that needs it, since a
+supervisor outlives the daemon that made it, while the zygote is always the daemon's own code.
+A daemon adopts a running supervisor (at its start, say after an upgrade) only if its HELLO
+has this version: one of another version (those before version 1 sent none) is refused with
+ProtocolError. The daemon logs the refusal, kills the sandbox and retires it as it would a
+lost supervisor (failed, supervisor_lost), storing what its mailbox already holds. Change the
+number with any change to a message the supervisor sends or reads.
 
 The supervisor's runtime directory is the durable mailbox: every exec's stdout, stderr and
 status.json (written last, atomically) stay there until the daemon has stored them and removed
-the exec's directory, so nothing is lost while the daemon is down. A new connection replaces
-the old one and gets a fresh HELLO listing what is still running and what finished meanwhile.
-When the main cmd ends, its status lands in execs/main/status.json, the supervisor kills every
-other process and exits; the daemon reads that file once the supervisor is gone.
+the exec's directory, so nothing is lost while the daemon is down. Its layout is not covered by
+the version: it must stay readable across versions. A new connection replaces the old one and
+gets a fresh HELLO listing what is still running and what finished meanwhile. When the main cmd
+ends, its status lands in execs/main/status.json, the supervisor kills every other process and
+exits; the daemon reads that file once the supervisor is gone (and supervisor_error, the text
+of a supervisor that crashed after its setup, when there is no one to tell).
 """
 
 from __future__ import annotations
@@ -45,22 +78,32 @@ import enum
 import json
 import os
 import signal
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
+PROTOCOL_VERSION = 1
 MAIN_EXEC = "main"
 SOCKET_NAME = "supervisor.sock"
 EXECS_DIR = "execs"
 STATUS_FILE = "status.json"
-SETUP_ERROR_FILE = "setup_error"
 SUPERVISOR_ERROR_FILE = "supervisor_error"
-INVALID_PREFIX = "invalid: "  # a setup error that the request's own rootfs or mounts caused
-ROOT_DIR = "root"
 STAGING_DIR = "staging"
 NET = "net"  # the zygote argument that makes it the one for bridged sandboxes
+# How long B, its setup failed, waits for the daemon's connection to say so (the daemon
+# connects as soon as the zygote has answered, and waits for an answer as long).
+SETUP_REPORT_WAIT = 30.0
+# One SETUP_ERROR fits in one atomic pipe write (PIPE_BUF, 4096 bytes) with room to spare.
+_ERROR_TEXT_LIMIT = 2048
+
+
+class ProtocolError(ValueError):
+    """A line that is not a message of this protocol's version."""
 
 
 class MessageType(enum.StrEnum):
+    SPAWN = "spawn"
+    SPAWNED = "spawned"
+    SETUP_ERROR = "setup_error"
     HELLO = "hello"
     EXEC = "exec"
     STARTED = "started"
@@ -74,18 +117,6 @@ class MessageType(enum.StrEnum):
     INPUT = "input"
     RESIZE = "resize"
     CONFIGURE = "configure"
-
-
-def encode(kind: MessageType, **fields: Any) -> bytes:
-    return json.dumps({"type": kind.value, **fields}, separators=(",", ":")).encode() + b"\n"
-
-
-def decode(line: bytes) -> tuple[MessageType, dict[str, Any]]:
-    """Parse one line; raises ValueError on anything that is not a known message."""
-    message = json.loads(line)
-    if not isinstance(message, dict):
-        raise ValueError("a message must be a JSON object")
-    return MessageType(message.pop("type")), message
 
 
 @dataclass
@@ -123,6 +154,13 @@ class NetworkPlan:
 class SpawnRequest:
     """Everything the zygote needs to build one sandbox, decided by the daemon beforehand."""
 
+    TYPE: ClassVar[MessageType] = MessageType.SPAWN
+    NESTED: ClassVar[dict[str, type]] = {
+        "layers": Layer,
+        "mounts": BindMount,
+        "network": NetworkPlan,
+    }
+
     sandbox_id: str
     hostname: str
     namespaces: list[str]
@@ -147,18 +185,6 @@ class SpawnRequest:
     tmp_bytes: int = 256 << 20
     shm_bytes: int = 64 << 20
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode() + b"\n"
-
-    @classmethod
-    def from_json(cls, data: bytes) -> SpawnRequest:
-        raw = json.loads(data)
-        raw["layers"] = [Layer(**layer) for layer in raw["layers"]]
-        raw["mounts"] = [BindMount(**mount) for mount in raw["mounts"]]
-        if raw.get("network") is not None:
-            raw["network"] = NetworkPlan(**raw["network"])
-        return cls(**raw)
-
 
 @dataclass
 class ExitStatus:
@@ -180,8 +206,51 @@ class ExitStatus:
         return cls(**json.loads(data))
 
 
+# -- creating a sandbox -------------------------------------------------------------------------
+
+
+@dataclass
+class Spawned:
+    """The zygote's answer: B's host pid and its start time (which tells it from a reuse)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SPAWNED
+    pid: int
+    start: int
+
+
+@dataclass
+class SetupError:
+    """The one shape of a failure to build a sandbox, from the zygote, A or B."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SETUP_ERROR
+    step: str
+    errno: int | None
+    message: str
+    invalid: bool = False  # the request's own rootfs or mounts caused it: a 422
+
+    @classmethod
+    def of(cls, step: str, exc: BaseException, *, invalid: bool = False) -> SetupError:
+        number = exc.errno if isinstance(exc, OSError) else None
+        text = f"{type(exc).__name__}: {exc}"[:_ERROR_TEXT_LIMIT]
+        return cls(step, number, text, invalid)
+
+
+@dataclass
+class Hello:
+    """The supervisor's first message on every connection, once the sandbox is set up."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    version: int
+    running: dict[str, int]  # exec id: pid
+    finished: list[str]  # exec ids whose status.json waits in the mailbox
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
 @dataclass
 class ExecRequest:
+    TYPE: ClassVar[MessageType] = MessageType.EXEC
     id: str
     cmd: list[str]
     env: dict[str, str]
@@ -194,6 +263,189 @@ class ExecRequest:
     tty: bool = False  # a pseudo-terminal as stdin, stdout and stderr
     rows: int | None = None
     cols: int | None = None
+
+
+@dataclass
+class Started:
+    TYPE: ClassVar[MessageType] = MessageType.STARTED
+    id: str
+    pid: int | None  # None: no process could be forked (EXITED 126 follows)
+
+
+@dataclass
+class SendSignal:
+    TYPE: ClassVar[MessageType] = MessageType.SIGNAL
+    id: str
+    signal: int
+
+
+@dataclass
+class Exited:
+    TYPE: ClassVar[MessageType] = MessageType.EXITED
+    NESTED: ClassVar[dict[str, type]] = {"status": ExitStatus}
+    id: str
+    status: ExitStatus
+
+
+@dataclass
+class ErrorReply:
+    """A request the supervisor could not act on (id None: not about one exec)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    id: str | None
+    message: str
+
+
+@dataclass
+class Subscribe:
+    TYPE: ClassVar[MessageType] = MessageType.SUBSCRIBE
+    id: str
+
+
+@dataclass
+class Subscribed:
+    TYPE: ClassVar[MessageType] = MessageType.SUBSCRIBED
+    id: str
+    offsets: dict[str, int]  # stream: offset of the first byte OUTPUT will carry
+
+
+@dataclass
+class Unsubscribe:
+    TYPE: ClassVar[MessageType] = MessageType.UNSUBSCRIBE
+    id: str
+
+
+@dataclass
+class Output:
+    TYPE: ClassVar[MessageType] = MessageType.OUTPUT
+    id: str
+    stream: str
+    offset: int
+    data: str  # base64
+
+
+@dataclass
+class Input:
+    TYPE: ClassVar[MessageType] = MessageType.INPUT
+    id: str
+    data: str  # base64
+    eof: bool = False
+
+
+@dataclass
+class Resize:
+    TYPE: ClassVar[MessageType] = MessageType.RESIZE
+    id: str
+    rows: int
+    cols: int
+
+
+@dataclass
+class Configure:
+    TYPE: ClassVar[MessageType] = MessageType.CONFIGURE
+    hostname: str
+    env: dict[str, str]
+
+
+Message = (
+    SpawnRequest
+    | Spawned
+    | SetupError
+    | Hello
+    | ExecRequest
+    | Started
+    | SendSignal
+    | Exited
+    | ErrorReply
+    | Subscribe
+    | Subscribed
+    | Unsubscribe
+    | Output
+    | Input
+    | Resize
+    | Configure
+)
+_BY_TYPE: dict[str, type[Message]] = {
+    cls.TYPE.value: cls
+    for cls in (
+        SpawnRequest,
+        Spawned,
+        SetupError,
+        Hello,
+        ExecRequest,
+        Started,
+        SendSignal,
+        Exited,
+        ErrorReply,
+        Subscribe,
+        Subscribed,
+        Unsubscribe,
+        Output,
+        Input,
+        Resize,
+        Configure,
+    )
+}
+M = TypeVar("M")
+
+
+def encode(message: Message) -> bytes:
+    """One message as one line."""
+    return (
+        json.dumps({"type": message.TYPE.value, **asdict(message)}, separators=(",", ":")).encode()
+        + b"\n"
+    )
+
+
+def decode(line: bytes) -> Message:
+    """One line as its message; ProtocolError for anything else."""
+    try:
+        raw = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"not a JSON line: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("a message must be a JSON object")
+    kind = raw.pop("type", None)
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    if cls is Hello and raw.get("version") != PROTOCOL_VERSION:
+        # First: a supervisor of another version may send other fields as well.
+        raise ProtocolError(
+            f"the supervisor speaks protocol version {raw.get('version', 0)}, this daemon "
+            f"version {PROTOCOL_VERSION}"
+        )
+    return _build(cls, raw)
+
+
+def _build(cls: type[M], raw: dict[str, Any]) -> M:
+    """A dataclass from a JSON object with exactly its fields (nested ones built too)."""
+    name = getattr(cls, "TYPE", cls.__name__)
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(raw.keys() - known.keys())
+    if unknown:
+        raise ProtocolError(f"{name} has no field {', '.join(unknown)}")
+    missing = sorted(
+        n
+        for n, f in known.items()
+        if n not in raw and f.default is MISSING and f.default_factory is MISSING
+    )
+    if missing:
+        raise ProtocolError(f"{name} lacks the field {', '.join(missing)}")
+    nested: dict[str, type] = getattr(cls, "NESTED", {})
+    for key, inner in nested.items():
+        value = raw.get(key)
+        if isinstance(value, list):
+            raw[key] = [_build(inner, _object(name, key, v)) for v in value]
+        elif value is not None:
+            raw[key] = _build(inner, _object(name, key, value))
+    return cls(**raw)
+
+
+def _object(name: object, key: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{name}: {key} must hold JSON objects")
+    return value
 
 
 def exec_dir(run_dir: str, exec_id: str) -> str:

@@ -13,6 +13,7 @@ import re
 import signal as signal_module
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from importlib import metadata
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import (
@@ -32,7 +33,6 @@ from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
 
 MAX_SECONDS = 10 * 365 * 86400  # durations past ten years are surely mistakes
 MIN_SECONDS = 0.001  # shorter durations round to nothing in the daemon's clocks
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_KEY = re.compile(r"^[^=\x00]+$")
 ID_PATTERN = re.compile(r"^sb_[0-9a-f]{16}$")
@@ -722,3 +722,11 @@ class SandboxService(Protocol):
 
 def kernel_release() -> str:
     return os.uname().release
+
+
+def package_version() -> str:
+    """sandboxd's version as installed (the OpenAPI document's and GET /info's)."""
+    try:
+        return metadata.version("sandboxd")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"

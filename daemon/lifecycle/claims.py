@@ -174,7 +174,7 @@ def claim(config: Config, registry: Path = REGISTRY) -> Config:
             bridge_subnet=IPv4Network(values["bridge_subnet"]),
             cgroup_name=values["cgroup_name"],
             uid_base=int(values["uid_base"]),
-            uid_count=(config.max_sandboxes + config.pool_size) * UID_RANGE,
+            uid_count=config.uid_count,
         )
         _check(config, mine, others)
         # A given setting overrides, but does not erase, what the state directory claimed.
@@ -273,7 +273,7 @@ def _free_index(
 
 def _free_uids(config: Config, others: list[Claim]) -> int:
     """The lowest uid_base, above the default daemon's room, whose range no claim overlaps."""
-    count = (config.max_sandboxes + config.pool_size) * UID_RANGE
+    count = config.uid_count
     taken = sorted(
         [
             (DEFAULTS.uid_base, DEFAULTS.uid_base + _DEFAULT_ROOM),
@@ -302,7 +302,7 @@ def _free_subnet(
 ) -> IPv4Network:
     """A subnet that fits the sandboxes (with the network, gateway and broadcast addresses),
     from a /24 to a /16, that no route, bridge or claim on the host uses."""
-    prefixlen = 32 - math.ceil(math.log2(config.max_sandboxes + config.pool_size + 3))
+    prefixlen = 32 - math.ceil(math.log2(config.slots + 3))
     avoid = [_PODMAN_SUBNET, *(c.bridge_subnet for c in others)]
     avoid += [subnet for _, subnet in bridges.values() if subnet is not None]
     return unrouted_subnet(first=1, last=99, prefixlen=min(24, max(16, prefixlen)), avoid=avoid)

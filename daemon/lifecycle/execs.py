@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from signal import SIGKILL
-from typing import Any
 
 from daemon import logs
 from daemon.errors import Conflict, SandboxError, SupervisorUnresponsive
@@ -33,7 +32,23 @@ from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import ExecState, SandboxState
 from daemon.lifecycle.supervisor_link import SupervisorLink
 from daemon.lifecycle.views import exec_view
-from daemon.protocol import MAIN_EXEC, ExitStatus, MessageType, exec_dir
+from daemon.protocol import (
+    MAIN_EXEC,
+    ErrorReply,
+    ExecRequest,
+    Exited,
+    ExitStatus,
+    Input,
+    Message,
+    Output,
+    Resize,
+    SendSignal,
+    Started,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    exec_dir,
+)
 from daemon.shapes import Exec, ExecCreate, ExecExit, ExecOutput
 from daemon.store.database import ExecRecord, Store
 
@@ -85,19 +100,20 @@ class Execs:
         link = live.link
         try:
             await link.post(
-                MessageType.EXEC,
-                id=exec_id,
-                cmd=spec.cmd,
-                env=spec.env,
-                cwd=spec.cwd or "/",
-                uid=int(uid),
-                gid=int(gid) if gid else None,
-                stdin=spec.stdin,
-                timeout=spec.timeout_seconds,
-                interactive=spec.interactive or spec.tty,
-                tty=spec.tty,
-                rows=spec.tty_size.rows if spec.tty_size else None,
-                cols=spec.tty_size.cols if spec.tty_size else None,
+                ExecRequest(
+                    id=exec_id,
+                    cmd=spec.cmd,
+                    env=spec.env,
+                    cwd=spec.cwd or "/",
+                    uid=int(uid),
+                    gid=int(gid) if gid else None,
+                    stdin=spec.stdin,
+                    timeout=spec.timeout_seconds,
+                    interactive=spec.interactive or spec.tty,
+                    tty=spec.tty,
+                    rows=spec.tty_size.rows if spec.tty_size else None,
+                    cols=spec.tty_size.cols if spec.tty_size else None,
+                )
             )
             pid = await link.answer(started, "the exec")
         except ConnectionError as exc:  # the supervisor went away meanwhile: nothing ran
@@ -165,22 +181,22 @@ class Execs:
         with contextlib.suppress(OSError):
             (self.cgroup(live.id) / exec_id / "cgroup.kill").write_text("1")
         with contextlib.suppress(ConnectionError, SupervisorUnresponsive):
-            link.send(MessageType.SIGNAL, id=exec_id, signal=int(SIGKILL))
+            link.send(SendSignal(exec_id, int(SIGKILL)))
         live.end_followers(exec_id)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
         link, found = self._running(ref, exec_id)
-        await link.post(MessageType.SIGNAL, id=exec_id, signal=signal)
+        await link.post(SendSignal(exec_id, signal))
         return exec_view(found)
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None:
         link, _ = self._running(ref, exec_id)
         encoded = base64.b64encode(data).decode()
-        await link.post(MessageType.INPUT, id=exec_id, data=encoded, eof=eof)
+        await link.post(Input(exec_id, encoded, eof))
 
     async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None:
         link, _ = self._running(ref, exec_id)
-        await link.post(MessageType.RESIZE, id=exec_id, rows=rows, cols=cols)
+        await link.post(Resize(exec_id, rows, cols))
 
     def _running(self, ref: str, exec_id: str) -> tuple[SupervisorLink, ExecRecord]:
         record = self.store.get_sandbox(ref)
@@ -226,7 +242,7 @@ class Execs:
             assert link is not None
             try:
                 await link.room()
-                link.send(MessageType.SUBSCRIBE, id=exec_id)
+                link.send(Subscribe(exec_id))
                 # SUBSCRIBED answers come in the order of the SUBSCRIBEs: so does the queue.
                 live.subscribing.setdefault(exec_id, deque()).append(follower)
                 offsets = await link.answer(follower.offsets, "a subscription")
@@ -254,41 +270,37 @@ class Execs:
                 if not followers and live.link is not None:
                     del live.followers[exec_id]
                     with contextlib.suppress(ConnectionError, SupervisorUnresponsive):
-                        live.link.send(MessageType.UNSUBSCRIBE, id=exec_id)
+                        live.link.send(Unsubscribe(exec_id))
 
-    def on_message(self, live: LiveSandbox, kind: MessageType, message: dict[str, Any]) -> None:
-        exec_id = str(message.get("id"))
-        if kind is MessageType.STARTED:
-            pid = message.get("pid")  # null: no process could be forked (EXITED 126 follows)
+    def on_message(self, live: LiveSandbox, message: Message) -> None:
+        if isinstance(message, Started):
+            exec_id, pid = message.id, message.pid  # pid None: not forked (EXITED 126 follows)
             if exec_id in live.quiet and pid is not None:
-                live.pids[exec_id] = int(pid)
+                live.pids[exec_id] = pid
             elif exec_id != MAIN_EXEC and pid is not None:
-                self.store.set_exec_pid(exec_id, int(pid))
+                self.store.set_exec_pid(exec_id, pid)
             future = live.started.pop(exec_id, None)
             if future is not None and not future.done():
-                future.set_result(None if pid is None else int(pid))
-        elif kind is MessageType.OUTPUT:
-            chunk = (
-                str(message["stream"]),
-                int(message["offset"]),
-                base64.b64decode(message["data"]),
-            )
-            for follower in live.followers.get(exec_id, ()):
+                future.set_result(pid)
+        elif isinstance(message, Output):
+            chunk = (message.stream, message.offset, base64.b64decode(message.data))
+            for follower in live.followers.get(message.id, ()):
                 follower.push(chunk)
-        elif kind is MessageType.SUBSCRIBED:
-            waiting = live.subscribing.get(exec_id)
+        elif isinstance(message, Subscribed):
+            waiting = live.subscribing.get(message.id)
             if waiting:
                 follower = waiting.popleft()
                 if not follower.offsets.done():
-                    follower.offsets.set_result(message.get("offsets"))
-        elif kind is MessageType.EXITED and exec_id != MAIN_EXEC:
-            self.collect(live, exec_id)
-        elif kind is MessageType.ERROR:
-            future = live.started.pop(exec_id, None)
+                    follower.offsets.set_result(message.offsets)
+        elif isinstance(message, Exited) and message.id != MAIN_EXEC:
+            self.collect(live, message.id)
+        elif isinstance(message, ErrorReply):
+            future = live.started.pop(str(message.id), None)
             if future is not None and not future.done():
-                future.set_exception(SandboxError(f"the supervisor refused the exec: {message}"))
+                refused = {"id": message.id, "message": message.message}
+                future.set_exception(SandboxError(f"the supervisor refused the exec: {refused}"))
             else:  # about no exec of ours (a CONFIGURE, a bad line): the log must show it
-                log.error("sandbox %s: its supervisor reports: %s", live.id, message.get("message"))
+                log.error("sandbox %s: its supervisor reports: %s", live.id, message.message)
 
     def collect(self, live: LiveSandbox, exec_id: str) -> None:
         """Move a finished exec from the mailbox to the store, then empty its mailbox slot."""

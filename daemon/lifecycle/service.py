@@ -30,10 +30,10 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from daemon import logs
-from daemon.config import Config, ConfigError
+from daemon.config import UID_RANGE, Config, ConfigError
 from daemon.errors import (
     Conflict,
     Invalid,
@@ -53,21 +53,27 @@ from daemon.lifecycle.mailbox import (
 from daemon.lifecycle.pool import Pool, poolable
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import ExitReason, SandboxState
-from daemon.lifecycle.supervisor_link import SupervisorLink, Zygote, open_pidfd, wait_readable
+from daemon.lifecycle.supervisor_link import (
+    SpawnError,
+    SupervisorLink,
+    Zygote,
+    open_pidfd,
+    wait_readable,
+)
 from daemon.lifecycle.views import sandbox_view
 from daemon.linux import cgroups, disk, limits
 from daemon.network.bridge import BridgeNetwork, NetworkError
 from daemon.network.ports import PublishedPorts
 from daemon.protocol import (
-    INVALID_PREFIX,
     MAIN_EXEC,
-    SETUP_ERROR_FILE,
     SOCKET_NAME,
     STAGING_DIR,
     SUPERVISOR_ERROR_FILE,
     BindMount,
+    Configure,
+    Hello,
     Layer,
-    MessageType,
+    ProtocolError,
     SpawnRequest,
 )
 from daemon.sandbox import hardening
@@ -84,13 +90,13 @@ from daemon.shapes import (
     SandboxStats,
     hostname_from_name,
     kernel_release,
+    package_version,
     stored_spec,
 )
 from daemon.store.database import SandboxRecord, Store
 
 log = logging.getLogger(__name__)
 
-ID_RANGE = 65536
 _GONE_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 30.0
 # How long an Idempotency-Key of POST /sandboxes is remembered (Stripe's 24 hours).
@@ -220,7 +226,7 @@ class SandboxManager:
     async def info(self) -> Info:
         running, total = self.store.count_sandboxes()
         return Info(
-            version=_version(),
+            version=package_version(),
             kernel=kernel_release(),
             cgroup=self.limits.layout,
             sandboxes=SandboxCounts(running=running, total=total),
@@ -232,12 +238,8 @@ class SandboxManager:
             bridge_subnet=str(self.config.bridge_subnet),
             cgroup_name=self.config.cgroup_name,
             uid_base=self.config.uid_base,
-            uid_last=self._uid_last(),
+            uid_last=self.config.uid_base + self.config.uid_count - 1,
         )
-
-    def _uid_last(self) -> int:
-        slots = self.config.max_sandboxes + self.config.pool_size
-        return self.config.uid_base + slots * ID_RANGE - 1
 
     async def list(
         self, states: builtins.list[SandboxState], labels: dict[str, str]
@@ -351,7 +353,7 @@ class SandboxManager:
                 subnet=self.network.subnet if bridged else None,
                 pooled=pooled,
                 base_dir=str(self.base_dir) if spec.rootfs is None else None,
-                slots=self.config.max_sandboxes + self.config.pool_size,
+                slots=self.config.slots,
             )
         except BaseException:
             if ports is not None:
@@ -409,7 +411,7 @@ class SandboxManager:
                 owner = self._uid_base(self.store.get_sandbox(sandbox_id, pooled_too=True))
                 default_root.write_identity_files(self._upper(sandbox_id, 0), hostname, owner)
                 # The supervisor reads the link in order: this comes before any exec of theirs.
-                live.link.send(MessageType.CONFIGURE, hostname=hostname, env=spec.env)
+                live.link.send(Configure(hostname, spec.env))
             except (NotFound, OSError, ConnectionError, SupervisorUnresponsive) as exc:
                 log.warning("pooled sandbox %s cannot be taken, destroying it: %s", sandbox_id, exc)
                 self.pool.discard(sandbox_id)
@@ -450,7 +452,8 @@ class SandboxManager:
 
     async def _undo_create(self, live: LiveSandbox, exc: Exception) -> NoReturn:
         """Undo a create that failed: kill what started, remove what was made, and say why."""
-        message = self._setup_error(live) or str(exc)
+        error = exc.error if isinstance(exc, SpawnError) else None
+        message = error.message if error is not None else str(exc)
         log.warning("sandbox %s could not be set up: %s", live.id, message)
         await self._kill(live)
         record = self.store.get_sandbox(live.id, pooled_too=True)
@@ -460,9 +463,9 @@ class SandboxManager:
         if record.pooled:  # nobody asked for it: forgotten (the pool tries again)
             self.store.delete_sandbox(live.id)
             raise SetupFailed(f"a pooled sandbox could not be set up: {message}") from exc
-        if message.startswith(INVALID_PREFIX):  # its mounts were bad input after all
+        if error is not None and error.invalid:  # its rootfs or mounts were bad input after all
             self.store.delete_sandbox(live.id)
-            raise Invalid(message.removeprefix(INVALID_PREFIX)) from exc
+            raise Invalid(message) from exc
         self.store.transition(
             live.id,
             SandboxState.FAILED,
@@ -539,7 +542,7 @@ class SandboxManager:
             cmd=spec.cmd,
             output_limit=self.config.output_limit,
             cgroup=str(self.tree.path(record.id)),
-            id_range=ID_RANGE,
+            id_range=UID_RANGE,
             join=placement.join,
             memory_cgroup=placement.memory,
             memory_per_exec=placement.memory_per_exec,
@@ -561,16 +564,16 @@ class SandboxManager:
     def _uid_base(self, record: SandboxRecord) -> int:
         """The first host uid of the range its user namespace maps (its root inside)."""
         assert record.uid_slot is not None
-        return self.config.uid_base + record.uid_slot * ID_RANGE
+        return self.config.slot_uid_base(record.uid_slot)
 
     def _upper(self, sandbox_id: str, layer: int) -> Path:
         """The writable layer over its `layer`th lower one (0: the root)."""
         return self.sandboxes_dir / sandbox_id / "layers" / str(layer) / "upper"
 
-    async def _connect(self, live: LiveSandbox) -> dict[str, Any]:
+    async def _connect(self, live: LiveSandbox) -> Hello:
         link = SupervisorLink(
             str(live.run_dir / SOCKET_NAME),
-            lambda kind, message: self.execs.on_message(live, kind, message),
+            lambda message: self.execs.on_message(live, message),
             lambda: self._on_gone(live),
             timeout=self.config.supervisor_timeout,
         )
@@ -582,9 +585,6 @@ class SandboxManager:
         hello = await asyncio.wait_for(connecting, _CONNECT_TIMEOUT)
         live.link = link
         return hello
-
-    def _setup_error(self, live: LiveSandbox) -> str:
-        return read_text(live.run_dir / SETUP_ERROR_FILE)
 
     # -- destroy ------------------------------------------------------------------------------
 
@@ -773,7 +773,9 @@ class SandboxManager:
             if live.pidfd is None:
                 raise ConnectionError("the supervisor is gone")
             hello = await asyncio.wait_for(self._connect(live), self.config.supervisor_timeout)
-        except (OSError, ConnectionError, TimeoutError, ValueError):
+        except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
+            if isinstance(exc, ProtocolError):  # another version's: see daemon/protocol.py
+                log.error("sandbox %s: its supervisor is not adopted: %s", record.id, exc)
             await self._kill(live)
             await self._retire(live, record)
             return
@@ -781,8 +783,8 @@ class SandboxManager:
             self.pool.add(record.id)
         self._keep(record)  # marked with this database's generation, if it was not yet
         await self._publish_again(live, record)
-        running: dict[str, int] = hello.get("running", {})
-        for exec_id in hello.get("finished", []):
+        running = hello.running
+        for exec_id in hello.finished:
             if exec_id != MAIN_EXEC:
                 self.execs.collect(live, exec_id)
         for unfinished in self.store.running_execs(record.id):
@@ -899,12 +901,3 @@ def spec_hash(spec: SandboxCreate) -> str:
     compact JSON), hashed: two bodies that ask for the same sandbox hash alike."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sandboxd")
-    except PackageNotFoundError:
-        return "0.1.0"

@@ -12,18 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from daemon.errors import SupervisorUnresponsive
 from daemon.linux.syscalls import process_start_time
-from daemon.protocol import NET, MessageType, SpawnRequest, decode, encode, short_path
+from daemon.protocol import (
+    NET,
+    Hello,
+    Message,
+    ProtocolError,
+    SetupError,
+    Spawned,
+    SpawnRequest,
+    decode,
+    encode,
+    short_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +46,11 @@ T = TypeVar("T")
 
 
 class SpawnError(Exception):
-    """The zygote could not make a sandbox's first processes."""
+    """The zygote, A or B could not build a sandbox: `error` says at which step and why."""
+
+    def __init__(self, error: SetupError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class Zygote:
@@ -71,15 +85,17 @@ class Zygote:
                 await self.stop()
                 await self.start()
             assert self.reader is not None and self.writer is not None
-            self.writer.write(req.to_json())
+            self.writer.write(encode(req))
             await self.writer.drain()
             line = await self.reader.readline()
         if not line:
-            raise SpawnError("the zygote died")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise SpawnError(reply["error"])
-        return int(reply["pid"]), int(reply["start"])
+            raise SpawnError(SetupError("zygote", None, "the zygote died"))
+        reply = decode(line)
+        if isinstance(reply, SetupError):
+            raise SpawnError(reply)
+        if not isinstance(reply, Spawned):
+            raise ProtocolError(f"the zygote answered {reply.TYPE}")
+        return reply.pid, reply.start
 
     async def stop(self) -> None:
         if self.writer is not None:
@@ -95,7 +111,7 @@ class Zygote:
         self.process = self.reader = self.writer = None
 
 
-MessageHandler = Callable[[MessageType, dict[str, Any]], None]
+MessageHandler = Callable[[Message], None]
 
 
 class SupervisorLink:
@@ -116,10 +132,11 @@ class SupervisorLink:
         self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
 
-    async def connect(self) -> dict[str, Any]:
+    async def connect(self) -> Hello:
         """Connect and wait for HELLO (sent once the sandbox is set up); return it.
 
-        Raises ConnectionError when the supervisor is gone or failed its setup.
+        Raises SpawnError when the supervisor failed its setup (it says SETUP_ERROR instead),
+        ConnectionError when it is gone, ProtocolError when it speaks another version.
         """
         directory, name = os.path.split(self.path)
         dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -133,15 +150,21 @@ class SupervisorLink:
         if not line:
             writer.close()
             raise ConnectionError("the supervisor closed the connection")
-        kind, hello = decode(line)
-        if kind is not MessageType.HELLO:
+        try:
+            hello = decode(line)
+        except ProtocolError:
             writer.close()
-            raise ConnectionError(f"the supervisor said {kind}: {hello}")
+            raise
+        if not isinstance(hello, Hello):
+            writer.close()
+            if isinstance(hello, SetupError):
+                raise SpawnError(hello)
+            raise ConnectionError(f"the supervisor said {hello.TYPE}, not hello")
         self.writer = writer
         self.task = asyncio.create_task(self._read(reader))
         return hello
 
-    def send(self, kind: MessageType, **fields: Any) -> None:
+    def send(self, message: Message) -> None:
         """Queue a message now. ConnectionError if the link is gone; SupervisorUnresponsive
         if the supervisor has left more than MAX_UNREAD bytes unread (nothing is queued)."""
         writer = self._connected()
@@ -150,12 +173,12 @@ class SupervisorLink:
             raise SupervisorUnresponsive(
                 f"the supervisor did not read the last {unread} bytes sent to it"
             )
-        writer.write(encode(kind, **fields))
+        writer.write(encode(message))
 
-    async def post(self, kind: MessageType, **fields: Any) -> None:
+    async def post(self, message: Message) -> None:
         """Queue a message once the supervisor has room for it (see room)."""
         await self.room()
-        self.send(kind, **fields)
+        self.send(message)
 
     async def room(self) -> None:
         """Return when send will take a message: past MAX_UNREAD unread bytes, once the
@@ -191,8 +214,7 @@ class SupervisorLink:
         try:
             while line := await reader.readline():
                 try:
-                    kind, message = decode(line)
-                    self.on_message(kind, message)
+                    self.on_message(decode(line))
                 except Exception:  # one bad message (or a store error) must not end the link
                     log.exception("%s: cannot handle %r", self.path, line[:200])
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):

@@ -30,11 +30,24 @@ from daemon.linux import cgroups
 from daemon.protocol import (
     EXECS_DIR,
     MAIN_EXEC,
+    PROTOCOL_VERSION,
     STATUS_FILE,
+    Configure,
+    ErrorReply,
     ExecRequest,
+    Exited,
     ExitStatus,
-    MessageType,
+    Hello,
+    Input,
+    Message,
+    Output,
+    Resize,
+    SendSignal,
     SpawnRequest,
+    Started,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
     decode,
     encode,
     signal_name,
@@ -148,7 +161,7 @@ class Supervisor:
         try:
             key.data(key.fd, events)
         except (OSError, ValueError, KeyError, StopIteration) as exc:
-            self.send(MessageType.ERROR, id=None, message=f"{type(exc).__name__}: {exc}")
+            self.send(ErrorReply(None, f"{type(exc).__name__}: {exc}"))
 
     def next_timeout(self) -> float | None:
         if any(e.wait_status is not None for e in self.running.values()):
@@ -168,17 +181,17 @@ class Supervisor:
         for running in self.running.values():
             running.subscribed = False
         live = {e.id: e.pid for e in self.running.values() if e.wait_status is None}
-        self.send(MessageType.HELLO, running=live, finished=self.finished_ids())
+        self.send(Hello(PROTOCOL_VERSION, live, self.finished_ids()))
         if self.req.cmd is not None and self.main_pid is None:
             # Only now: a main cmd that ends at once must find the daemon listening.
             self.start(ExecRequest(MAIN_EXEC, self.req.cmd, {}, "/", 0, None))
 
-    def send(self, kind: MessageType, **fields: object) -> None:
+    def send(self, message: Message) -> None:
         if self.conn is None:
             return
-        if kind is MessageType.OUTPUT and len(self.outbox) > _OUTBOX_LIMIT:
+        if isinstance(message, Output) and len(self.outbox) > _OUTBOX_LIMIT:
             return  # a follower too slow for the output: it sees a gap in the offsets
-        self.outbox += encode(kind, **fields)
+        self.outbox += encode(message)
         self.flush()
 
     def flush(self) -> None:
@@ -221,36 +234,35 @@ class Supervisor:
 
     def handle(self, line: bytes) -> None:
         try:
-            kind, message = decode(line)
-            if kind is MessageType.EXEC:
-                self.start(ExecRequest(**message))
+            message = decode(line)
+            if isinstance(message, ExecRequest):
+                self.start(message)
                 return
-            if kind is MessageType.CONFIGURE:
-                self.req.env = {str(k): str(v) for k, v in dict(message["env"]).items()}
+            if isinstance(message, Configure):
+                self.req.env = {str(k): str(v) for k, v in message.env.items()}
                 # Host root in the UTS namespace's owner: root inside cannot, we can.
-                socket.sethostname(str(message["hostname"]))
+                socket.sethostname(message.hostname)
                 return
-            running = self.running.get(str(message["id"]))
+            if not isinstance(message, SendSignal | Subscribe | Unsubscribe | Input | Resize):
+                raise ValueError(f"unexpected message {message.TYPE}")
+            running = self.running.get(message.id)
             if running is None:
                 return  # it ended meanwhile: the daemon learns that from EXITED
-            if kind is MessageType.SIGNAL:
+            if isinstance(message, SendSignal):
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(running.pid, int(message["signal"]))
-            elif kind is MessageType.SUBSCRIBE:
+                    os.kill(running.pid, message.signal)
+            elif isinstance(message, Subscribe):
                 running.subscribed = True
                 offsets = {s.name: s.total for s in running.streams}
-                self.send(MessageType.SUBSCRIBED, id=running.id, offsets=offsets)
-            elif kind is MessageType.UNSUBSCRIBE:
+                self.send(Subscribed(running.id, offsets))
+            elif isinstance(message, Unsubscribe):
                 running.subscribed = False
-            elif kind is MessageType.INPUT:
-                self.feed(running, base64.b64decode(message["data"]), bool(message.get("eof")))
-            elif kind is MessageType.RESIZE:
-                if running.tty and running.stdin_fd is not None:
-                    set_window_size(running.stdin_fd, int(message["rows"]), int(message["cols"]))
-            else:
-                raise ValueError(f"unexpected message {kind}")
+            elif isinstance(message, Input):
+                self.feed(running, base64.b64decode(message.data), message.eof)
+            elif running.tty and running.stdin_fd is not None:
+                set_window_size(running.stdin_fd, message.rows, message.cols)  # a Resize
         except (ValueError, TypeError, KeyError, OSError) as exc:
-            self.send(MessageType.ERROR, id=_message_id(line), message=str(exc))
+            self.send(ErrorReply(_message_id(line), str(exc)))
 
     # -- starting an exec ---------------------------------------------------------------------
 
@@ -289,7 +301,7 @@ class Supervisor:
             heapq.heappush(self.deadlines, (time.monotonic() + req.timeout, req.id))
         if req.id == MAIN_EXEC:
             self.main_pid = pid
-        self.send(MessageType.STARTED, id=req.id, pid=pid)
+        self.send(Started(req.id, pid))
         if req.stdin and running.stdin_fd is not None:
             self.feed(running, req.stdin.encode(), eof=not req.interactive)
 
@@ -311,8 +323,8 @@ class Supervisor:
         status = ExitStatus(EXIT_NOT_EXECUTABLE, None, finished_at=time.time())
         write_status(self.execs_fd, req.id, status)
         self.cgroups.remove_leaf(req.id)
-        self.send(MessageType.STARTED, id=req.id, pid=None)
-        self.send(MessageType.EXITED, id=req.id, **json.loads(status.to_json()))
+        self.send(Started(req.id, None))
+        self.send(Exited(req.id, status))
         if req.id == MAIN_EXEC:
             self.shut_down()
 
@@ -420,13 +432,7 @@ class Supervisor:
         stream.keep(data)
         if running.subscribed:
             encoded = base64.b64encode(data).decode()
-            self.send(
-                MessageType.OUTPUT,
-                id=running.id,
-                stream=stream.name,
-                offset=stream.total,
-                data=encoded,
-            )
+            self.send(Output(running.id, stream.name, stream.total, encoded))
         stream.total += len(data)
 
     def close_stream(self, fd: int) -> None:
@@ -507,7 +513,7 @@ class Supervisor:
             code, sig, running.timed_out, out.truncated, err.truncated, time.time(), oom
         )
         write_status(self.execs_fd, running.id, status)
-        self.send(MessageType.EXITED, id=running.id, **json.loads(status.to_json()))
+        self.send(Exited(running.id, status))
         self.remove_leaf(running.id)
         if running.pid == self.main_pid:
             self.shut_down()

@@ -3,18 +3,18 @@
 Runs in: a child of the daemon, started once as a fresh interpreter (`python -m
 daemon.sandbox.zygote FD RUN_DIR`), host root in every host namespace, with no threads, so that
 fork is safe
-and a new supervisor costs a fork, not an interpreter start. It reads SpawnRequests on the
-socket FD, one JSON line each, and answers each with {"pid": B} or {"error": text}. It exits
-when the daemon closes the socket, or dies.
+and a new supervisor costs a fork, not an interpreter start. It reads SPAWN messages on the
+socket FD and answers each with SPAWNED or SETUP_ERROR (daemon/protocol.py draws the exchange).
+It exits when the daemon closes the socket, or dies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import encodings
+import errno
 import gc
 import importlib.machinery
-import json
 import linecache
 import os
 import signal
@@ -23,11 +23,15 @@ import sys
 
 from daemon.linux import cgroups, syscalls
 from daemon.protocol import (
-    INVALID_PREFIX,
     NET,
-    SETUP_ERROR_FILE,
+    SETUP_REPORT_WAIT,
     SUPERVISOR_ERROR_FILE,
+    Message,
+    SetupError,
+    Spawned,
     SpawnRequest,
+    decode,
+    encode,
 )
 from daemon.sandbox import build, hardening
 from daemon.sandbox.supervisor import Supervisor, install_signal_handlers
@@ -48,39 +52,48 @@ def main() -> None:
     gc.freeze()
     with conn.makefile("rb") as requests:
         for line in requests:
-            reply: dict[str, int | str]
+            reply: Spawned | SetupError
             try:
-                pid, start = spawn(SpawnRequest.from_json(line), conn.fileno())
-                reply = {"pid": pid, "start": start}
+                request = decode(line)
+                if not isinstance(request, SpawnRequest):
+                    raise TypeError(f"a zygote takes SPAWN, not {request.TYPE}")
+                reply = spawn(request, conn.fileno())
             except Exception as exc:
-                reply = {"error": f"{type(exc).__name__}: {exc}"}
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+                reply = SetupError.of("zygote", exc)
+            conn.sendall(encode(reply))
 
 
-def spawn(req: SpawnRequest, zygote_fd: int) -> tuple[int, int]:
-    """Fork A, which forks B (the supervisor); B's host pid and start time."""
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
+    """Fork A, which forks B (the supervisor): B's host pid and start time, or why not."""
+    setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
     # A is born in the sandbox's init leaf: from its first instruction, it and all it forks
     # are the sandbox's (and, on cgroup v2, under its limits).
     pid, joined = cgroups.fork_into(f"{req.cgroup}/{cgroups.INIT_LEAF}")
     if pid == 0:
-        os.close(report_r)
+        os.close(setup_r)
         os.close(zygote_fd)
-        _intermediate(req, report_w, joined)
-    os.close(report_w)
+        _intermediate(req, setup_w, joined)
+    os.close(setup_w)
     try:
-        with os.fdopen(report_r, "rb") as report:
-            answer = report.read().decode()
+        with os.fdopen(setup_r, "rb") as pipe:
+            answer = pipe.read()
     finally:
         os.waitpid(pid, 0)
-    supervisor, _, start = answer.partition(" ")
-    if not (supervisor.isdigit() and start.isdigit()):
-        raise OSError(answer or "the sandbox's first process died without a word")
-    return int(supervisor), int(start)
+    if not answer:
+        return SetupError("fork", None, "the sandbox's first process died without a word")
+    reply = decode(answer)
+    if not isinstance(reply, Spawned | SetupError):
+        raise TypeError(f"A answered {reply.TYPE}")
+    return reply
 
 
-def _intermediate(req: SpawnRequest, report_w: int, joined: bool) -> None:
+def _send(fd: int, message: Message) -> None:
+    os.write(fd, encode(message))  # one write under PIPE_BUF: whole, never interleaved
+
+
+def _intermediate(req: SpawnRequest, setup_w: int, joined: bool) -> None:
     """A, a fork of the zygote, host root in host namespaces: steps 1-5 of daemon.sandbox.build."""
+    step = "cgroups"
     try:
         # Before anything else, into the rest of the sandbox's cgroups (a v1 host's
         # hierarchies: their limits bound it from here on).
@@ -90,26 +103,35 @@ def _intermediate(req: SpawnRequest, report_w: int, joined: bool) -> None:
             cgroups.write_file(f"{path}/cgroup.procs", b"0")
         cgroup_fds = cgroups.SandboxCgroups.open(req.cgroup, req.memory_cgroup, req.memory_per_exec)
         userns_fd = base_userns_fd = None
+        step = "user namespace"
         if req.uid_base is not None:
             userns_fd = build.create_user_namespace(req.uid_base, req.id_range)
             base_userns_fd = build.create_user_namespace(req.uid_base, 1)
+        step = "supervisor socket"
         listener = build.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         host_netlink = build.open_host_netlink(req)  # before the unshare: stays on the host
+        step = "namespaces"
         build.unshare_namespaces(req)
+        step = "network"
         if host_netlink is not None:
             with host_netlink:
                 build.plug_network(req, host_netlink)
         # B's pivot_root moves our root too (we share its mount namespace): keep the host's /proc.
         proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        step = "fork"
         pid = os.fork()
         if pid == 0:
+            os.close(setup_w)  # B reports to the daemon itself (see _supervisor)
             _supervisor(req, listener, run_fd, cgroup_fds, (userns_fd, base_userns_fd))
         # B is our child: until we exit, its pid cannot name another process.
-        os.write(report_w, f"{pid} {syscalls.process_start_time(pid, proc_fd)}".encode())
+        start = syscalls.process_start_time(pid, proc_fd)
+        if start is None:
+            raise OSError(errno.ECHILD, "the supervisor died at once")
+        _send(setup_w, Spawned(pid, start))
         os._exit(0)
     except BaseException as exc:
-        os.write(report_w, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
+        _send(setup_w, SetupError.of(step, exc))
         os._exit(1)
 
 
@@ -122,6 +144,7 @@ def _supervisor(
 ) -> None:
     """B, PID 1 of the new PID namespace, host root: steps 6-11, then the supervisor's loop."""
     userns_fd, base_userns_fd = usernses
+    step = "supervisor"
     try:
         keep = {listener.fileno(), run_fd, *cgroup_fds.fds()}
         keep.update(fd for fd in usernses if fd is not None)
@@ -139,20 +162,24 @@ def _supervisor(
         with contextlib.suppress(PermissionError), open("/proc/self/oom_score_adj", "w") as f:
             f.write(str(OOM_SCORE_SUPERVISOR))
         syscalls.set_name("sandboxd-sup")
+        step = "root"
         ptmx_fd = build.build_root(req, userns_fd, base_userns_fd)
         if base_userns_fd is not None:
             os.close(base_userns_fd)
         _lock_imports()
+        step = "loopback"
         if "net" in req.namespaces:
             build.configure_network()
         # After the sysctls: /proc/sys becomes read-only here.
+        step = "kernel files"
         hardening.protect_kernel_files(req.uid_base or 0)
+        step = "supervisor"
         wakeup_r = install_signal_handlers()
         supervisor = Supervisor(req, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, wakeup_r)
     except BaseException as exc:
         # No traceback: formatting one reads source files, and the root is the sandbox's now.
-        prefix = INVALID_PREFIX if isinstance(exc, build.InvalidMount) else ""
-        _report(run_fd, SETUP_ERROR_FILE, f"{prefix}{type(exc).__name__}: {exc}")
+        invalid = isinstance(exc, build.InvalidMount)
+        _report_setup_error(listener, SetupError.of(step, exc, invalid=invalid))
         os._exit(1)
     try:
         supervisor.run()
@@ -178,6 +205,17 @@ def _lock_imports() -> None:
     encodings.__path__ = []
     linecache.clearcache()
     linecache.getline = lambda *args, **kwargs: ""
+
+
+def _report_setup_error(listener: socket.socket, error: SetupError) -> None:
+    """B's setup failed: tell the daemon in place of HELLO, on its connection (it connects
+    once the zygote has answered), or nobody if it does not come in time."""
+    with contextlib.suppress(OSError):
+        listener.settimeout(SETUP_REPORT_WAIT)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(SETUP_REPORT_WAIT)
+            conn.sendall(encode(error))
 
 
 def _report(run_fd: int, name: str, message: str) -> None:

@@ -534,11 +534,6 @@ class Store:
         pooled ones too."""
         return self.list_sandboxes(states=sorted(LIVE_STATES), pooled_too=True)
 
-    def expired_sandboxes(self, now: datetime) -> list[SandboxRecord]:
-        """Sandboxes whose ttl ran out by `now`, in any state, oldest first."""
-        query = select(_SANDBOXES).where(_S.expires_at <= now).order_by(_S.seq)
-        return self._read(SandboxRecord, query)
-
     def count_sandboxes(self) -> tuple[int, int]:
         """(running, total)."""
         running = func.sum(sa.case((_S.state == SandboxState.RUNNING, 1), else_=0))

@@ -393,15 +393,6 @@ def test_list_oldest_first_with_filters(store: Store) -> None:
     assert store.count_sandboxes() == (1, 3)
 
 
-def test_expired_sandboxes(store: Store) -> None:
-    create(store, "a", expires_at=T0 + timedelta(seconds=10))
-    create(store, "b", expires_at=None)
-    create(store, "c", expires_at=T0 + timedelta(seconds=20))
-    assert store.expired_sandboxes(T0 + timedelta(seconds=9)) == []
-    assert [r.id for r in store.expired_sandboxes(T0 + timedelta(seconds=10))] == ["a"]
-    assert [r.id for r in store.expired_sandboxes(T0 + timedelta(hours=1))] == ["a", "c"]
-
-
 def test_timestamps_come_back_aware_utc(store: Store, db: Path) -> None:
     paris = timezone(timedelta(hours=1))
     create(store, "a", now=T0, expires_at=T0.astimezone(paris) + timedelta(minutes=5))

@@ -15,7 +15,7 @@ import pytest
 from daemon.config import ConfigError, load_config
 from daemon.errors import SupervisorUnresponsive
 from daemon.lifecycle.supervisor_link import MAX_UNREAD, SupervisorLink
-from daemon.protocol import MessageType, encode
+from daemon.protocol import PROTOCOL_VERSION, Hello, Input, encode
 
 TIMEOUT = 0.2
 
@@ -35,7 +35,7 @@ async def silent_supervisor(tmp_path: Path) -> AsyncIterator[tuple[SupervisorLin
     link = SupervisorLink(str(path), lambda kind, message: None, closed, timeout=TIMEOUT)
     connecting = asyncio.create_task(link.connect())
     peer, _ = await asyncio.get_running_loop().sock_accept(listener)
-    peer.sendall(encode(MessageType.HELLO, running={}, finished=[]))
+    peer.sendall(encode(Hello(PROTOCOL_VERSION, {}, [])))
     await connecting
     try:
         yield link, peer
@@ -77,17 +77,17 @@ def test_what_a_supervisor_leaves_unread_is_bounded(tmp_path: Path) -> None:
             sent = 0
             with pytest.raises(SupervisorUnresponsive, match="did not read the last"):
                 for _ in range(64):  # 64 MiB offered
-                    link.send(MessageType.INPUT, id="ex_1", data=data, eof=False)
+                    link.send(Input("ex_1", data))
                     sent += 1
             assert link.writer is not None
             unread = link.writer.transport.get_write_buffer_size()
             assert unread <= MAX_UNREAD + len(data) + 100 and sent < 8
             # Waiting for room ends too; once the supervisor reads, there is room again.
             with pytest.raises(SupervisorUnresponsive, match="did not read what was sent"):
-                await link.post(MessageType.INPUT, id="ex_1", data="y", eof=False)
+                await link.post(Input("ex_1", "y"))
             reading = asyncio.create_task(drain(peer))
             link.timeout = 30  # however slow the machine: this wait must end with room
-            await link.post(MessageType.INPUT, id="ex_1", data="y", eof=False)
+            await link.post(Input("ex_1", "y"))
             reading.cancel()
 
     asyncio.run(main())
