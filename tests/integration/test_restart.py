@@ -37,11 +37,14 @@ def test_sandboxes_survive_a_daemon_restart(daemon: Daemon, how: int) -> None:
 
 def test_an_exec_running_across_the_restart_is_followed(daemon: Daemon) -> None:
     box = daemon.create()
-    background = daemon.sh(box["id"], "sleep 4; echo done", wait=False)
+    # It ends when told to, not after a time: a slow restart must not outrun it.
+    waiting = "until [ -e /tmp/go ]; do sleep 0.05; done; echo done"
+    background = daemon.sh(box["id"], waiting, wait=False)
     daemon.stop(signal.SIGKILL)
     daemon.start()
     url = f"/sandboxes/{box['id']}/execs/{background['id']}"
     assert daemon.client.get(url).json()["state"] == "running"
+    daemon.sh(box["id"], "touch /tmp/go")
     record = daemon.await_state(url, "exited")
     assert record and record["stdout"] == "done\n" and record["exit_code"] == 0
     daemon.client.delete(f"/sandboxes/{box['id']}")
