@@ -72,7 +72,7 @@ TRANSITIONS: dict[LifecycleState | None, dict[LifecycleState | None, str]] = {
     },
     S.CREATING: {
         S.RUNNING: "its supervisor answered",
-        S.FAILED: "its setup failed, or a restart found it half made",
+        S.FAILED: "its setup failed, its supervisor was lost, or a restart found it half made",
         S.DESTROYING: "its setup found bad input (422): it is forgotten",
     },
     # The pool's are forgotten without being marked: nobody sees them, and a restart that
@@ -154,3 +154,7 @@ def table_markdown() -> str:
             right = "(forgotten)" if target is None else f"`{target}`"
             lines.append(f"| {left} | {right} | {when} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python3 -m daemon.lifecycle.states: the table for the docs
+    print(table_markdown(), end="")
