@@ -769,3 +769,20 @@ def test_ended_records_holding_leases_are_unreleased(store: Store) -> None:
     store.transition("c", LifecycleState.FAILED)
     store.update_sandbox("c", uid_slot=None, ip=None)
     assert [r.id for r in store.unreleased_sandboxes()] == ["a"]
+
+
+def test_0007_downgrades_to_the_pooled_column(db: Path) -> None:
+    store = Store(db)
+    pooled(store, "p")
+    create(store, "a")
+    store.transition("a", LifecycleState.RUNNING)
+    store.transition("a", LifecycleState.EXPIRING, exit_reason=ExitReason.TTL_EXPIRED)
+    store.close()
+    config = alembic_config()
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0006")
+    engine.dispose()
+    rows = raw(db, "SELECT id, state, pooled FROM sandboxes ORDER BY id")
+    assert rows == [("a", "exited", 0), ("p", "running", 1)]
