@@ -41,3 +41,21 @@ def test_docs_link_only_to_files_that_exist() -> None:
     for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name} links to {target}"
+
+
+def test_the_lifecycle_in_the_architecture_is_the_code_s() -> None:
+    """The state table is the one of daemon/lifecycle/states.py, and the teardown's steps are
+    those of daemon/lifecycle/teardown.py, in its order."""
+    from daemon.lifecycle import teardown
+    from daemon.lifecycle.states import table_markdown
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    table = re.search(r"checks it -->\n\n(.*?)\n<!-- end of the state table -->", doc, re.S)
+    assert table is not None, "docs/architecture.md has the generated state table"
+    assert table.group(1) == table_markdown(), "regenerate: python3 -m daemon.lifecycle.states"
+    assert teardown.__doc__ is not None
+    in_code = re.findall(r"^ {4}\d\. (\w+)", teardown.__doc__, re.M)
+    in_doc = re.findall(r"^\d\. \*\*(\w+)\*\*", doc.split("## The lifecycle")[1], re.M)
+    assert in_code == in_doc == [
+        "mark", "kill", "unpublish", "unplug", "end", "remove", "release",
+    ]  # fmt: skip

@@ -29,7 +29,7 @@ from daemon.errors import Conflict, SandboxError, SupervisorUnresponsive
 from daemon.lifecycle.following import STREAMS, Follower, TextCursor, read_prefix
 from daemon.lifecycle.mailbox import empty_slot, killed_exec_fields, read_output, read_status
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
-from daemon.lifecycle.states import ExecState, SandboxState
+from daemon.lifecycle.states import ExecState, LifecycleState
 from daemon.lifecycle.supervisor_link import SupervisorLink
 from daemon.lifecycle.views import exec_view
 from daemon.protocol import (
@@ -85,7 +85,7 @@ class Execs:
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
         record = self.store.get_sandbox(ref)
         live = self.live.get(record.id)
-        if record.state != SandboxState.RUNNING or live is None or live.link is None:
+        if record.state != LifecycleState.RUNNING or live is None or live.link is None:
             raise Conflict(f"sandbox {record.id} is {record.state}, not running")
         uid, _, gid = spec.user.partition(":")
         exec_id = new_id("ex")

@@ -2,9 +2,9 @@
 create asking for no more than a name, host name, labels, env and ttl takes one at once.
 
 The pool is bookkeeping and one refill task. The sandboxes in it are real ones, made and
-destroyed by the service like any other and stored with `pooled` set, which hides them from
-the API until a create takes one. A restart adopts them like any sandbox; a graceful stop
-destroys them, since nobody else could.
+destroyed by the service like any other and stored as `warming`, then `pooled`
+(daemon/lifecycle/states.py), which hides them from the API until a create takes one. A
+restart adopts them like any sandbox; a graceful stop destroys them, since nobody else could.
 """
 
 from __future__ import annotations

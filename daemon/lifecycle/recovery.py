@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,9 +36,10 @@ from typing import Any
 from daemon.config import Config, ConfigError
 from daemon.errors import Conflict
 from daemon.lifecycle import claims
-from daemon.linux import cgroup_v1, cgroups, disk, limits
+from daemon.lifecycle.teardown import Host, Outcome, teardown
+from daemon.linux import cgroup_v1, cgroups, limits
 from daemon.linux.syscalls import process_start_time
-from daemon.network.bridge import BridgeNetwork, NetworkError
+from daemon.network.bridge import BridgeNetwork
 from daemon.store.database import DatabaseFound, SandboxRecord, Store, inspect_database
 
 log = logging.getLogger(__name__)
@@ -383,15 +383,10 @@ async def _remove(
     network: BridgeNetwork,
     sandbox_id: str,
 ) -> None:
-    """Everything of a sandbox on the host, as the daemon's teardown does: its processes (by
-    its cgroup, which nothing of it forks out of), cgroups, link, run and state files. Its
-    mounts live in its own mount namespace and go with its last process."""
-    tree.remove(sandbox_id)
-    controls.remove(sandbox_id)
-    try:
-        await network.unplug(sandbox_id)
-    except NetworkError as exc:
-        log.error("sandbox %s: %s", sandbox_id, exc)
-    shutil.rmtree(config.run_dir / "sandboxes" / sandbox_id, ignore_errors=True)
-    disk.unmount(config.state_dir / "sandboxes" / sandbox_id)
-    shutil.rmtree(config.state_dir / "sandboxes" / sandbox_id, ignore_errors=True)
+    """Everything of a sandbox on the host, by the daemon's own teardown (its processes by its
+    cgroup, which nothing of it forks out of; link; cgroups, run and state files). Its mounts
+    live in its own mount namespace and go with its last process."""
+    host = Host(
+        tree, controls, network, config.run_dir / "sandboxes", config.state_dir / "sandboxes"
+    )
+    await teardown(host, sandbox_id, Outcome.REMOVED)

@@ -11,8 +11,9 @@ Files on the host, per sandbox:
     CGROUP2/NAME/ID, and on v1 V1/*/NAME/ID    its cgroups (daemon.linux.cgroups,
     daemon.linux.limits)
 and for a bridged one its host link and published ports (daemon/network/bridge.py,
-daemon/network/ports.py),
-removed before its address lease is released.
+daemon/network/ports.py). Every path that ends a sandbox takes them down through the one
+teardown (daemon/lifecycle/teardown.py); its record moves through the states of
+daemon/lifecycle/states.py.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -52,7 +52,14 @@ from daemon.lifecycle.mailbox import (
 )
 from daemon.lifecycle.pool import Pool, poolable
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
-from daemon.lifecycle.states import ExitReason, SandboxState
+from daemon.lifecycle.states import (
+    DYING_STATES,
+    ExitReason,
+    LifecycleState,
+    SandboxState,
+    public_state,
+    stored_states,
+)
 from daemon.lifecycle.supervisor_link import (
     SpawnError,
     SupervisorLink,
@@ -60,9 +67,10 @@ from daemon.lifecycle.supervisor_link import (
     open_pidfd,
     wait_readable,
 )
+from daemon.lifecycle.teardown import Host, Outcome, teardown
 from daemon.lifecycle.views import sandbox_view
 from daemon.linux import cgroups, disk, limits
-from daemon.network.bridge import BridgeNetwork, NetworkError
+from daemon.network.bridge import BridgeNetwork
 from daemon.network.ports import PublishedPorts
 from daemon.protocol import (
     MAIN_EXEC,
@@ -130,7 +138,6 @@ class SandboxManager:
             config.cgroup_name, config.run_dir, delegated=config.cgroup_parent == "delegated"
         )
         self.limits: limits.ResourceControl = limits.NoControllers(self.tree)
-        self.expiring: set[str] = set()  # sandboxes whose ttl ran out, being torn down
         self.housekeeping: asyncio.Task[None] | None = None
         self.network = BridgeNetwork(config)
         self.live: dict[str, LiveSandbox] = {}
@@ -146,6 +153,11 @@ class SandboxManager:
     def store(self) -> Store:
         assert self._store is not None, "the service is not started"
         return self._store
+
+    @property
+    def host(self) -> Host:
+        """What a teardown undoes (its limits are known once started)."""
+        return Host(self.tree, self.limits, self.network, self.runtime_dir, self.sandboxes_dir)
 
     # -- start and stop -----------------------------------------------------------------------
 
@@ -169,6 +181,7 @@ class SandboxManager:
         await self.zygote.start()
         await self.net_zygote.start()
         adopted = ended = 0
+        # The sandboxes the last daemon left alive, or whose teardown it did not finish.
         for record in self.store.live_sandboxes():
             with logs.bound(sandbox_id=record.id):
                 await self._adopt(record)
@@ -184,6 +197,9 @@ class SandboxManager:
             ended,
             extra={"adopted": adopted, "ended": ended},
         )
+        for record in self.store.unreleased_sandboxes():
+            with logs.bound(sandbox_id=record.id):
+                await self._teardown(record, Outcome(record.state.value), None)
         await self._remove_strays()
         await self.network.remove_stale(set(self.live))
         in_use = {r.base_dir for r in self.store.live_sandboxes() if r.base_dir}
@@ -244,7 +260,12 @@ class SandboxManager:
     async def list(
         self, states: builtins.list[SandboxState], labels: dict[str, str]
     ) -> builtins.list[Sandbox]:
-        return [sandbox_view(r) for r in self.store.list_sandboxes(states, labels)]
+        # Stored states are more than the public ones: those that may show as one asked for,
+        # then the public state each shows.
+        stored = sorted({s for wanted in states for s in stored_states(wanted)})
+        records = self.store.list_sandboxes(stored, labels)
+        views = [sandbox_view(r) for r in records]
+        return [v for v in views if not states or v.state in states]
 
     async def get(self, ref: str) -> Sandbox:
         return sandbox_view(self.store.get_sandbox(ref))
@@ -258,8 +279,9 @@ class SandboxManager:
     async def stats(self, ref: str) -> SandboxStats:
         """Read from its cgroups: a few small files, no waiting on the sandbox."""
         record = self.store.get_sandbox(ref)
-        if record.state != SandboxState.RUNNING or record.id not in self.live:
-            raise Conflict(f"sandbox {record.id} is {record.state}, not running")
+        if record.state != LifecycleState.RUNNING or record.id not in self.live:
+            state = public_state(record.state, record.exit_reason, record.started_at is not None)
+            raise Conflict(f"sandbox {record.id} is {state}, not running")
         try:
             usage = self.limits.usage(record.id)
         except FileNotFoundError as exc:  # it ended meanwhile
@@ -372,10 +394,10 @@ class SandboxManager:
                 pid, start_time = await zygote.spawn(request)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
-                # 6. the record says running, with the supervisor's pid
+                # 6. the record says running (pooled, for the pool), with the supervisor's pid
                 record = self.store.transition(
                     sandbox_id,
-                    SandboxState.RUNNING,
+                    LifecycleState.POOLED if pooled else LifecycleState.RUNNING,
                     pid=pid,
                     pid_start=start_time,
                     started_at=utcnow(),
@@ -448,33 +470,22 @@ class SandboxManager:
 
     async def _drain_pool(self, sandbox_id: str) -> None:
         with logs.bound(sandbox_id=sandbox_id):
-            await self._destroy(self.store.get_sandbox(sandbox_id, pooled_too=True))
+            record = self.store.get_sandbox(sandbox_id, pooled_too=True)
+            await self._destroy(record, Outcome.SHUTDOWN)
 
     async def _undo_create(self, live: LiveSandbox, exc: Exception) -> NoReturn:
-        """Undo a create that failed: kill what started, remove what was made, and say why."""
+        """Undo a create that failed: tear down what was made, and say why."""
         error = exc.error if isinstance(exc, SpawnError) else None
         message = error.message if error is not None else str(exc)
         log.warning("sandbox %s could not be set up: %s", live.id, message)
-        await self._kill(live)
         record = self.store.get_sandbox(live.id, pooled_too=True)
-        await self._unplug(live, record)
-        self.live.pop(live.id, None)
-        await self._remove_files(live.id)
+        # Its mounts were bad input after all: forgotten, as if refused before anything was made.
+        invalid = error is not None and error.invalid
+        await self._teardown(record, Outcome.FAILED, live, message=message, forget=invalid)
         if record.pooled:  # nobody asked for it: forgotten (the pool tries again)
-            self.store.delete_sandbox(live.id)
             raise SetupFailed(f"a pooled sandbox could not be set up: {message}") from exc
-        if error is not None and error.invalid:  # its rootfs or mounts were bad input after all
-            self.store.delete_sandbox(live.id)
+        if invalid:
             raise Invalid(message) from exc
-        self.store.transition(
-            live.id,
-            SandboxState.FAILED,
-            finished_at=utcnow(),
-            exit_reason=ExitReason.SETUP_FAILED,
-            exit_message=message,
-            uid_slot=None,
-            ip=None,
-        )
         raise SetupFailed(f"sandbox {live.id} could not be set up: {message}") from exc
 
     def _check_host(self, spec: SandboxCreate) -> None:
@@ -508,7 +519,7 @@ class SandboxManager:
         run_dir.mkdir(mode=0o700)
         (run_dir / "execs").mkdir(mode=0o700)
         (run_dir / STAGING_DIR).mkdir(mode=0o700)
-        # Its disk: one tmpfs holding every writable layer (undone by _remove_files).
+        # Its disk: one tmpfs holding every writable layer (undone by the teardown).
         disk_bytes = spec.limits.disk_bytes or self.config.default_disk_bytes
         sandbox_dir = self.sandboxes_dir / record.id
         sandbox_dir.mkdir(mode=0o700)
@@ -558,7 +569,7 @@ class SandboxManager:
 
     def _keep(self, record: SandboxRecord) -> None:
         """Beside a running sandbox, what rebuilds its record should the database be lost."""
-        if record.state == SandboxState.RUNNING:
+        if record.state in (LifecycleState.RUNNING, LifecycleState.POOLED):
             recovery.keep(self.sandboxes_dir / record.id, record, self.generation)
 
     def _uid_base(self, record: SandboxRecord) -> int:
@@ -586,59 +597,40 @@ class SandboxManager:
         live.link = link
         return hello
 
-    # -- destroy ------------------------------------------------------------------------------
+    # -- destroy, and every other end: through the one teardown ------------------------------
 
-    async def destroy(self, ref: str, *, expired: bool = False) -> None:
-        await self._destroy(self.store.get_sandbox(ref), expired=expired)
+    async def destroy(self, ref: str) -> None:
+        await self._destroy(self.store.get_sandbox(ref), Outcome.DELETED)
 
-    async def _destroy(self, record: SandboxRecord, *, expired: bool = False) -> None:
+    async def _destroy(self, record: SandboxRecord, outcome: Outcome) -> None:
+        """Tear a sandbox down for DELETE, its ttl or the pool: after what holds it (a
+        create, an exec being started, another teardown) is done with it."""
         logs.bind(sandbox_id=record.id)  # a request's task, the ttl's or the pool's
         live = self.live.get(record.id)
-        if live is not None:
-            async with live.lock:
-                if expired and self.live.get(record.id) is live:
-                    self._mark_expired(record.id)
-                await self._kill(live)
-                await self._unplug(live, record)
-                live.release_waiters()
-                self.live.pop(record.id, None)
+        if live is None:
+            await self._teardown(record, outcome, None)
         else:
-            await self._unplug(None, record)  # ended already: only a crash could have left any
-        await self._remove_files(record.id)
-        self._cancel_expiry(record.id)
-        # The record last, so that a 404 means everything is gone. Off the event loop:
-        # deleting much stored output takes SQLite a while.
-        await asyncio.to_thread(self.store.delete_sandbox, record.id)
-        log.info("sandbox %s destroyed", record.id, extra={"expired": expired})
+            async with live.lock:
+                # As it is now: it may have ended, or been destroyed, while we waited.
+                record = self.store.get_sandbox(record.id, pooled_too=True)
+                await self._teardown(
+                    record, outcome, live if self.live.get(record.id) is live else None
+                )
+        log.info("sandbox %s destroyed", record.id, extra={"expired": outcome == Outcome.EXPIRED})
 
-    async def _kill(self, live: LiveSandbox) -> None:
-        """Kill every process of the sandbox at once through its cgroup, and wait for PID 1.
-
-        The cgroup reaches what a pidfd cannot: a supervisor whose pid was never stored
-        (the daemon died while creating it), and the first fork before the supervisor.
-        """
-        if live.link is not None:
-            await live.link.aclose()
-            live.link = None
-        self.tree.kill(live.id)
-        if live.pidfd is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(live.pidfd, signal.SIGKILL)
-        await wait_readable(live.pidfd, _GONE_TIMEOUT)
-        os.close(live.pidfd)
-        live.pidfd = None
-
-    async def _unplug(self, live: LiveSandbox | None, record: SandboxRecord) -> None:
-        """Close its published ports and delete its link: before its address is released."""
-        if live is not None and live.ports is not None:
-            await live.ports.close()
-            live.ports = None
-        if record.spec.get("network", {}).get("mode") == "bridge":
-            try:
-                await self.network.unplug(record.id)
-            except NetworkError as exc:
-                log.error("sandbox %s: %s", record.id, exc)
+    async def _teardown(
+        self,
+        record: SandboxRecord,
+        outcome: Outcome,
+        live: LiveSandbox | None,
+        *,
+        message: str = "",
+        forget: bool = False,
+    ) -> None:
+        """daemon/lifecycle/teardown.py's teardown, with this record's steps (RecordSteps)."""
+        steps = RecordSteps(self, record, outcome, live, message=message, forget=forget)
+        bridged = record.spec.get("network", {}).get("mode") == "bridge"
+        await teardown(self.host, record.id, outcome, live=live, record=steps, bridged=bridged)
 
     # -- the supervisor is gone ---------------------------------------------------------------
 
@@ -649,76 +641,8 @@ class SandboxManager:
                 return  # destroyed meanwhile
             if live.pidfd is not None and not await wait_readable(live.pidfd, _GONE_TIMEOUT):
                 log.warning("sandbox %s: link closed but supervisor alive; killing", live.id)
-            await self._kill(live)
-            await self._retire(live, self.store.get_sandbox(live.id, pooled_too=True))
-
-    async def _retire(self, live: LiveSandbox, record: SandboxRecord) -> None:
-        """Store what the dead supervisor left in its mailbox, end the record, clean up."""
-        await self._unplug(live, record)
-        for exec_id in finished_in_mailbox(live.run_dir):
-            self.execs.collect(live, exec_id)
-        for running in self.store.running_execs(record.id):
-            self.store.finish_exec(running.id, **killed_exec_fields())
-        main = read_status(live.run_dir, MAIN_EXEC)
-        if main is not None:
-            reason = ExitReason.EXITED if main.signal is None else ExitReason.SIGNALED
-            reason = ExitReason.OOM if main.oom_killed else reason
-            target = SandboxState.EXITED
-        else:
-            target, reason = SandboxState.FAILED, ExitReason.SUPERVISOR_LOST
-        crash = read_text(live.run_dir / SUPERVISOR_ERROR_FILE)
-        if crash:
-            log.error("sandbox %s: its supervisor failed: %s", record.id, crash)
-        _log_end(record.id, reason, main.exit_code if main else None, main.signal if main else None)
-        # The record first: should the daemon die now, the files left are strays at start.
-        if record.pooled:  # nobody asked for it: it is forgotten, and the pool makes another
-            self.pool.taken(record.id)
-            self.store.delete_sandbox(record.id)
-        else:
-            if record.state == SandboxState.CREATING and target == SandboxState.EXITED:
-                self.store.transition(record.id, SandboxState.RUNNING, started_at=utcnow())
-            self.store.transition(
-                record.id,
-                target,
-                exit_reason=reason,
-                exit_code=main.exit_code if main else None,
-                exit_signal=main.signal if main else None,
-                finished_at=utcnow(),
-                uid_slot=None,
-                ip=None,
-                pid=None,
-            )
-        live.release_waiters()
-        self.live.pop(record.id, None)
-        await self._remove_files(record.id)
-
-    async def _remove_files(self, sandbox_id: str) -> None:
-        """Everything of a sandbox on the host but its record (the cgroup kills what is left)."""
-
-        def remove_layers() -> None:
-            # Its tmpfs first: unmounted, its pages are freed at once and nothing is left to
-            # walk (should it fail, the walk empties the tmpfs and the directory stays).
-            path = self.sandboxes_dir / sandbox_id
-            try:
-                disk.unmount(path)
-            except OSError as exc:
-                log.error("sandbox %s: its disk stays mounted: %s", sandbox_id, exc)
-            shutil.rmtree(path, ignore_errors=True)
-
-        def remove_cgroups(remove: Callable[[str], None]) -> None:
-            try:
-                remove(sandbox_id)
-            except OSError as exc:
-                log.error("sandbox %s: its cgroups stay: %s", sandbox_id, exc)
-
-        # First its cgroup2 tree: that kills what is left and waits till it is gone. Then, side
-        # by side and off the event loop (a writable layer may hold many files), the rest.
-        await asyncio.to_thread(remove_cgroups, self.tree.remove)
-        await asyncio.gather(
-            asyncio.to_thread(remove_cgroups, self.limits.remove),
-            asyncio.to_thread(shutil.rmtree, self.runtime_dir / sandbox_id, ignore_errors=True),
-            asyncio.to_thread(remove_layers),
-        )
+            record = self.store.get_sandbox(live.id, pooled_too=True)
+            await self._teardown(record, Outcome.EXITED, live)
 
     async def _remove_strays(self) -> None:
         """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire).
@@ -741,7 +665,8 @@ class SandboxManager:
                     sandbox_id,
                 )
                 continue
-            await self._remove_files(sandbox_id)
+            # Its link, if any, goes with the bridge's stale ones (network.remove_stale).
+            await teardown(self.host, sandbox_id, Outcome.REMOVED, bridged=False)
 
     # -- restart ------------------------------------------------------------------------------
 
@@ -751,23 +676,16 @@ class SandboxManager:
         self.live[record.id] = live
         if record.pid is not None:
             live.pidfd = open_pidfd(record.pid, record.pid_start)
-        if record.state == SandboxState.CREATING:
-            await self._kill(live)  # its cgroup holds it, whether or not its pid was stored
-            await self._unplug(live, record)
-            self.live.pop(record.id, None)
-            await self._remove_files(record.id)
-            if record.pooled:
-                self.store.delete_sandbox(record.id)
-                return
-            self.store.transition(
-                record.id,
-                SandboxState.FAILED,
-                finished_at=utcnow(),
-                exit_reason=ExitReason.SETUP_FAILED,
-                exit_message="the daemon stopped while the sandbox was being created",
-                uid_slot=None,
-                ip=None,
+        if record.state in DYING_STATES:  # its teardown was cut short: finished now
+            outcome = (
+                Outcome.EXPIRED if record.state == LifecycleState.EXPIRING else Outcome.DELETED
             )
+            await self._teardown(record, outcome, live)
+            return
+        if record.state in (LifecycleState.CREATING, LifecycleState.WARMING):
+            # Its cgroup holds it, whether or not its pid was stored.
+            message = "the daemon stopped while the sandbox was being created"
+            await self._teardown(record, Outcome.INTERRUPTED, live, message=message)
             return
         try:
             if live.pidfd is None:
@@ -776,8 +694,7 @@ class SandboxManager:
         except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
             if isinstance(exc, ProtocolError):  # another version's: see daemon/protocol.py
                 log.error("sandbox %s: its supervisor is not adopted: %s", record.id, exc)
-            await self._kill(live)
-            await self._retire(live, record)
+            await self._teardown(record, Outcome.EXITED, live)
             return
         if record.pooled:
             self.pool.add(record.id)
@@ -829,8 +746,10 @@ class SandboxManager:
     async def set_ttl(self, ref: str, ttl_seconds: float | None) -> Sandbox:
         """Expire `ttl_seconds` from now (earlier or later than before), or never (None)."""
         record = self.store.get_sandbox(ref)
-        if record.id in self.expiring:
+        if record.state == LifecycleState.EXPIRING:
             raise Conflict(f"sandbox {record.id} has expired and is being destroyed")
+        if record.state == LifecycleState.DESTROYING:
+            raise Conflict(f"sandbox {record.id} is being destroyed")
         expires_at = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
         record = self.store.update_sandbox(record.id, expires_at=expires_at)
         self._keep(record)
@@ -856,24 +775,106 @@ class SandboxManager:
         logs.only(sandbox_id=sandbox_id)  # the timer's own task: no request's id
         log.info("sandbox %s: its ttl ran out; destroying it", sandbox_id)
         self.timers.pop(sandbox_id, None)
-        self.expiring.add(sandbox_id)
-        try:
-            with contextlib.suppress(SandboxError):
-                await self.destroy(sandbox_id, expired=True)
-        finally:
-            self.expiring.discard(sandbox_id)
+        with contextlib.suppress(SandboxError):
+            await self._destroy(self.store.get_sandbox(sandbox_id), Outcome.EXPIRED)
 
-    def _mark_expired(self, sandbox_id: str) -> None:
-        """A running sandbox whose ttl ran out shows so while it is torn down: `exited`,
-        killed, reason `ttl_expired` (its record goes at the end of the teardown)."""
-        if self.store.get_sandbox(sandbox_id).state == SandboxState.RUNNING:
-            self.store.transition(
-                sandbox_id,
-                SandboxState.EXITED,
+
+@dataclass
+class RecordSteps:
+    """What a teardown does to a sandbox's record (steps 1, 5 and 7 of
+    daemon/lifecycle/teardown.py), by its outcome. It is forgotten when deleted, expired or
+    let go by the pool, when it was the pool's (nobody asked for it), or when `forget` says
+    so (a create refused late); else it is kept, ended as exited or failed."""
+
+    manager: SandboxManager
+    record: SandboxRecord
+    outcome: Outcome
+    live: LiveSandbox | None
+    message: str = ""  # why a create failed
+    forget: bool = False
+
+    def __post_init__(self) -> None:
+        self.forget = (
+            self.forget
+            or self.record.pooled
+            or self.outcome in (Outcome.DELETED, Outcome.EXPIRED, Outcome.SHUTDOWN)
+        )
+
+    def mark(self) -> None:
+        """1. One the API shows, to be forgotten: destroying, or expiring when its ttl ended
+        it running (it shows `exited`, killed, reason `ttl_expired`, till it is gone)."""
+        store, state = self.manager.store, self.record.state
+        if self.record.pooled and self.outcome == Outcome.EXITED:
+            self.manager.pool.taken(self.record.id)  # it died: the pool makes another
+        if not self.forget or self.record.pooled or state in DYING_STATES:
+            return
+        if self.outcome == Outcome.EXPIRED and state == LifecycleState.RUNNING:
+            self.record = store.transition(
+                self.record.id,
+                LifecycleState.EXPIRING,
                 exit_reason=ExitReason.TTL_EXPIRED,
                 exit_signal="SIGKILL",
                 finished_at=utcnow(),
             )
+        else:
+            self.record = store.transition(self.record.id, LifecycleState.DESTROYING)
+
+    def end(self) -> None:
+        """5. One to be kept: how it ended, from what its dead supervisor left in its mailbox."""
+        if self.live is not None:
+            self.manager.live.pop(self.record.id, None)
+        if self.forget or self.record.state in (LifecycleState.EXITED, LifecycleState.FAILED):
+            return  # to be forgotten, or ended already (a teardown finished at start)
+        if self.outcome == Outcome.EXITED:
+            self._exited()
+        else:  # failed, or interrupted by a restart: its setup did not finish
+            self.record = self.manager.store.transition(
+                self.record.id,
+                LifecycleState.FAILED,
+                finished_at=utcnow(),
+                exit_reason=ExitReason.SETUP_FAILED,
+                exit_message=self.message,
+            )
+
+    def _exited(self) -> None:
+        store, record = self.manager.store, self.record
+        if self.live is not None:
+            for exec_id in finished_in_mailbox(self.live.run_dir):
+                self.manager.execs.collect(self.live, exec_id)
+        for running in store.running_execs(record.id):
+            store.finish_exec(running.id, **killed_exec_fields())
+        run_dir = self.manager.runtime_dir / record.id
+        main = read_status(run_dir, MAIN_EXEC)
+        if main is not None:
+            reason = ExitReason.EXITED if main.signal is None else ExitReason.SIGNALED
+            reason = ExitReason.OOM if main.oom_killed else reason
+            target = LifecycleState.EXITED
+        else:
+            target, reason = LifecycleState.FAILED, ExitReason.SUPERVISOR_LOST
+        crash = read_text(run_dir / SUPERVISOR_ERROR_FILE)
+        if crash:
+            log.error("sandbox %s: its supervisor failed: %s", record.id, crash)
+        code, signal = (main.exit_code, main.signal) if main else (None, None)
+        _log_end(record.id, reason, code, signal)
+        if record.state == LifecycleState.CREATING and target == LifecycleState.EXITED:
+            store.transition(record.id, LifecycleState.RUNNING, started_at=utcnow())
+        self.record = store.transition(
+            record.id,
+            target,
+            exit_reason=reason,
+            exit_code=code,
+            exit_signal=signal,
+            finished_at=utcnow(),
+        )
+
+    async def release(self) -> None:
+        """7. Forgotten (its execs with it), or its uid range, address and pid let go."""
+        if self.forget:
+            self.manager._cancel_expiry(self.record.id)
+            # Off the event loop: deleting much stored output takes SQLite a while.
+            await asyncio.to_thread(self.manager.store.delete_sandbox, self.record.id)
+        else:
+            self.manager.store.update_sandbox(self.record.id, uid_slot=None, ip=None, pid=None)
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
+from daemon.lifecycle.states import (
+    ExecState,
+    ExitReason,
+    LifecycleState,
+    SandboxState,
+    public_state,
+)
 from daemon.shapes import Exec, ExitInfo, NetworkView, Sandbox, stored_spec
 from daemon.store.database import ExecRecord, SandboxRecord
 
 
 def sandbox_view(record: SandboxRecord) -> Sandbox:
+    """A stored sandbox as the API shows it: its stored state mapped to a public one
+    (daemon/lifecycle/states.py), and no address once it has ended (it is being let go)."""
     spec = stored_spec(record.spec)
+    state = public_state(record.state, record.exit_reason, record.started_at is not None)
+    ended = record.state in (LifecycleState.EXITED, LifecycleState.FAILED)
     exit_info = None
     if record.exit_reason is not None:
         exit_info = ExitInfo(
@@ -20,17 +30,19 @@ def sandbox_view(record: SandboxRecord) -> Sandbox:
     return Sandbox(
         id=record.id,
         name=record.name,
-        state=SandboxState(record.state),
+        state=state,
         hostname=record.hostname,
         namespaces=spec.namespaces,
         rootfs=spec.rootfs,
         mounts=spec.mounts,
         cmd=spec.cmd,
         env=spec.env,
-        network=NetworkView(mode=spec.network.mode, ip=record.ip, ports=spec.network.ports),
+        network=NetworkView(
+            mode=spec.network.mode, ip=None if ended else record.ip, ports=spec.network.ports
+        ),
         limits=spec.limits,
         labels=spec.labels,
-        pid=record.pid if record.state == SandboxState.RUNNING else None,
+        pid=record.pid if state == SandboxState.RUNNING else None,
         created_at=record.created_at,
         started_at=record.started_at,
         finished_at=record.finished_at,

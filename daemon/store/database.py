@@ -53,10 +53,11 @@ import migrations
 from daemon.config import ConfigError
 from daemon.errors import Conflict, LimitReached, NotFound
 from daemon.lifecycle.states import (
-    LIVE_STATES,
+    POOL_STATES,
+    UNFINISHED_STATES,
     ExecState,
     ExitReason,
-    SandboxState,
+    LifecycleState,
     check_transition,
 )
 
@@ -82,7 +83,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class StrEnumType(TypeDecorator[E]):
-    """An enum stored as its string value, so rows read back as SandboxState, not str."""
+    """An enum stored as its string value, so rows read back as LifecycleState, not str."""
 
     impl = sa.String
     cache_ok = True
@@ -118,7 +119,8 @@ class SandboxRecord(Base):
     # Order of creation, for "oldest first": max + 1, assigned under the write lock.
     seq: Mapped[int] = mapped_column(sa.Integer, unique=True)
     name: Mapped[str | None] = mapped_column(sa.String, unique=True)
-    state: Mapped[SandboxState] = mapped_column(StrEnumType(SandboxState))
+    # Every write of it is checked against the lifecycle's table (daemon/lifecycle/states.py).
+    state: Mapped[LifecycleState] = mapped_column(StrEnumType(LifecycleState))
     hostname: Mapped[str] = mapped_column(sa.String)
     # The SandboxCreate as a dict (namespaces, rootfs, mounts, env, cmd, network, limits, ...).
     spec: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
@@ -139,11 +141,14 @@ class SandboxRecord(Base):
     exit_signal: Mapped[str | None] = mapped_column(sa.String)
     exit_reason: Mapped[ExitReason | None] = mapped_column(StrEnumType(ExitReason))
     exit_message: Mapped[str | None] = mapped_column(sa.Text)
-    # Started for the warm pool and not yet taken by a create: the API does not see it
-    # (migration 0004).
-    pooled: Mapped[bool] = mapped_column(default=False)
 
     __table_args__ = (sa.Index("ix_sandboxes_ip", "ip", unique=True),)
+
+    @property
+    def pooled(self) -> bool:
+        """Started for the warm pool and not yet taken by a create: the API does not see it.
+        A state since migration 0007 (a column from 0004 till then)."""
+        return self.state in POOL_STATES
 
 
 class ExecRecord(Base):
@@ -201,9 +206,8 @@ configure_mappers()
 
 # Fields the callers may set; id, seq and created_at are fixed, state moves only by transition,
 # and a sandbox leaves the pool only by take_pooled.
-_FIXED = {"id", "seq", "state", "created_at", "pooled"}
+_FIXED = {"id", "seq", "state", "created_at"}
 _SETTABLE = frozenset(SandboxRecord.__table__.columns.keys()) - _FIXED
-_ASKED_FOR = SandboxRecord.pooled.is_(False)
 
 
 def _on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
@@ -307,6 +311,9 @@ def inspect_database(database: Path) -> DatabaseFound:
 _SANDBOXES = Base.metadata.tables["sandboxes"]
 _EXECS = Base.metadata.tables["execs"]
 _S, _X = _SANDBOXES.c, _EXECS.c
+# The states are ORed, not IN (...): a list is an expanding parameter, which SQLAlchemy
+# renders again at every execution.
+_ASKED_FOR = sa.and_(*(_S.state != state for state in sorted(POOL_STATES)))
 
 # By id, else by name: both match at most one row each, and the id's match sorts first.
 _FIND_SANDBOX = (
@@ -317,12 +324,19 @@ _FIND_SANDBOX = (
 )
 _GET_SANDBOX = select(_SANDBOXES).where(_S.id == bindparam("sandbox_id"))
 _SANDBOX_STATE = select(_S.state).where(_S.id == bindparam("sandbox_id"))
+_UNRELEASED = (
+    select(_SANDBOXES)
+    .where(
+        sa.or_(_S.state == LifecycleState.EXITED, _S.state == LifecycleState.FAILED),
+        sa.or_(_S.uid_slot.is_not(None), _S.ip.is_not(None)),
+    )
+    .order_by(_S.seq)
+)
 # Whether there is room for one more asked-for sandbox: how many are live (pooled ones aside),
-# and whether its name is held (a NULL name matches none). The states are ORed, not IN (...):
-# a list is an expanding parameter, which SQLAlchemy renders again at every execution.
+# and whether its name is held (a NULL name matches none).
 _ROOM = select(
     select(func.count())
-    .where(sa.or_(*(_S.state == state for state in sorted(LIVE_STATES))), _ASKED_FOR)
+    .where(sa.or_(_S.state == LifecycleState.CREATING, _S.state == LifecycleState.RUNNING))
     .scalar_subquery(),
     sa.exists().where(_S.name == bindparam("name")),
 )
@@ -355,10 +369,9 @@ _TAKE_POOLED = (
     update(_SANDBOXES)
     .where(
         _S.id == bindparam("sandbox_id"),
-        _S.pooled.is_(True),
-        _S.state == SandboxState.RUNNING,
+        _S.state == LifecycleState.POOLED,
     )
-    .values(seq=_NEXT_SEQ, pooled=False)
+    .values(seq=_NEXT_SEQ, state=LifecycleState.RUNNING)
     .returning(*_SANDBOXES.c)
 )
 _UPDATE_SANDBOX = (
@@ -443,16 +456,17 @@ class Store:
         with _unique_name(name), self._writer.begin() as conn:
             if not pooled:
                 _check_room(conn, name, max_live)
+            state = LifecycleState.WARMING if pooled else LifecycleState.CREATING
+            check_transition(None, state)
             values = {
                 "id": id,
                 "name": name,
-                "state": SandboxState.CREATING,
+                "state": state,
                 "hostname": hostname,
                 "spec": spec,
                 "ip": None if subnet is None else _lowest_free_address(conn, subnet),
                 "created_at": now,
                 "expires_at": expires_at,
-                "pooled": pooled,
                 "base_dir": base_dir,
             }
             row = conn.execute(_INSERT_SANDBOX, values).one()
@@ -464,10 +478,13 @@ class Store:
         """Record a running sandbox found alive on the host, as kept beside it when it was
         created (daemon/lifecycle/recovery.py): its uid slot and address as they are, the newest
         sandbox. Conflict if its name, uid slot or address is held by another record."""
-        _check_fields({k: v for k, v in fields.items() if k not in ("id", "created_at", "pooled")})
+        pooled = bool(fields.pop("pooled", False))
+        _check_fields({k: v for k, v in fields.items() if k not in ("id", "created_at")})
+        state = LifecycleState.POOLED if pooled else LifecycleState.RUNNING
+        check_transition(None, state)
         try:
             with self._writer.begin() as conn:
-                values = {**fields, "state": SandboxState.RUNNING}
+                values = {**fields, "state": state}
                 row = conn.execute(_RESTORE_SANDBOX, values).one()
         except IntegrityError as exc:
             raise Conflict(f"sandbox {fields['id']} collides with another: {exc.orig}") from exc
@@ -496,6 +513,7 @@ class Store:
             "started_at": now,
             "expires_at": expires_at,
         }
+        check_transition(LifecycleState.POOLED, LifecycleState.RUNNING)  # the one it can take
         with _unique_name(name), self._writer.begin() as conn:
             _check_room(conn, name, max_live)
             row = conn.execute(_TAKE_POOLED, asked).one_or_none()
@@ -508,13 +526,13 @@ class Store:
         asked for (by the service, never for the API)."""
         with self._engine.connect() as conn:
             row = conn.execute(_FIND_SANDBOX, {"ref": ref}).one_or_none()
-        if row is None or (row.pooled and not pooled_too):
+        if row is None or (row.state in POOL_STATES and not pooled_too):
             raise NotFound(f"no sandbox {ref!r}")
         return _record(SandboxRecord, row)
 
     def list_sandboxes(
         self,
-        states: Sequence[SandboxState] = (),
+        states: Sequence[LifecycleState] = (),
         labels: Mapping[str, str] | None = None,
         *,
         pooled_too: bool = False,
@@ -530,20 +548,25 @@ class Store:
         return [r for r in records if wanted <= dict(r.spec.get("labels") or {}).items()]
 
     def live_sandboxes(self) -> list[SandboxRecord]:
-        """Sandboxes in `creating` or `running`, oldest first: those a restart must adopt,
-        pooled ones too."""
-        return self.list_sandboxes(states=sorted(LIVE_STATES), pooled_too=True)
+        """Sandboxes a restart must adopt, or finish tearing down (all but the ended), oldest
+        first, pooled ones too."""
+        return self.list_sandboxes(states=sorted(UNFINISHED_STATES), pooled_too=True)
+
+    def unreleased_sandboxes(self) -> list[SandboxRecord]:
+        """Ended sandboxes that still hold a uid slot or an address: a teardown that a
+        stopped daemon left unfinished, oldest first."""
+        return self._read(SandboxRecord, _UNRELEASED)
 
     def count_sandboxes(self) -> tuple[int, int]:
         """(running, total)."""
-        running = func.sum(sa.case((_S.state == SandboxState.RUNNING, 1), else_=0))
+        running = func.sum(sa.case((_S.state == LifecycleState.RUNNING, 1), else_=0))
         with self._engine.connect() as conn:
             row = conn.execute(
                 select(running, func.count()).select_from(_SANDBOXES).where(_ASKED_FOR)
             ).one()
         return int(row[0] or 0), int(row[1])
 
-    def transition(self, sandbox_id: str, target: SandboxState, **fields: Any) -> SandboxRecord:
+    def transition(self, sandbox_id: str, target: LifecycleState, **fields: Any) -> SandboxRecord:
         """Move a sandbox to `target` if the lifecycle allows it (else InvalidTransition and
         nothing changes), setting `fields` (pid, exit_code, uid_slot=None, ...) in the same step."""
         _check_fields(fields)
@@ -568,10 +591,15 @@ class Store:
         return _record(SandboxRecord, row)
 
     def delete_sandbox(self, sandbox_id: str) -> None:
-        """Forget a sandbox; its execs go with it (ON DELETE CASCADE)."""
+        """Forget a sandbox, if the lifecycle allows it in its state (else InvalidTransition:
+        one the API shows is marked destroying first); its execs go with it (ON DELETE
+        CASCADE)."""
         with self._writer.begin() as conn:
-            if conn.execute(_DELETE_SANDBOX, {"sandbox_id": sandbox_id}).rowcount == 0:
+            state = conn.execute(_SANDBOX_STATE, {"sandbox_id": sandbox_id}).scalar_one_or_none()
+            if state is None:
                 raise NotFound(f"no sandbox {sandbox_id!r}")
+            check_transition(state, None)
+            conn.execute(_DELETE_SANDBOX, {"sandbox_id": sandbox_id})
 
     # Execs.
 

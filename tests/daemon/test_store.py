@@ -26,7 +26,7 @@ import daemon.store.database
 import migrations
 from daemon.config import ConfigError
 from daemon.errors import Conflict, InvalidTransition, LimitReached, NotFound
-from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
+from daemon.lifecycle.states import ExecState, ExitReason, LifecycleState
 from daemon.store.database import Base, Store, migrate
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -42,6 +42,12 @@ def store(db: Path) -> Iterator[Store]:
     store = Store(db)
     yield store
     store.close()
+
+
+def forget(store: Store, id: str) -> None:
+    """Delete a record as the teardown does: marked destroying first."""
+    store.transition(id, LifecycleState.DESTROYING)
+    store.delete_sandbox(id)
 
 
 def create(store: Store, id: str, name: str | None = None, **kwargs: Any) -> Any:
@@ -220,7 +226,7 @@ def test_migrate_leaves_logging_alone(db: Path) -> None:
 def test_create_records_a_creating_sandbox(store: Store, db: Path) -> None:
     spec = {"labels": {"team": "ci"}, "cmd": ["sleep", "1"], "env": {"A": "b"}}
     record = create(store, "a", "web-1", spec=spec, expires_at=T0 + timedelta(seconds=30))
-    assert record.state is SandboxState.CREATING
+    assert record.state is LifecycleState.CREATING
     assert (record.name, record.hostname, record.spec) == ("web-1", "web-1", spec)
     assert record.pid is None and record.exit_reason is None
     assert raw(db, "SELECT id, state, name FROM sandboxes") == [("a", "creating", "web-1")]
@@ -228,7 +234,7 @@ def test_create_records_a_creating_sandbox(store: Store, db: Path) -> None:
 
 def test_name_taken_is_a_conflict(store: Store, db: Path) -> None:
     create(store, "a", "web")
-    store.transition("a", SandboxState.FAILED)  # a dead sandbox still holds its name
+    store.transition("a", LifecycleState.FAILED)  # a dead sandbox still holds its name
     with pytest.raises(Conflict):
         create(store, "b", "web")
     assert raw(db, "SELECT id FROM sandboxes") == [("a",)]
@@ -275,18 +281,18 @@ def test_limit_counts_live_sandboxes_only(store: Store, db: Path) -> None:
     with pytest.raises(LimitReached):
         create(store, "c", max_live=2)
     assert len(raw(db, "SELECT id FROM sandboxes")) == 2
-    store.transition("a", SandboxState.RUNNING)
+    store.transition("a", LifecycleState.RUNNING)
     with pytest.raises(LimitReached):
         create(store, "c", max_live=2)
-    store.transition("a", SandboxState.EXITED)
+    store.transition("a", LifecycleState.EXITED)
     create(store, "c", max_live=2)
 
 
 def test_uid_slots_lowest_free_unique_and_reused(store: Store) -> None:
     slots = [create(store, id).uid_slot for id in "abcd"]
     assert slots == [0, 1, 2, 3]
-    store.delete_sandbox("b")
-    store.transition("c", SandboxState.FAILED, uid_slot=None)  # released on death
+    forget(store, "b")
+    store.transition("c", LifecycleState.FAILED, uid_slot=None)  # released on death
     assert create(store, "e").uid_slot == 1
     assert create(store, "f").uid_slot == 2
     assert create(store, "g").uid_slot == 4
@@ -300,11 +306,12 @@ def test_no_slot_past_the_last_even_while_dying_sandboxes_hold_theirs(
 ) -> None:
     create(store, "a", slots=2)
     create(store, "b", slots=2)
-    store.transition("a", SandboxState.EXITED)  # ended, its slot not yet released
+    store.transition("a", LifecycleState.RUNNING)
+    store.transition("a", LifecycleState.EXITED)  # ended, its slot not yet released
     with pytest.raises(LimitReached, match="uid ranges"):
         create(store, "c", slots=2)
     assert len(raw(db, "SELECT id FROM sandboxes")) == 2  # refused whole
-    store.transition("b", SandboxState.FAILED, uid_slot=None)
+    store.transition("b", LifecycleState.FAILED, uid_slot=None)
     assert create(store, "c", slots=2).uid_slot == 1
 
 
@@ -317,8 +324,8 @@ def test_addresses_lowest_free_unique_released_and_exhausted(store: Store) -> No
         create(store, "f", subnet=subnet)
     with pytest.raises(NotFound):
         store.get_sandbox("f")  # refused whole
-    store.delete_sandbox("b")
-    store.transition("d", SandboxState.FAILED, ip=None)  # released on death
+    forget(store, "b")
+    store.transition("d", LifecycleState.FAILED, ip=None)  # released on death
     assert create(store, "g", subnet=subnet).ip == "10.9.0.3"
     assert create(store, "h", subnet=subnet).ip == "10.9.0.5"
     with pytest.raises(IntegrityError):
@@ -329,9 +336,9 @@ def test_addresses_lowest_free_unique_released_and_exhausted(store: Store) -> No
 def test_uid_slot_zero_and_gaps_are_taken_first(store: Store) -> None:
     for id in "abcde":
         create(store, id)  # slots 0 to 4
-    store.delete_sandbox("a")
-    store.transition("c", SandboxState.FAILED, uid_slot=None)
-    store.delete_sandbox("e")
+    forget(store, "a")
+    store.transition("c", LifecycleState.FAILED, uid_slot=None)
+    forget(store, "e")
     assert [create(store, id).uid_slot for id in "fghi"] == [0, 2, 4, 5]
     assert create(store, "j", "named").uid_slot == 6
 
@@ -352,7 +359,7 @@ def test_records_are_detached_and_fully_loaded(store: Store) -> None:
     # The service reads them after the store is done: no attribute may need a session or a query.
     records: list[Any] = [
         create(store, "a", "web"),
-        store.transition("a", SandboxState.RUNNING, pid=1),
+        store.transition("a", LifecycleState.RUNNING, pid=1),
         store.update_sandbox("a", base_dir="/b"),
         store.update_sandbox("a"),
         store.get_sandbox("a"),
@@ -375,20 +382,20 @@ def test_list_oldest_first_with_filters(store: Store) -> None:
     create(store, "c", spec={"labels": {"team": "ci", "tier": "1"}}, now=T0)
     create(store, "a", spec={"labels": {"team": "ci"}}, now=T0 - timedelta(hours=1))
     create(store, "b", spec={}, now=T0 + timedelta(hours=1))
-    store.transition("a", SandboxState.RUNNING)
-    store.transition("b", SandboxState.RUNNING)
-    store.transition("b", SandboxState.EXITED)
+    store.transition("a", LifecycleState.RUNNING)
+    store.transition("b", LifecycleState.RUNNING)
+    store.transition("b", LifecycleState.EXITED)
 
-    def ids(*states: SandboxState, **labels: str) -> list[str]:
+    def ids(*states: LifecycleState, **labels: str) -> list[str]:
         return [r.id for r in store.list_sandboxes(states, labels)]
 
     assert ids() == ["c", "a", "b"]
-    assert ids(SandboxState.RUNNING) == ["a"]
-    assert ids(SandboxState.RUNNING, SandboxState.EXITED) == ["a", "b"]
+    assert ids(LifecycleState.RUNNING) == ["a"]
+    assert ids(LifecycleState.RUNNING, LifecycleState.EXITED) == ["a", "b"]
     assert ids(team="ci") == ["c", "a"]
     assert ids(team="ci", tier="1") == ["c"]
     assert ids(team="ci", tier="2") == []
-    assert ids(SandboxState.EXITED, team="ci") == []
+    assert ids(LifecycleState.EXITED, team="ci") == []
     assert [r.id for r in store.live_sandboxes()] == ["c", "a"]
     assert store.count_sandboxes() == (1, 3)
 
@@ -396,7 +403,7 @@ def test_list_oldest_first_with_filters(store: Store) -> None:
 def test_timestamps_come_back_aware_utc(store: Store, db: Path) -> None:
     paris = timezone(timedelta(hours=1))
     create(store, "a", now=T0, expires_at=T0.astimezone(paris) + timedelta(minutes=5))
-    store.transition("a", SandboxState.RUNNING, started_at=T0.astimezone(paris))
+    store.transition("a", LifecycleState.RUNNING, started_at=T0.astimezone(paris))
     store.close()
     record = Store(db).get_sandbox("a")
     assert record.created_at == T0 and record.created_at.tzinfo is UTC
@@ -418,12 +425,12 @@ def test_naive_timestamps_are_refused(store: Store) -> None:
 def test_transitions_are_persisted(store: Store, db: Path) -> None:
     create(store, "a")
     running = store.transition(
-        "a", SandboxState.RUNNING, pid=4242, pid_start=987654, started_at=T0, base_dir="/b"
+        "a", LifecycleState.RUNNING, pid=4242, pid_start=987654, started_at=T0, base_dir="/b"
     )
-    assert (running.state, running.pid, running.pid_start) == (SandboxState.RUNNING, 4242, 987654)
+    assert (running.state, running.pid, running.pid_start) == (LifecycleState.RUNNING, 4242, 987654)
     store.transition(
         "a",
-        SandboxState.EXITED,
+        LifecycleState.EXITED,
         pid=None,
         uid_slot=None,
         finished_at=T0 + timedelta(seconds=1),
@@ -434,7 +441,7 @@ def test_transitions_are_persisted(store: Store, db: Path) -> None:
     )
     store.close()
     record = Store(db).get_sandbox("a")
-    assert record.state is SandboxState.EXITED
+    assert record.state is LifecycleState.EXITED
     assert record.exit_reason is ExitReason.SIGNALED
     assert (record.pid, record.uid_slot, record.exit_signal) == (None, None, "SIGKILL")
     assert (record.pid_start, record.base_dir, record.exit_message) == (987654, "/b", "killed")
@@ -444,14 +451,14 @@ def test_transitions_are_persisted(store: Store, db: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "target"),
     [
-        ([SandboxState.RUNNING], SandboxState.CREATING),
-        ([SandboxState.RUNNING], SandboxState.RUNNING),
-        ([SandboxState.EXITED], SandboxState.RUNNING),
-        ([SandboxState.FAILED], SandboxState.EXITED),
+        ([LifecycleState.RUNNING], LifecycleState.CREATING),
+        ([LifecycleState.RUNNING], LifecycleState.RUNNING),
+        ([LifecycleState.RUNNING, LifecycleState.EXITED], LifecycleState.RUNNING),
+        ([LifecycleState.FAILED], LifecycleState.EXITED),
     ],
 )
 def test_invalid_transition_changes_nothing(
-    store: Store, db: Path, path: list[SandboxState], target: SandboxState
+    store: Store, db: Path, path: list[LifecycleState], target: LifecycleState
 ) -> None:
     create(store, "a")
     for state in path:
@@ -466,10 +473,10 @@ def test_invalid_transition_changes_nothing(
 def test_fields_are_checked(store: Store) -> None:
     create(store, "a")
     with pytest.raises(TypeError):
-        store.update_sandbox("a", state=SandboxState.RUNNING)  # only by transition
+        store.update_sandbox("a", state=LifecycleState.RUNNING)  # only by transition
     with pytest.raises(TypeError):
-        store.transition("a", SandboxState.RUNNING, no_such_field=1)
-    assert store.get_sandbox("a").state is SandboxState.CREATING
+        store.transition("a", LifecycleState.RUNNING, no_such_field=1)
+    assert store.get_sandbox("a").state is LifecycleState.CREATING
     assert store.update_sandbox("a", ip="10.0.0.2").ip == "10.0.0.2"
     assert store.update_sandbox("a").ip == "10.0.0.2"  # nothing to set: read back as it is
     with pytest.raises(NotFound):
@@ -477,7 +484,7 @@ def test_fields_are_checked(store: Store) -> None:
     with pytest.raises(NotFound):
         store.update_sandbox("nope")
     with pytest.raises(NotFound):
-        store.transition("nope", SandboxState.RUNNING)
+        store.transition("nope", LifecycleState.RUNNING)
 
 
 def test_delete_takes_the_execs_with_it(store: Store, db: Path) -> None:
@@ -486,13 +493,13 @@ def test_delete_takes_the_execs_with_it(store: Store, db: Path) -> None:
     store.insert_exec(id="e1", sandbox_id="a", cmd=["true"], now=T0)
     store.insert_exec(id="e2", sandbox_id="a", cmd=["true"], now=T0)
     store.insert_exec(id="e3", sandbox_id="b", cmd=["true"], now=T0)
-    store.delete_sandbox("a")
+    forget(store, "a")
     assert raw(db, "SELECT id FROM execs WHERE sandbox_id = 'a'") == []
     assert raw(db, "SELECT id FROM execs") == [("e3",)]
     with pytest.raises(NotFound):
         store.get_sandbox("a")
     with pytest.raises(NotFound):
-        store.delete_sandbox("a")
+        forget(store, "a")
 
 
 # The warm pool.
@@ -501,7 +508,7 @@ def test_delete_takes_the_execs_with_it(store: Store, db: Path) -> None:
 def pooled(store: Store, id: str) -> Any:
     """A pooled sandbox, running, as the pool leaves one."""
     create(store, id, pooled=True, max_live=0)  # the limit is not for the pool's
-    return store.transition(id, SandboxState.RUNNING, pid=1)
+    return store.transition(id, LifecycleState.POOLED, pid=1)
 
 
 def test_pooled_sandboxes_are_hidden_but_adopted(store: Store) -> None:
@@ -527,7 +534,7 @@ def test_take_pooled_makes_it_the_newest_asked_for(store: Store) -> None:
         "p", name="web", hostname="web", spec=spec, max_live=2, now=later, expires_at=later
     )
     assert inspect(taken).detached and not inspect(taken).unloaded
-    assert (taken.pooled, taken.state, taken.pid) == (False, SandboxState.RUNNING, 1)
+    assert (taken.pooled, taken.state, taken.pid) == (False, LifecycleState.RUNNING, 1)
     assert (taken.name, taken.hostname, taken.spec) == ("web", "web", spec)
     assert taken.created_at == taken.started_at == taken.expires_at == later
     assert [r.id for r in store.list_sandboxes()] == ["a", "p"]  # the newest
@@ -697,3 +704,76 @@ def test_restore_sandbox_records_it_running_as_the_newest(store: Store) -> None:
     with pytest.raises(TypeError):
         store.restore_sandbox(**fields | {"id": "d", "exit_cod": 1})
     assert [r.id for r in store.list_sandboxes()] == ["a", "b"]
+
+
+# States, not flags (migration 0007).
+
+
+def test_a_0006_database_gets_its_pooled_rows_as_states(db: Path) -> None:
+    migrated_to(db, "0006")
+    for id, state, pooled in [
+        ("asked", "running", 0),
+        ("warm", "creating", 1),
+        ("ready", "running", 1),
+        ("ended", "exited", 1),
+    ]:
+        raw(
+            db,
+            "INSERT INTO sandboxes (id, seq, state, hostname, spec, created_at, pooled) "
+            f"VALUES ('{id}', (SELECT count(*) + 1 FROM sandboxes), '{state}', 'h', '{{}}', "
+            f"'2025-01-01 00:00:00', {pooled})",
+        )
+    store = Store(db)
+    states = {r.id: (r.state, r.pooled) for r in store.list_sandboxes(pooled_too=True)}
+    assert states == {
+        "asked": (LifecycleState.RUNNING, False),
+        "warm": (LifecycleState.WARMING, True),
+        "ready": (LifecycleState.POOLED, True),
+        "ended": (LifecycleState.DESTROYING, False),
+    }
+    assert [r.id for r in store.list_sandboxes()] == ["asked", "ended"]
+    store.close()
+    assert "pooled" not in {row[1] for row in raw(db, "PRAGMA table_info(sandboxes)")}
+
+
+def test_a_record_the_api_shows_is_forgotten_only_once_marked(store: Store, db: Path) -> None:
+    create(store, "a")
+    store.transition("a", LifecycleState.RUNNING)
+    before = raw(db, "SELECT * FROM sandboxes")
+    with pytest.raises(InvalidTransition, match="forgotten while running"):
+        store.delete_sandbox("a")
+    assert raw(db, "SELECT * FROM sandboxes") == before
+    store.transition("a", LifecycleState.DESTROYING)
+    store.delete_sandbox("a")
+    pooled(store, "p")
+    store.delete_sandbox("p")  # nobody saw it: forgotten as it is
+    assert raw(db, "SELECT id FROM sandboxes") == []
+
+
+def test_ended_records_holding_leases_are_unreleased(store: Store) -> None:
+    create(store, "a", subnet=IPv4Network("10.9.0.0/24"))
+    create(store, "b")
+    create(store, "c")
+    for id in "abc":
+        store.transition(id, LifecycleState.RUNNING)
+    store.transition("a", LifecycleState.EXITED)
+    store.transition("c", LifecycleState.FAILED)
+    store.update_sandbox("c", uid_slot=None, ip=None)
+    assert [r.id for r in store.unreleased_sandboxes()] == ["a"]
+
+
+def test_0007_downgrades_to_the_pooled_column(db: Path) -> None:
+    store = Store(db)
+    pooled(store, "p")
+    create(store, "a")
+    store.transition("a", LifecycleState.RUNNING)
+    store.transition("a", LifecycleState.EXPIRING, exit_reason=ExitReason.TTL_EXPIRED)
+    store.close()
+    config = alembic_config()
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0006")
+    engine.dispose()
+    rows = raw(db, "SELECT id, state, pooled FROM sandboxes ORDER BY id")
+    assert rows == [("a", "exited", 0), ("p", "running", 1)]

@@ -1,0 +1,177 @@
+"""The one way a sandbox goes: every path that ends one (DELETE, its ttl, its main cmd's exit, a
+create that failed, a restart or `sandboxd recover` removing it, the pool letting one go) runs
+`teardown`, which takes the same steps in the same order.
+
+Runs in: the daemon process (or `sandboxd recover`), as root, in the host's namespaces.
+
+The steps, and why in this order:
+
+    1. mark      the record says it is going (destroying, or expiring with its exit fields),
+                 if it is to be forgotten: a daemon that dies from here on finds it so at its
+                 next start and runs the teardown again, rather than taking it for alive.
+    2. kill      the link closed, every process killed at once through its cgroup (which
+                 reaches what a pidfd cannot: a supervisor whose pid was never stored, the
+                 first fork before it), and PID 1 waited for: nothing of it runs from here on,
+                 so nothing re-creates what the next steps remove.
+    3. unpublish its published ports closed: no relay to an address about to be released.
+    4. unplug    its host link deleted (its eth0 goes with it), and seen to go: before its
+                 address is released (step 7), or another sandbox could be given an address
+                 whose old link still answers.
+    5. end       the record says how it ended (exited or failed, its execs' results), if it is
+                 to be kept: read from the mailbox in its run directory, so before step 6.
+    6. remove    its cgroup2 tree (which kills stragglers and waits), then side by side its v1
+                 cgroups, its run directory, and its writable layers' tmpfs (unmounted first,
+                 so its pages are freed at once) with its state directory.
+    7. release   the record deleted, or its uid range, address and pid let go: last, so that
+                 a 404 means everything is gone, and a uid range or address is never handed
+                 out while something of its last holder is left.
+
+Every step is idempotent (what is gone already is skipped), so running the teardown again
+after a crash anywhere in it finishes the job: a record left expiring or destroying (step 1)
+or ended but holding its leases (step 5) is torn down again at the next start; one left
+running is adopted, found dead and torn down as exited; files without a live record are
+strays, swept at start with outcome `removed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from daemon.lifecycle.running import LiveSandbox
+from daemon.lifecycle.supervisor_link import wait_readable
+from daemon.linux import cgroups, disk, limits
+from daemon.network.bridge import BridgeNetwork, NetworkError
+
+log = logging.getLogger(__name__)
+
+_GONE_TIMEOUT = 10.0
+
+
+class Outcome(enum.StrEnum):
+    """Why a sandbox is torn down; what becomes of its record follows from it (and from
+    whether it was the pool's): see RecordSteps in daemon/lifecycle/service.py."""
+
+    DELETED = "deleted"  # DELETE /sandboxes/ID: forgotten
+    EXPIRED = "expired"  # its ttl ran out: forgotten (shown exited, ttl_expired, till then)
+    EXITED = "exited"  # its main cmd ended, or its supervisor was lost: kept, ended
+    FAILED = "failed"  # its create failed: kept as failed (forgotten if the input was bad)
+    INTERRUPTED = "interrupted"  # a restart found it half made: kept as failed
+    SHUTDOWN = "shutdown"  # the pool let it go (a graceful stop, a trim, unusable): forgotten
+    REMOVED = "removed"  # no record: a stray at start, or `sandboxd recover` removing it
+
+
+class RecordSteps(Protocol):
+    """What a teardown does to a sandbox's record (steps 1, 5 and 7); none when it has none."""
+
+    def mark(self) -> None: ...
+
+    def end(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+@dataclass
+class Host:
+    """What of the host a teardown undoes: where a sandbox's processes, link and files are."""
+
+    tree: cgroups.ProcessTree
+    limits: limits.ResourceControl
+    network: BridgeNetwork
+    runtime_dir: Path  # RUN/sandboxes
+    sandboxes_dir: Path  # STATE/sandboxes
+
+
+async def teardown(
+    host: Host,
+    sandbox_id: str,
+    outcome: Outcome,
+    *,
+    live: LiveSandbox | None = None,
+    record: RecordSteps | None = None,
+    bridged: bool = True,
+) -> None:
+    """Take sandbox `sandbox_id` down for `outcome`: the steps of the module's docstring.
+
+    `live`: what this daemon holds of it (link, pidfd, ports), if anything. `record`: its
+    record's steps, None if it has no record. `bridged`: whether it may have a host link."""
+    log.debug("sandbox %s: tearing it down", sandbox_id, extra={"outcome": str(outcome)})
+    # 1. mark
+    if record is not None:
+        record.mark()
+    # 2. kill
+    await kill(host.tree, sandbox_id, live)
+    # 3. unpublish
+    if live is not None and live.ports is not None:
+        await live.ports.close()
+        live.ports = None
+    # 4. unplug
+    if bridged:
+        try:
+            await host.network.unplug(sandbox_id)
+        except NetworkError as exc:
+            log.error("sandbox %s: %s", sandbox_id, exc)
+    # 5. end
+    if record is not None:
+        record.end()
+    if live is not None:
+        live.release_waiters()
+    # 6. remove
+    await remove_files(host, sandbox_id)
+    # 7. release
+    if record is not None:
+        await record.release()
+
+
+async def kill(tree: cgroups.ProcessTree, sandbox_id: str, live: LiveSandbox | None) -> None:
+    """Step 2: kill every process of the sandbox at once through its cgroup, and wait for
+    PID 1 (through its pidfd, which is then closed)."""
+    if live is not None and live.link is not None:
+        await live.link.aclose()
+        live.link = None
+    tree.kill(sandbox_id)
+    if live is None or live.pidfd is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(live.pidfd, signal.SIGKILL)
+    await wait_readable(live.pidfd, _GONE_TIMEOUT)
+    os.close(live.pidfd)
+    live.pidfd = None
+
+
+async def remove_files(host: Host, sandbox_id: str) -> None:
+    """Step 6: everything of a sandbox on the host but its record and link."""
+
+    def remove_layers() -> None:
+        # Its tmpfs first: unmounted, its pages are freed at once and nothing is left to
+        # walk (should it fail, the walk empties the tmpfs and the directory stays).
+        path = host.sandboxes_dir / sandbox_id
+        try:
+            disk.unmount(path)
+        except OSError as exc:
+            log.error("sandbox %s: its disk stays mounted: %s", sandbox_id, exc)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def remove_cgroups(remove: Callable[[str], None]) -> None:
+        try:
+            remove(sandbox_id)
+        except OSError as exc:
+            log.error("sandbox %s: its cgroups stay: %s", sandbox_id, exc)
+
+    # First its cgroup2 tree: that kills what is left and waits till it is gone. Then, side
+    # by side and off the event loop (a writable layer may hold many files), the rest.
+    await asyncio.to_thread(remove_cgroups, host.tree.remove)
+    await asyncio.gather(
+        asyncio.to_thread(remove_cgroups, host.limits.remove),
+        asyncio.to_thread(shutil.rmtree, host.runtime_dir / sandbox_id, ignore_errors=True),
+        asyncio.to_thread(remove_layers),
+    )
