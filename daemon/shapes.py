@@ -7,11 +7,13 @@ leave the daemon. api/ imports this module and `SandboxService`, nothing deeper.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import builtins
 import os
 import re
 import signal as signal_module
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal, Protocol
 
@@ -67,6 +69,8 @@ _UINT32 = (
 USER_PATTERN = rf"^{_UINT32}(?::{_UINT32})?{END}"  # uid[:gid], each at most 4294967294
 
 Namespace = Literal["pid", "mnt", "ipc", "uts", "net", "user"]
+# How bytes of a process travel in JSON: text (invalid bytes replaced) or base64 of them exactly.
+Encoding = Literal["utf-8", "base64"]
 ALL_NAMESPACES: list[Namespace] = ["pid", "mnt", "ipc", "uts", "net", "user"]
 
 
@@ -532,6 +536,12 @@ class ExecCreate(_Input):
     tty_size: TtySize | None = Field(
         default=None, description="The terminal's first size; only with `tty` true."
     )
+    encoding: Encoding = Field(
+        default="utf-8",
+        description="`base64`: `stdin` is read as base64, and stdout, stderr and the `data` of "
+        "every stream message are base64 of the exact bytes. `utf-8`: text, invalid bytes "
+        "replaced.",
+    )
 
     @model_validator(mode="after")
     def _tty_size_needs_tty(self) -> ExecCreate:
@@ -539,10 +549,29 @@ class ExecCreate(_Input):
             raise ValueError("tty_size needs tty: true")
         return self
 
+    @model_validator(mode="after")
+    def _stdin_in_its_encoding(self) -> ExecCreate:
+        if self.stdin is not None and self.encoding == "base64":
+            self.stdin_bytes()  # a ValueError is a 422 at the body
+        return self
+
     @field_validator("stdin")
     @classmethod
     def _stdin(cls, value: str | None) -> str | None:
         return None if value is None else _utf8(value, "stdin")
+
+    def stdin_bytes(self) -> bytes | None:
+        """The bytes `stdin` stands for in the exec's encoding."""
+        if self.stdin is None or self.encoding == "utf-8":
+            return None if self.stdin is None else self.stdin.encode()
+        try:
+            data = base64.b64decode(self.stdin, validate=True)
+        except (binascii.Error, ValueError):
+            data = None
+        # Canonical only (RFC 4648 padding, no stray bits): what a base64 encoder writes.
+        if data is None or base64.b64encode(data).decode() != self.stdin:
+            raise ValueError("stdin must be base64 (encoding is base64)")
+        return data
 
 
 class Exec(BaseModel):
@@ -560,6 +589,9 @@ class Exec(BaseModel):
     stderr: str
     stdout_truncated: bool
     stderr_truncated: bool
+    encoding: Encoding = Field(
+        default="utf-8", description="How `stdout` and `stderr` carry the bytes kept."
+    )
     oom_killed: bool = Field(
         description="The process died of SIGKILL and the OOM killer had killed a process of "
         "this exec (most likely it): it went past the sandbox's limits.memory_bytes."
@@ -714,6 +746,11 @@ class SandboxService(Protocol):
     ) -> AsyncIterator[ExecOutput | ExecExit]:
         """The exec's output from its start; with `follow`, live until it ends, then ExecExit.
         Without, what there is now (and ExecExit if it has ended)."""
+        ...
+
+    def exec_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
+        """The exact bytes kept of an exec's `stream` (stdout or stderr), in pieces to be
+        read off the event loop; raises NotFound at once."""
         ...
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None: ...

@@ -27,7 +27,7 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -821,6 +821,9 @@ class SandboxManager:
         self, ref: str, exec_id: str, *, follow: bool
     ) -> AsyncIterator[ExecOutput | ExecExit]:
         return self.execs.follow(ref, exec_id, follow=follow)
+
+    def exec_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
+        return self.execs.raw_output(ref, exec_id, stream)
 
     # -- ttl ----------------------------------------------------------------------------------
 

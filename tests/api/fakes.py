@@ -9,7 +9,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import signal as signal_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 
 from daemon.errors import Conflict, LimitReached, NotFound
@@ -188,6 +188,10 @@ class FakeService:
         if execution.stdout:
             yield ExecOutput(stream="stdout", data=execution.stdout)
         yield ExecExit(exit=execution)
+
+    def exec_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
+        execution = self._find_exec(ref, exec_id)
+        return iter([getattr(execution, stream).encode()])
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None:
         self.calls.append("send_input")
