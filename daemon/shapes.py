@@ -607,6 +607,18 @@ class ExecOutput(BaseModel):
     data: str
 
 
+LogStream = Literal["stdout", "stderr"]
+
+
+class LogLine(BaseModel):
+    """A line of a sandbox's main-command log (NDJSON): a line, or the part of one that was
+    read at once, with the time it was read."""
+
+    stream: LogStream
+    data: str = Field(description="UTF-8 with replacement, or base64 with `encoding=base64`.")
+    time: datetime
+
+
 class ExecExit(BaseModel):
     """The last line of an exec's output stream: the Exec as it ended."""
 
@@ -751,6 +763,20 @@ class SandboxService(Protocol):
     def exec_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
         """The exact bytes kept of an exec's `stream` (stdout or stderr), in pieces to be
         read off the event loop; raises NotFound at once."""
+        ...
+
+    def logs(
+        self,
+        ref: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: datetime | None = None,
+        stream: LogStream | None = None,
+        encoding: Encoding = "utf-8",
+    ) -> AsyncIterator[LogLine]:
+        """The main command's log as lines (see daemon/lifecycle/cmd_logs.py); raises
+        NotFound at once."""
         ...
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None: ...

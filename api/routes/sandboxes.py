@@ -1,18 +1,29 @@
 """Sandboxes: create, list (filtered by state and labels), get by id or name, delete; their
-resource usage and their time to live."""
+resource usage, their time to live, and their main command's log."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
 
 from api.deps import Service
 from api.problems import documented
 from api.schemas import SandboxList
 from daemon.lifecycle.states import SandboxState
-from daemon.shapes import Sandbox, SandboxCreate, SandboxStats, TtlUpdate
+from daemon.shapes import (
+    Encoding,
+    LogLine,
+    LogStream,
+    Sandbox,
+    SandboxCreate,
+    SandboxStats,
+    TtlUpdate,
+)
 
 router = APIRouter(prefix="/sandboxes", tags=["sandboxes"])
 
@@ -30,6 +41,7 @@ SANDBOX_LINKS = {
         ("set_ttl", "sandboxes_set_ttl", "Set when it expires."),
         ("exec", "execs_create", "Run a process in it."),
         ("execs", "execs_list", "List its execs."),
+        ("logs", "sandboxes_logs", "Its main command's log."),
     )
 }
 
@@ -130,3 +142,51 @@ async def stats(ref: str, service: Service) -> SandboxStats:
 )
 async def set_ttl(ref: str, body: TtlUpdate, service: Service) -> Sandbox:
     return await service.set_ttl(ref, body.ttl_seconds)
+
+
+NDJSON = "application/x-ndjson"
+
+
+@router.get(
+    "/{ref}/logs",
+    name="logs",
+    summary="The main command's log, as NDJSON",
+    description='Lines `{"stream": "stdout"|"stderr", "data": ..., "time": ...}`, oldest '
+    "first: what the log keeps of the sandbox's `cmd` (the last `log_limit` bytes of each "
+    "stream), while it runs, after it ends, and after a daemon restart, until the sandbox is "
+    "deleted. A line is a line of output, or the part of one read at once. With "
+    "`follow=true` the response stays open and carries lines as they come, until the "
+    "command ends.",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {NDJSON: {"schema": {"type": "string"}}}, "description": "NDJSON"},
+        **documented(401, 404, 422),
+    },
+)
+async def logs(
+    ref: str,
+    service: Service,
+    follow: bool = False,
+    tail: Annotated[
+        int | None, Query(ge=0, description="Only the last N lines (after the other filters).")
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        Query(description="Only lines read at or after this time (RFC 3339; UTC if no zone)."),
+    ] = None,
+    stream: Annotated[LogStream | None, Query(description="Only this stream.")] = None,
+    encoding: Annotated[
+        Encoding, Query(description="`base64`: `data` is base64 of the exact bytes.")
+    ] = "utf-8",
+) -> Response:
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    lines = service.logs(
+        ref, follow=follow, tail=tail, since=since, stream=stream, encoding=encoding
+    )
+    return StreamingResponse(_as_ndjson(lines), media_type=NDJSON)
+
+
+async def _as_ndjson(lines: AsyncIterator[LogLine]) -> AsyncIterator[bytes]:
+    async for line in lines:
+        yield line.model_dump_json().encode() + b"\n"

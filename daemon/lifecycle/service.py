@@ -43,6 +43,7 @@ from daemon.errors import (
     SupervisorUnresponsive,
 )
 from daemon.lifecycle import default_root, recovery
+from daemon.lifecycle.cmd_logs import MainLogs
 from daemon.lifecycle.execs import Execs
 from daemon.lifecycle.mailbox import (
     finished_in_mailbox,
@@ -72,11 +73,14 @@ from daemon.protocol import (
 )
 from daemon.sandbox import hardening
 from daemon.shapes import (
+    Encoding,
     Exec,
     ExecCreate,
     ExecExit,
     ExecOutput,
     Info,
+    LogLine,
+    LogStream,
     PoolCounts,
     Sandbox,
     SandboxCounts,
@@ -134,6 +138,9 @@ class SandboxManager:
         self.base_dir = Path()
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
         self.execs = Execs(lambda: self.store, self.live, config.exec_retention, self.tree.path)
+        self.main_logs = MainLogs(
+            lambda: self.store, self.live, config.state_dir / "logs", config.log_limit
+        )
         self.keyed_creates: dict[str, asyncio.Event] = {}  # Idempotency-Keys being created with
 
     @property
@@ -179,6 +186,7 @@ class SandboxManager:
             extra={"adopted": adopted, "ended": ended},
         )
         await self._remove_strays()
+        await self.main_logs.remove_strays()
         await self.network.remove_stale(set(self.live))
         in_use = {r.base_dir for r in self.store.live_sandboxes() if r.base_dir}
         default_root.remove_unused(self.config.state_dir / "bases", in_use, self.base_dir)
@@ -546,6 +554,8 @@ class SandboxManager:
             network=self.network.plan(record.id, record.ip) if record.ip else None,
             tmp_bytes=min(self.config.tmp_bytes, disk_bytes),
             shm_bytes=min(self.config.shm_bytes, disk_bytes),
+            log_dir=self.main_logs.prepare(record.id) if spec.cmd is not None else None,
+            log_limit=self.config.log_limit,
         )
 
     def _applied(self, spec: SandboxCreate) -> SandboxCreate:
@@ -605,6 +615,7 @@ class SandboxManager:
         else:
             await self._unplug(None, record)  # ended already: only a crash could have left any
         await self._remove_files(record.id)
+        await self.main_logs.remove(record.id)
         self._cancel_expiry(record.id)
         # The record last, so that a 404 means everything is gone. Off the event loop:
         # deleting much stored output takes SQLite a while.
@@ -824,6 +835,22 @@ class SandboxManager:
 
     def exec_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
         return self.execs.raw_output(ref, exec_id, stream)
+
+    # -- main-command logs (daemon/lifecycle/cmd_logs.py) -------------------------------------
+
+    def logs(
+        self,
+        ref: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: datetime | None = None,
+        stream: LogStream | None = None,
+        encoding: Encoding = "utf-8",
+    ) -> AsyncIterator[LogLine]:
+        return self.main_logs.read(
+            ref, follow=follow, tail=tail, since=since, stream=stream, encoding=encoding
+        )
 
     # -- ttl ----------------------------------------------------------------------------------
 

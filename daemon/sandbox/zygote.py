@@ -95,6 +95,10 @@ def _intermediate(req: SpawnRequest, report_w: int, joined: bool) -> None:
             base_userns_fd = build.create_user_namespace(req.uid_base, 1)
         listener = build.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The main command's log, in the state directory: held open, as B cannot reach it later.
+        log_fd = None
+        if req.log_dir is not None:
+            log_fd = os.open(req.log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         host_netlink = build.open_host_netlink(req)  # before the unshare: stays on the host
         build.unshare_namespaces(req)
         if host_netlink is not None:
@@ -104,7 +108,7 @@ def _intermediate(req: SpawnRequest, report_w: int, joined: bool) -> None:
         proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            _supervisor(req, listener, run_fd, cgroup_fds, (userns_fd, base_userns_fd))
+            _supervisor(req, listener, run_fd, cgroup_fds, (userns_fd, base_userns_fd), log_fd)
         # B is our child: until we exit, its pid cannot name another process.
         os.write(report_w, f"{pid} {syscalls.process_start_time(pid, proc_fd)}".encode())
         os._exit(0)
@@ -119,12 +123,13 @@ def _supervisor(
     run_fd: int,
     cgroup_fds: cgroups.SandboxCgroups,
     usernses: tuple[int | None, int | None],
+    log_fd: int | None = None,
 ) -> None:
     """B, PID 1 of the new PID namespace, host root: steps 6-11, then the supervisor's loop."""
     userns_fd, base_userns_fd = usernses
     try:
         keep = {listener.fileno(), run_fd, *cgroup_fds.fds()}
-        keep.update(fd for fd in usernses if fd is not None)
+        keep.update(fd for fd in (*usernses, log_fd) if fd is not None)
         _detach_stdio()
         for fd in _open_fds():
             if fd > 2 and fd not in keep:
@@ -148,7 +153,9 @@ def _supervisor(
         # After the sysctls: /proc/sys becomes read-only here.
         hardening.protect_kernel_files(req.uid_base or 0)
         wakeup_r = install_signal_handlers()
-        supervisor = Supervisor(req, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, wakeup_r)
+        supervisor = Supervisor(
+            req, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, wakeup_r, log_fd
+        )
     except BaseException as exc:
         # No traceback: formatting one reads source files, and the root is the sandbox's now.
         prefix = INVALID_PREFIX if isinstance(exc, build.InvalidMount) else ""
