@@ -469,6 +469,7 @@ class SandboxManager:
             self.store.delete_sandbox(live.id)
             raise SetupFailed(f"a pooled sandbox could not be set up: {message}") from exc
         if message.startswith(INVALID_PREFIX):  # its mounts were bad input after all
+            await self.main_logs.remove(live.id)
             self.store.delete_sandbox(live.id)
             raise Invalid(message.removeprefix(INVALID_PREFIX)) from exc
         self.store.transition(
@@ -800,7 +801,7 @@ class SandboxManager:
             if unfinished.id in running:  # its STARTED may have been lost with the last daemon
                 self.store.set_exec_pid(unfinished.id, running[unfinished.id])
             else:
-                lost = {"signal": None, "exit_code": 255, "stderr": _LOST_EXEC_MESSAGE}
+                lost = {"signal": None, "exit_code": 255, "stderr": _LOST_EXEC_MESSAGE.encode()}
                 self.store.finish_exec(unfinished.id, **killed_exec_fields() | lost)
 
     async def _publish_again(self, live: LiveSandbox, record: SandboxRecord) -> None:
