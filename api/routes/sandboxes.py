@@ -3,8 +3,9 @@ resource usage, their time to live, and their main command's log."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
@@ -12,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
 
 from api.deps import Service
-from api.problems import documented
+from api.problems import documented, invalid
 from api.schemas import SandboxList
 from daemon.lifecycle.states import SandboxState
 from daemon.shapes import (
@@ -171,20 +172,46 @@ async def logs(
         int | None, Query(ge=0, description="Only the last N lines (after the other filters).")
     ] = None,
     since: Annotated[
-        datetime | None,
-        Query(description="Only lines read at or after this time (RFC 3339; UTC if no zone)."),
+        str | None,
+        Query(
+            description="Only lines read at or after this time (RFC 3339, with its offset).",
+            json_schema_extra={"format": "date-time"},
+        ),
     ] = None,
     stream: Annotated[LogStream | None, Query(description="Only this stream.")] = None,
     encoding: Annotated[
         Encoding, Query(description="`base64`: `data` is base64 of the exact bytes.")
     ] = "utf-8",
 ) -> Response:
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
+    after = None if since is None else _rfc3339(since)
     lines = service.logs(
-        ref, follow=follow, tail=tail, since=since, stream=stream, encoding=encoding
+        ref, follow=follow, tail=tail, since=after, stream=stream, encoding=encoding
     )
     return StreamingResponse(_as_ndjson(lines), media_type=NDJSON)
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+def _rfc3339(value: str) -> datetime:
+    """An RFC 3339 date-time, exactly: pydantic's would take a bare number as epoch seconds."""
+    found = _RFC3339.fullmatch(value)
+    try:
+        if found is None:
+            raise ValueError("not of the form 2026-12-05T19:46:12.358395Z")
+        year, month, day, hour, minute, second, fraction, utc, sign, zh, zm = found.groups()
+        if int(zh or 0) > 23 or int(zm or 0) > 59:
+            raise ValueError("an offset past 23:59")
+        offset = timedelta(hours=int(zh or 0), minutes=int(zm or 0))
+        zone = timezone(-offset if sign == "-" else offset)
+        micros = int((fraction or "0")[:6].ljust(6, "0"))
+        y, mo, d, h, mi, sec = (int(part) for part in (year, month, day, hour, minute, second))
+        when = datetime(y, mo, d, h, mi, sec, micros, tzinfo=UTC if utc else zone)
+    except ValueError as exc:
+        raise invalid(("query", "since"), f"since must be an RFC 3339 date-time: {exc}") from None
+    return when.astimezone(UTC)
 
 
 async def _as_ndjson(lines: AsyncIterator[LogLine]) -> AsyncIterator[bytes]:

@@ -103,7 +103,7 @@ class MainLogs:
             pieces = _merged([await asyncio.to_thread(c.first, self.limit) for c in cursors])
             pieces = [p for p in pieces if after is None or _micros(p[0]) >= after]
             if tail is not None:
-                pieces = pieces[len(pieces) - tail :] if tail else []
+                pieces = pieces[max(0, len(pieces) - tail) :] if tail else []
             for piece in pieces:
                 yield _line(piece, encoding)
             if not follow or record.spec.get("cmd") is None:

@@ -68,6 +68,7 @@ def test_tail_and_since(daemon: Daemon) -> None:
     assert lines(daemon, box["id"], tail=1) == everything[-1:]
     assert lines(daemon, box["id"], tail=2) == everything[-2:]
     assert lines(daemon, box["id"], tail=0) == []
+    assert lines(daemon, box["id"], tail=5) == everything == lines(daemon, box["id"], tail=10**30)
     assert (
         lines(daemon, box["id"], tail=1, stream="stderr")
         == [first[-1]]
@@ -77,6 +78,7 @@ def test_tail_and_since(daemon: Daemon) -> None:
     since = everything[-1]["time"]
     assert lines(daemon, box["id"], since=since) == everything[-1:]
     assert lines(daemon, box["id"], since="2000-01-01T00:00:00Z") == everything
+    assert lines(daemon, box["id"], since="2000-01-01T01:00:00.5+01:00") == everything
     assert lines(daemon, box["id"], since="2999-01-01T00:00:00Z") == []
     daemon.client.delete(f"/sandboxes/{box['id']}")
 
@@ -162,6 +164,9 @@ def test_the_log_is_out_of_the_sandboxes_reach(daemon: Daemon) -> None:
         "tail=-1",
         "tail=x",
         "since=yesterday",
+        "since=1700000000",
+        "since=2026-12-05T19:46:12",
+        "since=2026-02-30T00:00:00Z",
         "follow=maybe",
     ],
 )
