@@ -706,3 +706,34 @@ def test_restore_sandbox_records_it_running_as_the_newest(store: Store) -> None:
     with pytest.raises(TypeError):
         store.restore_sandbox(**fields | {"id": "d", "exit_cod": 1})
     assert [r.id for r in store.list_sandboxes()] == ["a", "b"]
+
+
+def test_execs_stored_as_text_become_their_utf8_bytes(db: Path) -> None:
+    """Migration 0007: output an older daemon stored as text reads back as that text's UTF-8
+    bytes, in the utf-8 encoding; new output is stored as the bytes written."""
+    migrated_to(db, "0006")
+    raw(
+        db,
+        "INSERT INTO sandboxes (id, seq, state, hostname, spec, created_at) "
+        "VALUES ('sb_1', 1, 'running', 'h', '{}', '2025-01-01 00:00:00')",
+    )
+    raw(
+        db,
+        "INSERT INTO execs (id, seq, sandbox_id, cmd, state, timed_out, stdout, stderr, "
+        "stdout_truncated, stderr_truncated, oom_killed, started_at) VALUES ('ex_1', 1, 'sb_1', "
+        "'[]', 'exited', 0, 'h\u00e9\ufffd', 'err', 0, 0, 0, '2025-01-01 00:00:00')",
+    )
+    store = Store(db)
+    old = store.get_exec("sb_1", "ex_1")
+    assert (old.stdout, old.stderr, old.encoding) == ("hé\ufffd".encode(), b"err", "utf-8")
+    assert b"".join(store.exec_output("ex_1", "stdout")) == "hé\ufffd".encode()
+    store.insert_exec(id="ex_2", sandbox_id="sb_1", cmd=["x"], now=T0, encoding="base64")
+    big = bytes(range(256)) * 1000  # several pieces of the blob reader
+    store.finish_exec("ex_2", **finished(stdout=big, stderr=b"\xff"))
+    assert b"".join(store.exec_output("ex_2", "stdout")) == big
+    assert b"".join(store.exec_output("ex_2", "stderr")) == b"\xff"
+    assert store.get_exec("sb_1", "ex_2").encoding == "base64"
+    assert list(store.exec_output("ex_nope", "stdout")) == []
+    store.insert_exec(id="ex_3", sandbox_id="sb_1", cmd=["x"], now=T0)  # running: nothing yet
+    assert list(store.exec_output("ex_3", "stdout")) == []
+    store.close()
