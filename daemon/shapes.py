@@ -8,7 +8,6 @@ leave the daemon. api/ imports this module and `SandboxService`, nothing deeper.
 from __future__ import annotations
 
 import base64
-import binascii
 import builtins
 import os
 import re
@@ -505,6 +504,14 @@ def _user(value: str) -> str:
 
 
 User = Annotated[str, _checked(USER_PATTERN, "user", _user), _schema_pattern(USER_PATTERN)]
+# Canonical base64 (RFC 4648: padded, no stray bits), which is what stdin_bytes takes.
+BASE64_PATTERN = (
+    r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?" + END
+)
+_STDIN_IN_BASE64: JsonDict = {
+    "if": {"required": ["encoding"], "properties": {"encoding": {"const": "base64"}}},
+    "then": {"properties": {"stdin": {"anyOf": [{"type": "null"}, {"pattern": BASE64_PATTERN}]}}},
+}
 _TTY_SIZE_NEEDS_TTY: JsonDict = {
     "if": {"required": ["tty_size"], "properties": {"tty_size": {"type": "object"}}},
     "then": {"required": ["tty"], "properties": {"tty": {"const": True}}},
@@ -514,7 +521,9 @@ _TTY_SIZE_NEEDS_TTY: JsonDict = {
 class ExecCreate(_Input):
     """The body of POST /sandboxes/{ref}/exec."""
 
-    model_config = ConfigDict(json_schema_extra=_TTY_SIZE_NEEDS_TTY)
+    model_config = ConfigDict(
+        json_schema_extra={**_TTY_SIZE_NEEDS_TTY, "allOf": [_STDIN_IN_BASE64]}
+    )
 
     cmd: Argv
     env: Env = Field(default_factory=dict)
@@ -564,13 +573,9 @@ class ExecCreate(_Input):
         """The bytes `stdin` stands for in the exec's encoding."""
         if self.stdin is None or self.encoding == "utf-8":
             return None if self.stdin is None else self.stdin.encode()
-        try:
-            data = base64.b64decode(self.stdin, validate=True)
-        except (binascii.Error, ValueError):
-            data = None
-        # Canonical only (RFC 4648 padding, no stray bits): what a base64 encoder writes.
-        if data is None or base64.b64encode(data).decode() != self.stdin:
-            raise ValueError("stdin must be base64 (encoding is base64)")
+        if not re.match(BASE64_PATTERN, self.stdin):
+            raise ValueError("stdin must be base64, padded (encoding is base64)")
+        data = base64.b64decode(self.stdin, validate=True)
         return data
 
 

@@ -395,3 +395,4 @@ async def _remove(
     shutil.rmtree(config.run_dir / "sandboxes" / sandbox_id, ignore_errors=True)
     disk.unmount(config.state_dir / "sandboxes" / sandbox_id)
     shutil.rmtree(config.state_dir / "sandboxes" / sandbox_id, ignore_errors=True)
+    shutil.rmtree(config.state_dir / "logs" / sandbox_id, ignore_errors=True)  # its cmd's log
