@@ -289,6 +289,14 @@ class Config(BaseSettings):
             "bytes of stdout and of stderr kept per exec; past it the stream is truncated", "BYTES"
         ),
     ] = 1024 * 1024
+    log_limit: Annotated[
+        Whole,
+        Doc(
+            "bytes of a sandbox's main command's stdout and of its stderr kept in its log "
+            "(the last ones)",
+            "BYTES",
+        ),
+    ] = 1024 * 1024
     max_body: Annotated[Whole, Doc("request bodies larger than this answer 413", "BYTES")] = (
         1024 * 1024
     )

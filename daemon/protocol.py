@@ -184,6 +184,10 @@ class SpawnRequest:
     # layers lie on a tmpfs the daemon sized before the spawn (daemon/linux/disk.py).
     tmp_bytes: int = 256 << 20
     shm_bytes: int = 64 << 20
+    # The main cmd's log (daemon/sandbox/logfile.py): a directory of the daemon's state, and
+    # the bytes of each stream kept there. None: no cmd, no log.
+    log_dir: str | None = None
+    log_limit: int = 1 << 20
 
 
 @dataclass

@@ -7,11 +7,12 @@ leave the daemon. api/ imports this module and `SandboxService`, nothing deeper.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import os
 import re
 import signal as signal_module
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from importlib import metadata
 from typing import Annotated, Any, Literal, Protocol
@@ -67,6 +68,8 @@ _UINT32 = (
 USER_PATTERN = rf"^{_UINT32}(?::{_UINT32})?{END}"  # uid[:gid], each at most 4294967294
 
 Namespace = Literal["pid", "mnt", "ipc", "uts", "net", "user"]
+# How bytes of a process travel in JSON: text (invalid bytes replaced) or base64 of them exactly.
+Encoding = Literal["utf-8", "base64"]
 ALL_NAMESPACES: list[Namespace] = ["pid", "mnt", "ipc", "uts", "net", "user"]
 
 
@@ -501,6 +504,14 @@ def _user(value: str) -> str:
 
 
 User = Annotated[str, _checked(USER_PATTERN, "user", _user), _schema_pattern(USER_PATTERN)]
+# Canonical base64 (RFC 4648: padded, no stray bits), which is what stdin_bytes takes.
+BASE64_PATTERN = (
+    r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?" + END
+)
+_STDIN_IN_BASE64: JsonDict = {
+    "if": {"required": ["encoding"], "properties": {"encoding": {"const": "base64"}}},
+    "then": {"properties": {"stdin": {"anyOf": [{"type": "null"}, {"pattern": BASE64_PATTERN}]}}},
+}
 _TTY_SIZE_NEEDS_TTY: JsonDict = {
     "if": {"required": ["tty_size"], "properties": {"tty_size": {"type": "object"}}},
     "then": {"required": ["tty"], "properties": {"tty": {"const": True}}},
@@ -510,7 +521,9 @@ _TTY_SIZE_NEEDS_TTY: JsonDict = {
 class ExecCreate(_Input):
     """The body of POST /sandboxes/{ref}/exec."""
 
-    model_config = ConfigDict(json_schema_extra=_TTY_SIZE_NEEDS_TTY)
+    model_config = ConfigDict(
+        json_schema_extra={**_TTY_SIZE_NEEDS_TTY, "allOf": [_STDIN_IN_BASE64]}
+    )
 
     cmd: Argv
     env: Env = Field(default_factory=dict)
@@ -532,6 +545,12 @@ class ExecCreate(_Input):
     tty_size: TtySize | None = Field(
         default=None, description="The terminal's first size; only with `tty` true."
     )
+    encoding: Encoding = Field(
+        default="utf-8",
+        description="`base64`: `stdin` is read as base64, and stdout, stderr and the `data` of "
+        "every stream message are base64 of the exact bytes. `utf-8`: text, invalid bytes "
+        "replaced.",
+    )
 
     @model_validator(mode="after")
     def _tty_size_needs_tty(self) -> ExecCreate:
@@ -539,10 +558,25 @@ class ExecCreate(_Input):
             raise ValueError("tty_size needs tty: true")
         return self
 
+    @model_validator(mode="after")
+    def _stdin_in_its_encoding(self) -> ExecCreate:
+        if self.stdin is not None and self.encoding == "base64":
+            self.stdin_bytes()  # a ValueError is a 422 at the body
+        return self
+
     @field_validator("stdin")
     @classmethod
     def _stdin(cls, value: str | None) -> str | None:
         return None if value is None else _utf8(value, "stdin")
+
+    def stdin_bytes(self) -> bytes | None:
+        """The bytes `stdin` stands for in the exec's encoding."""
+        if self.stdin is None or self.encoding == "utf-8":
+            return None if self.stdin is None else self.stdin.encode()
+        if not re.match(BASE64_PATTERN, self.stdin):
+            raise ValueError("stdin must be base64, padded (encoding is base64)")
+        data = base64.b64decode(self.stdin, validate=True)
+        return data
 
 
 class Exec(BaseModel):
@@ -560,6 +594,9 @@ class Exec(BaseModel):
     stderr: str
     stdout_truncated: bool
     stderr_truncated: bool
+    encoding: Encoding = Field(
+        default="utf-8", description="How `stdout` and `stderr` carry the bytes kept."
+    )
     oom_killed: bool = Field(
         description="The process died of SIGKILL and the OOM killer had killed a process of "
         "this exec (most likely it): it went past the sandbox's limits.memory_bytes."
@@ -573,6 +610,18 @@ class ExecOutput(BaseModel):
 
     stream: Literal["stdout", "stderr"]
     data: str
+
+
+LogStream = Literal["stdout", "stderr"]
+
+
+class LogLine(BaseModel):
+    """A line of a sandbox's main-command log (NDJSON): a line, or the part of one that was
+    read at once, with the time it was read."""
+
+    stream: LogStream
+    data: str = Field(description="UTF-8 with replacement, or base64 with `encoding=base64`.")
+    time: datetime
 
 
 class ExecExit(BaseModel):
@@ -714,6 +763,25 @@ class SandboxService(Protocol):
     ) -> AsyncIterator[ExecOutput | ExecExit]:
         """The exec's output from its start; with `follow`, live until it ends, then ExecExit.
         Without, what there is now (and ExecExit if it has ended)."""
+        ...
+
+    def exec_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
+        """The exact bytes kept of an exec's `stream` (stdout or stderr), in pieces to be
+        read off the event loop; raises NotFound at once."""
+        ...
+
+    def logs(
+        self,
+        ref: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: datetime | None = None,
+        stream: LogStream | None = None,
+        encoding: Encoding = "utf-8",
+    ) -> AsyncIterator[LogLine]:
+        """The main command's log as lines (see daemon/lifecycle/cmd_logs.py); raises
+        NotFound at once."""
         ...
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None: ...

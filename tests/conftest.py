@@ -207,7 +207,11 @@ def find_leaks(
             leaks.append(f"process {pid} with sandbox uid {uid}: {cmdline}")
         elif marker in mountinfo:
             leaks.append(f"process {pid} holds mounts of {marker}")
-    for parent in (root / "run" / "sandboxes", root / "state" / "sandboxes"):
+    for parent in (
+        root / "run" / "sandboxes",
+        root / "state" / "sandboxes",
+        root / "state" / "logs",
+    ):
         if parent.is_dir():
             leaks.extend(f"file {p}" for p in parent.iterdir())
     cgroup_root = Path("/sys/fs/cgroup")

@@ -125,6 +125,42 @@ async def output(ref: str, exec_id: str, service: Service, follow: bool = False)
     return StreamingResponse(_as_ndjson(events), media_type=NDJSON)
 
 
+OCTETS = "application/octet-stream"
+_RAW = {
+    200: {
+        "content": {OCTETS: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The bytes kept, exactly, whatever the exec's `encoding`.",
+    },
+    **documented(401, 404),
+}
+
+
+@router.get(
+    "/execs/{exec_id}/stdout",
+    name="stdout",
+    summary="An exec's stdout, the exact bytes kept",
+    description="What `stdout` holds (up to the output limit), as raw bytes; so far, for a "
+    "running exec.",
+    response_class=StreamingResponse,
+    responses=_RAW,
+)
+async def stdout(ref: str, exec_id: str, service: Service) -> Response:
+    return StreamingResponse(service.exec_output(ref, exec_id, "stdout"), media_type=OCTETS)
+
+
+@router.get(
+    "/execs/{exec_id}/stderr",
+    name="stderr",
+    summary="An exec's stderr, the exact bytes kept",
+    description="What `stderr` holds (up to the output limit), as raw bytes; so far, for a "
+    "running exec.",
+    response_class=StreamingResponse,
+    responses=_RAW,
+)
+async def stderr(ref: str, exec_id: str, service: Service) -> Response:
+    return StreamingResponse(service.exec_output(ref, exec_id, "stderr"), media_type=OCTETS)
+
+
 @router.websocket("/execs/{exec_id}/attach", name="attach")
 async def attach(websocket: WebSocket, ref: str, exec_id: str) -> None:
     """Interactive exec over a WebSocket (see README): output out, input and resizes in.

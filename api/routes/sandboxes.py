@@ -1,18 +1,30 @@
 """Sandboxes: create, list (filtered by state and labels), get by id or name, delete; their
-resource usage and their time to live."""
+resource usage, their time to live, and their main command's log."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
 
 from api.deps import Service
-from api.problems import documented
+from api.problems import documented, invalid
 from api.schemas import SandboxList
 from daemon.lifecycle.states import SandboxState
-from daemon.shapes import Sandbox, SandboxCreate, SandboxStats, TtlUpdate
+from daemon.shapes import (
+    Encoding,
+    LogLine,
+    LogStream,
+    Sandbox,
+    SandboxCreate,
+    SandboxStats,
+    TtlUpdate,
+)
 
 router = APIRouter(prefix="/sandboxes", tags=["sandboxes"])
 
@@ -30,6 +42,7 @@ SANDBOX_LINKS = {
         ("set_ttl", "sandboxes_set_ttl", "Set when it expires."),
         ("exec", "execs_create", "Run a process in it."),
         ("execs", "execs_list", "List its execs."),
+        ("logs", "sandboxes_logs", "Its main command's log."),
     )
 }
 
@@ -130,3 +143,77 @@ async def stats(ref: str, service: Service) -> SandboxStats:
 )
 async def set_ttl(ref: str, body: TtlUpdate, service: Service) -> Sandbox:
     return await service.set_ttl(ref, body.ttl_seconds)
+
+
+NDJSON = "application/x-ndjson"
+
+
+@router.get(
+    "/{ref}/logs",
+    name="logs",
+    summary="The main command's log, as NDJSON",
+    description='Lines `{"stream": "stdout"|"stderr", "data": ..., "time": ...}`, oldest '
+    "first: what the log keeps of the sandbox's `cmd` (the last `log_limit` bytes of each "
+    "stream), while it runs, after it ends, and after a daemon restart, until the sandbox is "
+    "deleted. A line is a line of output, or the part of one read at once. With "
+    "`follow=true` the response stays open and carries lines as they come, until the "
+    "command ends.",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {NDJSON: {"schema": {"type": "string"}}}, "description": "NDJSON"},
+        **documented(401, 404, 422),
+    },
+)
+async def logs(
+    ref: str,
+    service: Service,
+    follow: bool = False,
+    tail: Annotated[
+        int | None, Query(ge=0, description="Only the last N lines (after the other filters).")
+    ] = None,
+    since: Annotated[
+        str | None,
+        Query(
+            description="Only lines read at or after this time (RFC 3339, with its offset).",
+            json_schema_extra={"format": "date-time"},
+        ),
+    ] = None,
+    stream: Annotated[LogStream | None, Query(description="Only this stream.")] = None,
+    encoding: Annotated[
+        Encoding, Query(description="`base64`: `data` is base64 of the exact bytes.")
+    ] = "utf-8",
+) -> Response:
+    after = None if since is None else _rfc3339(since)
+    lines = service.logs(
+        ref, follow=follow, tail=tail, since=after, stream=stream, encoding=encoding
+    )
+    return StreamingResponse(_as_ndjson(lines), media_type=NDJSON)
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+def _rfc3339(value: str) -> datetime:
+    """An RFC 3339 date-time, exactly: pydantic's would take a bare number as epoch seconds."""
+    found = _RFC3339.fullmatch(value)
+    try:
+        if found is None:
+            raise ValueError("not of the form 2026-12-05T19:46:12.358395Z")
+        year, month, day, hour, minute, second, fraction, utc, sign, zh, zm = found.groups()
+        if int(zh or 0) > 23 or int(zm or 0) > 59:
+            raise ValueError("an offset past 23:59")
+        offset = timedelta(hours=int(zh or 0), minutes=int(zm or 0))
+        zone = timezone(-offset if sign == "-" else offset)
+        micros = int((fraction or "0")[:6].ljust(6, "0"))
+        y, mo, d, h, mi, sec = (int(part) for part in (year, month, day, hour, minute, second))
+        when = datetime(y, mo, d, h, mi, sec, micros, tzinfo=UTC if utc else zone)
+    except ValueError as exc:
+        raise invalid(("query", "since"), f"since must be an RFC 3339 date-time: {exc}") from None
+    return when.astimezone(UTC)
+
+
+async def _as_ndjson(lines: AsyncIterator[LogLine]) -> AsyncIterator[bytes]:
+    async for line in lines:
+        yield line.model_dump_json().encode() + b"\n"

@@ -19,14 +19,15 @@ import base64
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from signal import SIGKILL
+from typing import BinaryIO, Literal
 
 from daemon import logs
 from daemon.errors import Conflict, SandboxError, SupervisorUnresponsive
-from daemon.lifecycle.following import STREAMS, Follower, TextCursor, read_prefix
+from daemon.lifecycle.following import STREAMS, Follower, OutputCursor, read_prefix
 from daemon.lifecycle.mailbox import empty_slot, killed_exec_fields, read_output, read_status
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import ExecState, LifecycleState
@@ -53,6 +54,8 @@ from daemon.shapes import Exec, ExecCreate, ExecExit, ExecOutput
 from daemon.store.database import ExecRecord, Store
 
 log = logging.getLogger(__name__)
+
+_PIECE = 64 * 1024  # raw output is read and sent this much at a time
 
 
 class Execs:
@@ -96,7 +99,12 @@ class Execs:
         live.started[exec_id], live.finished[exec_id] = started, finished
         if spec.wait:
             live.quiet.add(exec_id)
-        self.store.insert_exec(id=exec_id, sandbox_id=record.id, cmd=spec.cmd, now=utcnow())
+        self.store.insert_exec(
+            id=exec_id, sandbox_id=record.id, cmd=spec.cmd, now=utcnow(), encoding=spec.encoding
+        )
+        # Bytes that are not text reach stdin as INPUT once the process runs: an EXEC's stdin
+        # is a string. Its pipe stays open until then, as for an interactive exec.
+        raw_stdin = spec.stdin if spec.encoding == "base64" else None
         link = live.link
         try:
             await link.post(
@@ -107,9 +115,9 @@ class Execs:
                     cwd=spec.cwd or "/",
                     uid=int(uid),
                     gid=int(gid) if gid else None,
-                    stdin=spec.stdin,
+                    stdin=None if raw_stdin is not None else spec.stdin,
                     timeout=spec.timeout_seconds,
-                    interactive=spec.interactive or spec.tty,
+                    interactive=spec.interactive or spec.tty or raw_stdin is not None,
                     tty=spec.tty,
                     rows=spec.tty_size.rows if spec.tty_size else None,
                     cols=spec.tty_size.cols if spec.tty_size else None,
@@ -129,6 +137,11 @@ class Execs:
             self.store.finish_exec(exec_id, **killed_exec_fields())
             raise
         log.info("exec %s started", exec_id, extra={"pid": pid})
+        if raw_stdin is not None and pid is not None:
+            # The sandbox may end meanwhile: the exec then ends as its sandbox did.
+            with contextlib.suppress(ConnectionError, SupervisorUnresponsive):
+                eof = not (spec.interactive or spec.tty)
+                await link.post(Input(exec_id, raw_stdin, eof))
         if spec.wait:
             ended = await self._ended(live, link, exec_id, finished, spec)
             if ended is not None:
@@ -171,7 +184,7 @@ class Execs:
                 signal=None,
                 timed_out=False,
                 stdout=read_output(path / "stdout"),
-                stderr=read_output(path / "stderr") + f"sandboxd: {why.detail}\n",
+                stderr=read_output(path / "stderr") + f"sandboxd: {why.detail}\n".encode(),
                 stdout_truncated=False,
                 stderr_truncated=False,
                 finished_at=utcnow(),
@@ -211,7 +224,7 @@ class Execs:
     ) -> AsyncIterator[ExecOutput | ExecExit]:
         record = self.store.get_sandbox(ref)
         found = self.store.get_exec(record.id, exec_id)
-        cursor = TextCursor()
+        cursor = OutputCursor(found.encoding)
         live = self.live.get(record.id)
         if found.state == ExecState.RUNNING and live is not None and live.link is not None:
             path = Path(exec_dir(str(live.run_dir), exec_id))
@@ -232,7 +245,7 @@ class Execs:
             yield ExecExit(exit=exec_view(found))
 
     async def _follow_live(
-        self, live: LiveSandbox, exec_id: str, path: Path, cursor: TextCursor
+        self, live: LiveSandbox, exec_id: str, path: Path, cursor: OutputCursor
     ) -> AsyncIterator[ExecOutput]:
         """Files up to the offsets of the subscription, then the live chunks after them."""
         follower = Follower()
@@ -271,6 +284,20 @@ class Execs:
                     del live.followers[exec_id]
                     with contextlib.suppress(ConnectionError, SupervisorUnresponsive):
                         live.link.send(Unsubscribe(exec_id))
+
+    def raw_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
+        """The bytes kept of one stream of an exec, in pieces: a running one's from its file
+        in the mailbox (what it has written so far), an ended one's from the store. NotFound
+        now, before the first piece, for an unknown sandbox or exec."""
+        record = self.store.get_sandbox(ref)
+        found = self.store.get_exec(record.id, exec_id)
+        name: Literal["stdout", "stderr"] = "stdout" if stream == "stdout" else "stderr"
+        live = self.live.get(record.id)
+        if found.state == ExecState.RUNNING and live is not None:
+            path = Path(exec_dir(str(live.run_dir), exec_id)) / name
+            with contextlib.suppress(FileNotFoundError):  # stored meanwhile: the store has it
+                return _file_pieces(open(path, "rb"))  # the iterator closes it
+        return self.store.exec_output(exec_id, name)
 
     def on_message(self, live: LiveSandbox, message: Message) -> None:
         if isinstance(message, Started):
@@ -341,6 +368,12 @@ class Execs:
             if forgotten:
                 log.info("forgot %d execs finished more than %s ago", forgotten, retention)
             await asyncio.sleep(min(60.0, self.retention / 4))
+
+
+def _file_pieces(file: BinaryIO) -> Iterator[bytes]:
+    with file:
+        while piece := file.read(_PIECE):
+            yield piece
 
 
 def _log_end(exec_id: str, status: ExitStatus) -> None:

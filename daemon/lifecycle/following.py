@@ -9,6 +9,7 @@ to the output limit, so a follower that fell behind still ends with all that was
 from __future__ import annotations
 
 import asyncio
+import base64
 import codecs
 import contextlib
 from dataclasses import dataclass, field
@@ -46,15 +47,15 @@ class Follower:
 
 
 @dataclass
-class TextCursor:
-    """What a follower has been sent of each stream: bytes consumed and text produced.
-
-    Bytes are decoded incrementally (UTF-8, invalid bytes replaced), which yields exactly
-    what decoding the whole would, so the stored text beyond `chars` is the rest.
+class OutputCursor:
+    """What a follower has been sent of each stream, and the bytes as the exec's encoding
+    wants them: base64 of each piece (the pieces decoded and joined are the bytes), or text
+    decoded incrementally (UTF-8, invalid bytes replaced), which yields exactly what decoding
+    the whole would.
     """
 
+    encoding: str = "utf-8"
     seen: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
-    chars: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
     decoders: dict[str, codecs.IncrementalDecoder] = field(
         default_factory=lambda: {
             s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS
@@ -62,21 +63,23 @@ class TextCursor:
     )
 
     def feed(self, stream: str, offset: int, data: bytes) -> str:
-        """Text for the bytes at `offset` that were not seen yet ('' if none)."""
+        """The bytes at `offset` that were not seen yet, encoded ('' if none)."""
         end = offset + len(data)
         if end <= self.seen[stream]:
             return ""
         data = data[max(0, self.seen[stream] - offset) :]
         self.seen[stream] = end
-        text = self.decoders[stream].decode(data)
-        self.chars[stream] += len(text)
-        return text
+        if self.encoding == "base64":
+            return base64.b64encode(data).decode()
+        return self.decoders[stream].decode(data)
 
-    def rest(self, stream: str, stored: str) -> str:
-        """What the stored record holds beyond the text already produced."""
-        text = stored[self.chars[stream] :]
-        self.chars[stream] += len(text)
-        return text
+    def rest(self, stream: str, stored: bytes) -> str:
+        """What the stored record holds beyond the bytes already seen, and the end of the
+        stream: a sequence the decoder held back incomplete comes out replaced."""
+        text = self.feed(stream, 0, stored)
+        if self.encoding == "base64":
+            return text
+        return text + self.decoders[stream].decode(b"", final=True)
 
 
 def read_prefix(path: Path, size: int | None = None) -> bytes:

@@ -37,11 +37,11 @@ def read_text(path: Path) -> str:
         return ""
 
 
-def read_output(path: Path) -> str:
+def read_output(path: Path) -> bytes:
     try:
-        return path.read_bytes().decode(errors="replace")
+        return path.read_bytes()
     except OSError:
-        return ""
+        return b""
 
 
 def empty_slot(path: Path) -> None:
@@ -64,8 +64,8 @@ def killed_exec_fields() -> dict[str, Any]:
         "exit_code": None,
         "signal": "SIGKILL",
         "timed_out": False,
-        "stdout": "",
-        "stderr": "",
+        "stdout": b"",
+        "stderr": b"",
         "stdout_truncated": False,
         "stderr_truncated": False,
         "finished_at": datetime.now(UTC),

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -390,3 +391,4 @@ async def _remove(
         tree, controls, network, config.run_dir / "sandboxes", config.state_dir / "sandboxes"
     )
     await teardown(host, sandbox_id, Outcome.REMOVED)
+    shutil.rmtree(config.state_dir / "logs" / sandbox_id, ignore_errors=True)  # its cmd's log

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -43,6 +43,7 @@ from daemon.errors import (
     SupervisorUnresponsive,
 )
 from daemon.lifecycle import default_root, recovery
+from daemon.lifecycle.cmd_logs import MainLogs
 from daemon.lifecycle.execs import Execs
 from daemon.lifecycle.mailbox import (
     finished_in_mailbox,
@@ -86,11 +87,14 @@ from daemon.protocol import (
 )
 from daemon.sandbox import hardening
 from daemon.shapes import (
+    Encoding,
     Exec,
     ExecCreate,
     ExecExit,
     ExecOutput,
     Info,
+    LogLine,
+    LogStream,
     PoolCounts,
     Sandbox,
     SandboxCounts,
@@ -147,6 +151,9 @@ class SandboxManager:
         self.base_dir = Path()
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
         self.execs = Execs(lambda: self.store, self.live, config.exec_retention, self.tree.path)
+        self.main_logs = MainLogs(
+            lambda: self.store, self.live, config.state_dir / "logs", config.log_limit
+        )
         self.keyed_creates: dict[str, asyncio.Event] = {}  # Idempotency-Keys being created with
 
     @property
@@ -201,6 +208,7 @@ class SandboxManager:
             with logs.bound(sandbox_id=record.id):
                 await self._teardown(record, Outcome(record.state.value), None)
         await self._remove_strays()
+        await self.main_logs.remove_strays()
         await self.network.remove_stale(set(self.live))
         in_use = {r.base_dir for r in self.store.live_sandboxes() if r.base_dir}
         default_root.remove_unused(self.config.state_dir / "bases", in_use, self.base_dir)
@@ -560,6 +568,8 @@ class SandboxManager:
             network=self.network.plan(record.id, record.ip) if record.ip else None,
             tmp_bytes=min(self.config.tmp_bytes, disk_bytes),
             shm_bytes=min(self.config.shm_bytes, disk_bytes),
+            log_dir=self.main_logs.prepare(record.id) if spec.cmd is not None else None,
+            log_limit=self.config.log_limit,
         )
 
     def _applied(self, spec: SandboxCreate) -> SandboxCreate:
@@ -708,7 +718,7 @@ class SandboxManager:
             if unfinished.id in running:  # its STARTED may have been lost with the last daemon
                 self.store.set_exec_pid(unfinished.id, running[unfinished.id])
             else:
-                lost = {"signal": None, "exit_code": 255, "stderr": _LOST_EXEC_MESSAGE}
+                lost = {"signal": None, "exit_code": 255, "stderr": _LOST_EXEC_MESSAGE.encode()}
                 self.store.finish_exec(unfinished.id, **killed_exec_fields() | lost)
 
     async def _publish_again(self, live: LiveSandbox, record: SandboxRecord) -> None:
@@ -740,6 +750,25 @@ class SandboxManager:
         self, ref: str, exec_id: str, *, follow: bool
     ) -> AsyncIterator[ExecOutput | ExecExit]:
         return self.execs.follow(ref, exec_id, follow=follow)
+
+    def exec_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
+        return self.execs.raw_output(ref, exec_id, stream)
+
+    # -- main-command logs (daemon/lifecycle/cmd_logs.py) -------------------------------------
+
+    def logs(
+        self,
+        ref: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: datetime | None = None,
+        stream: LogStream | None = None,
+        encoding: Encoding = "utf-8",
+    ) -> AsyncIterator[LogLine]:
+        return self.main_logs.read(
+            ref, follow=follow, tail=tail, since=since, stream=stream, encoding=encoding
+        )
 
     # -- ttl ----------------------------------------------------------------------------------
 
@@ -871,6 +900,7 @@ class RecordSteps:
         """7. Forgotten (its execs with it), or its uid range, address and pid let go."""
         if self.forget:
             self.manager._cancel_expiry(self.record.id)
+            await self.manager.main_logs.remove(self.record.id)  # before: strays are swept
             # Off the event loop: deleting much stored output takes SQLite a while.
             await asyncio.to_thread(self.manager.store.delete_sandbox, self.record.id)
         else:

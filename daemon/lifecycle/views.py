@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 from daemon.lifecycle.states import (
     ExecState,
     ExitReason,
@@ -61,11 +63,19 @@ def exec_view(record: ExecRecord) -> Exec:
         exit_code=record.exit_code,
         signal=record.signal,
         timed_out=record.timed_out,
-        stdout=record.stdout,
-        stderr=record.stderr,
+        stdout=as_text(record.stdout, record.encoding),
+        stderr=as_text(record.stderr, record.encoding),
+        encoding="base64" if record.encoding == "base64" else "utf-8",
         stdout_truncated=record.stdout_truncated,
         stderr_truncated=record.stderr_truncated,
         oom_killed=record.oom_killed,
         started_at=record.started_at,
         finished_at=record.finished_at,
     )
+
+
+def as_text(data: bytes, encoding: str) -> str:
+    """Output bytes as a JSON string: base64 of them exactly, or UTF-8 with replacement."""
+    if encoding == "base64":
+        return base64.b64encode(data).decode()
+    return data.decode(errors="replace")

@@ -54,6 +54,7 @@ from daemon.protocol import (
     valid_exec_id,
 )
 from daemon.sandbox import spawn
+from daemon.sandbox.logfile import LogWriter
 from daemon.sandbox.spawn import EXIT_NOT_EXECUTABLE
 
 _READ_CHUNK = 65536
@@ -75,6 +76,7 @@ class Stream:
     limit: int
     total: int = 0  # every byte read, kept or not: the offset of the next one
     truncated: bool = False
+    log: LogWriter | None = None  # the main command's: its last bytes, with their times
 
     def keep(self, data: bytes) -> None:
         if self.file_fd < 0:
@@ -89,6 +91,9 @@ class Stream:
         if self.file_fd >= 0:
             os.close(self.file_fd)
             self.file_fd = -1
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
 @dataclass
@@ -119,8 +124,10 @@ class Supervisor:
         userns_fd: int | None,
         ptmx_fd: int,
         wakeup_r: int,
+        log_fd: int | None = None,
     ) -> None:
         self.req = req
+        self.log_fd = log_fd  # the main command's log directory (daemon/sandbox/logfile.py)
         self.listener = listener
         self.execs_fd = os.open(
             EXECS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=run_fd
@@ -349,6 +356,9 @@ class Supervisor:
             Stream("stdout", out_r, files[0], limit),
             Stream("stderr", err_r, files[1], limit),
         ]
+        if req.id == MAIN_EXEC and self.log_fd is not None:
+            for stream in streams:
+                stream.log = LogWriter(self.log_fd, stream.name, self.req.log_limit)
         if req.interactive or req.stdin:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(in_w, False)
@@ -430,6 +440,12 @@ class Supervisor:
         if stream.file_fd < 0:
             return
         stream.keep(data)
+        if stream.log is not None:
+            try:
+                stream.log.write(data, time.time())
+            except OSError:  # the state directory's disk is full: the command goes on unlogged
+                stream.log.close()
+                stream.log = None
         if running.subscribed:
             encoded = base64.b64encode(data).decode()
             self.send(Output(running.id, stream.name, stream.total, encoded))

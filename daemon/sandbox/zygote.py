@@ -110,6 +110,10 @@ def _intermediate(req: SpawnRequest, setup_w: int, joined: bool) -> None:
         step = "supervisor socket"
         listener = build.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The main command's log, in the state directory: held open, as B cannot reach it later.
+        log_fd = None
+        if req.log_dir is not None:
+            log_fd = os.open(req.log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         host_netlink = build.open_host_netlink(req)  # before the unshare: stays on the host
         step = "namespaces"
         build.unshare_namespaces(req)
@@ -123,7 +127,7 @@ def _intermediate(req: SpawnRequest, setup_w: int, joined: bool) -> None:
         pid = os.fork()
         if pid == 0:
             os.close(setup_w)  # B reports to the daemon itself (see _supervisor)
-            _supervisor(req, listener, run_fd, cgroup_fds, (userns_fd, base_userns_fd))
+            _supervisor(req, listener, run_fd, cgroup_fds, (userns_fd, base_userns_fd), log_fd)
         # B is our child: until we exit, its pid cannot name another process.
         start = syscalls.process_start_time(pid, proc_fd)
         if start is None:
@@ -141,13 +145,14 @@ def _supervisor(
     run_fd: int,
     cgroup_fds: cgroups.SandboxCgroups,
     usernses: tuple[int | None, int | None],
+    log_fd: int | None = None,
 ) -> None:
     """B, PID 1 of the new PID namespace, host root: steps 6-11, then the supervisor's loop."""
     userns_fd, base_userns_fd = usernses
     step = "supervisor"
     try:
         keep = {listener.fileno(), run_fd, *cgroup_fds.fds()}
-        keep.update(fd for fd in usernses if fd is not None)
+        keep.update(fd for fd in (*usernses, log_fd) if fd is not None)
         _detach_stdio()
         for fd in _open_fds():
             if fd > 2 and fd not in keep:
@@ -175,7 +180,9 @@ def _supervisor(
         hardening.protect_kernel_files(req.uid_base or 0)
         step = "supervisor"
         wakeup_r = install_signal_handlers()
-        supervisor = Supervisor(req, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, wakeup_r)
+        supervisor = Supervisor(
+            req, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, wakeup_r, log_fd
+        )
     except BaseException as exc:
         # No traceback: formatting one reads source files, and the root is the sandbox's now.
         invalid = isinstance(exc, build.InvalidMount)

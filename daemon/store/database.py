@@ -166,8 +166,10 @@ class ExecRecord(Base):
     exit_code: Mapped[int | None] = mapped_column(sa.Integer)
     signal: Mapped[str | None] = mapped_column(sa.String)
     timed_out: Mapped[bool] = mapped_column(default=False)
-    stdout: Mapped[str] = mapped_column(sa.Text, default="")
-    stderr: Mapped[str] = mapped_column(sa.Text, default="")
+    # The bytes kept, exactly (migration 0007); `encoding` says how clients see them.
+    stdout: Mapped[bytes] = mapped_column(sa.LargeBinary, default=b"")
+    stderr: Mapped[bytes] = mapped_column(sa.LargeBinary, default=b"")
+    encoding: Mapped[str] = mapped_column(sa.String, default="utf-8", server_default="utf-8")
     stdout_truncated: Mapped[bool] = mapped_column(default=False)
     stderr_truncated: Mapped[bool] = mapped_column(default=False)
     oom_killed: Mapped[bool] = mapped_column(default=False)  # migration 0003
@@ -394,6 +396,10 @@ _FINISH_EXEC = (
     .returning(*_EXECS.c)
 )
 _DELETE_EXEC = delete(_EXECS).where(_X.id == bindparam("exec_id"))
+_EXEC_ROWID: sa.Select[Any] = (
+    select(sa.literal_column("rowid")).select_from(_EXECS).where(_X.id == bindparam("exec_id"))
+)
+_OUTPUT_PIECE = 64 * 1024
 _GENERATION = select(MetaRecord.__table__.c.generation).where(MetaRecord.__table__.c.id == 1)
 
 _KEYS = Base.metadata.tables["idempotency_keys"]
@@ -604,7 +610,13 @@ class Store:
     # Execs.
 
     def insert_exec(
-        self, *, id: str, sandbox_id: str, cmd: Sequence[str], now: datetime
+        self,
+        *,
+        id: str,
+        sandbox_id: str,
+        cmd: Sequence[str],
+        now: datetime,
+        encoding: str = "utf-8",
     ) -> ExecRecord:
         """Record a new exec, `running`. NotFound if the sandbox is gone (the foreign key
         says so, without a query of its own)."""
@@ -614,6 +626,9 @@ class Store:
             "cmd": list(cmd),
             "state": ExecState.RUNNING,
             "started_at": now,
+            "encoding": encoding,
+            "stdout": b"",
+            "stderr": b"",
         }
         try:
             with self._writer.begin() as conn:
@@ -634,8 +649,8 @@ class Store:
         exit_code: int | None,
         signal: str | None,
         timed_out: bool,
-        stdout: str,
-        stderr: str,
+        stdout: bytes,
+        stderr: bytes,
         stdout_truncated: bool,
         stderr_truncated: bool,
         finished_at: datetime,
@@ -672,6 +687,28 @@ class Store:
         if row is None or row.sandbox_id != sandbox_id:
             raise NotFound(f"no exec {exec_id!r} in sandbox {sandbox_id!r}")
         return _record(ExecRecord, row)
+
+    def exec_output(self, exec_id: str, stream: Literal["stdout", "stderr"]) -> Iterator[bytes]:
+        """An exec's stored stream in pieces, read through SQLite's incremental blob I/O: a
+        connection for each piece, so none is held between them, and never the whole in
+        memory. Ends early should the exec be forgotten meanwhile."""
+        offset = 0
+        while True:
+            with self._engine.connect() as conn:
+                rowid = conn.execute(_EXEC_ROWID, {"exec_id": exec_id}).scalar()
+                if rowid is None:
+                    return
+                database = cast(sqlite3.Connection, conn.connection.driver_connection)
+                try:
+                    with database.blobopen("execs", stream, int(rowid), readonly=True) as blob:
+                        blob.seek(offset)
+                        piece = blob.read(_OUTPUT_PIECE)
+                except sqlite3.OperationalError:  # an empty value (NULL-like) has no blob
+                    return
+            if not piece:
+                return
+            offset += len(piece)
+            yield piece
 
     def list_execs(self, sandbox_id: str) -> list[ExecRecord]:
         """A sandbox's execs, oldest first."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import builtins
 import itertools
 import signal as signal_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from daemon.errors import Conflict, LimitReached, NotFound
 from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
@@ -21,6 +22,7 @@ from daemon.shapes import (
     ExecOutput,
     ExitInfo,
     Info,
+    LogLine,
     NetworkView,
     PoolCounts,
     Sandbox,
@@ -188,6 +190,21 @@ class FakeService:
         if execution.stdout:
             yield ExecOutput(stream="stdout", data=execution.stdout)
         yield ExecExit(exit=execution)
+
+    def exec_output(self, ref: str, exec_id: str, stream: str) -> Iterator[bytes]:
+        execution = self._find_exec(ref, exec_id)
+        return iter([getattr(execution, stream).encode()])
+
+    def logs(self, ref: str, **query: Any) -> AsyncIterator[LogLine]:
+        """The main command's log: `cmd`'s arguments as one stdout line."""
+        sandbox = self._find(ref)
+
+        async def lines() -> AsyncIterator[LogLine]:
+            if sandbox.cmd:
+                data = " ".join(sandbox.cmd[1:]) + "\n"
+                yield LogLine(stream="stdout", data=data, time=sandbox.created_at)
+
+        return lines()
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None:
         self.calls.append("send_input")

@@ -92,6 +92,9 @@ def test_a_generated_client_has_the_stable_names(tmp_path: Path) -> None:
         "execs_signal",
         "sandboxes_stats",
         "sandboxes_set_ttl",
+        "sandboxes_logs",
+        "execs_stdout",
+        "execs_stderr",
     }
     problem = (out / "api" / "sandboxes" / "sandboxes_get.py").read_text()
     assert "Problem.from_dict" in problem

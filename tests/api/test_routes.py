@@ -212,6 +212,9 @@ def test_operation_ids_are_stable_client_names() -> None:
         ("GET", "/sandboxes/{ref}/execs/{exec_id}"): "execs_get",
         ("POST", "/sandboxes/{ref}/execs/{exec_id}/signal"): "execs_signal",
         ("GET", "/sandboxes/{ref}/execs/{exec_id}/output"): "execs_output",
+        ("GET", "/sandboxes/{ref}/execs/{exec_id}/stdout"): "execs_stdout",
+        ("GET", "/sandboxes/{ref}/execs/{exec_id}/stderr"): "execs_stderr",
+        ("GET", "/sandboxes/{ref}/logs"): "sandboxes_logs",
         ("GET", "/sandboxes/{ref}/stats"): "sandboxes_stats",
         ("POST", "/sandboxes/{ref}/ttl"): "sandboxes_set_ttl",
     }

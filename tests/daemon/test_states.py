@@ -191,6 +191,7 @@ def test_record_steps_take_only_transitions_of_the_table(
         pool=SimpleNamespace(taken=lambda _id: None),
         runtime_dir=tmp_path / "run",
         _cancel_expiry=lambda _id: None,
+        main_logs=SimpleNamespace(remove=_nothing),
     )
     steps = RecordSteps(manager, store.get_sandbox("a", pooled_too=True), outcome, None)
     steps.mark()
@@ -202,3 +203,7 @@ def test_record_steps_take_only_transitions_of_the_table(
         record = store.get_sandbox("a")
         assert (record.state, record.uid_slot, record.ip, record.pid) == (end, None, None, None)
     store.close()
+
+
+async def _nothing(_id: str) -> None:
+    pass

@@ -68,8 +68,8 @@ def finished(**fields: Any) -> dict[str, Any]:
         "exit_code": 0,
         "signal": None,
         "timed_out": False,
-        "stdout": "",
-        "stderr": "",
+        "stdout": b"",
+        "stderr": b"",
         "stdout_truncated": False,
         "stderr_truncated": False,
         "finished_at": T0,
@@ -184,7 +184,7 @@ def test_a_database_of_the_first_schema_is_migrated(db: Path) -> None:
     engine.dispose()
     store = Store(db)
     old = store.get_exec("sb_1", "ex_1")
-    assert (old.stdout, old.oom_killed) == ("old", False)
+    assert (old.stdout, old.oom_killed, old.encoding) == (b"old", False, "utf-8")
 
 
 def test_a_0001_database_with_sandboxes_upgrades(db: Path) -> None:
@@ -366,15 +366,15 @@ def test_records_are_detached_and_fully_loaded(store: Store) -> None:
         store.get_sandbox("web"),
         *store.list_sandboxes(),
         store.insert_exec(id="e1", sandbox_id="a", cmd=["x"], now=T0),
-        store.finish_exec("e1", **finished(stdout="out")),
-        store.finish_exec("e1", **finished(stdout="again")),
+        store.finish_exec("e1", **finished(stdout=b"out")),
+        store.finish_exec("e1", **finished(stdout=b"again")),
         store.get_exec("a", "e1"),
         *store.list_execs("a"),
     ]
     for record in records:
         state = inspect(record)
         assert state.detached and not state.unloaded and not state.modified, record
-    assert (records[-1].stdout, records[2].base_dir, records[2].pid) == ("out", "/b", 1)
+    assert (records[-1].stdout, records[2].base_dir, records[2].pid) == (b"out", "/b", 1)
 
 
 def test_list_oldest_first_with_filters(store: Store) -> None:
@@ -573,31 +573,31 @@ def test_exec_lifecycle(store: Store, db: Path) -> None:
     create(store, "a")
     record = store.insert_exec(id="e1", sandbox_id="a", cmd=["sh", "-c", "echo hi"], now=T0)
     assert (record.state, record.pid, record.cmd[2]) == (ExecState.RUNNING, None, "echo hi")
-    assert (record.stdout, record.timed_out, record.stdout_truncated) == ("", False, False)
+    assert (record.stdout, record.timed_out, record.stdout_truncated) == (b"", False, False)
     assert record.exit_code is None and record.finished_at is None
     store.set_exec_pid("e1", 7)
     assert store.get_exec("a", "e1").pid == 7
     done = store.finish_exec(
         "e1",
-        **finished(stdout="hi\n", stderr_truncated=True, finished_at=T0 + timedelta(seconds=1)),
+        **finished(stdout=b"hi\n", stderr_truncated=True, finished_at=T0 + timedelta(seconds=1)),
     )
     assert (done.state, done.pid) == (ExecState.EXITED, 7)  # no pid given: the stored one stays
     store.close()
     again = Store(db).get_exec("a", "e1")
-    assert (again.exit_code, again.stdout, again.stderr_truncated) == (0, "hi\n", True)
+    assert (again.exit_code, again.stdout, again.stderr_truncated) == (0, b"hi\n", True)
     assert again.finished_at == T0 + timedelta(seconds=1) and again.started_at.tzinfo is UTC
 
 
 def test_finish_exec_first_result_wins(store: Store) -> None:
     create(store, "a")
     store.insert_exec(id="e1", sandbox_id="a", cmd=["x"], now=T0)
-    killed = finished(exit_code=None, signal="SIGKILL", timed_out=True, stdout="first")
+    killed = finished(exit_code=None, signal="SIGKILL", timed_out=True, stdout=b"first")
     first = store.finish_exec("e1", **killed, pid=5)
-    later = finished(stdout="second", finished_at=T0 + timedelta(1))
+    later = finished(stdout=b"second", finished_at=T0 + timedelta(1))
     second = store.finish_exec("e1", **later, pid=6)
     for record in (second, store.get_exec("a", "e1")):
         assert (record.exit_code, record.signal, record.timed_out) == (None, "SIGKILL", True)
-        assert (record.stdout, record.finished_at, record.pid) == ("first", first.finished_at, 5)
+        assert (record.stdout, record.finished_at, record.pid) == (b"first", first.finished_at, 5)
 
 
 def test_exec_lookups(store: Store) -> None:
@@ -777,3 +777,34 @@ def test_0007_downgrades_to_the_pooled_column(db: Path) -> None:
     engine.dispose()
     rows = raw(db, "SELECT id, state, pooled FROM sandboxes ORDER BY id")
     assert rows == [("a", "exited", 0), ("p", "running", 1)]
+
+
+def test_execs_stored_as_text_become_their_utf8_bytes(db: Path) -> None:
+    """Migration 0008: output an older daemon stored as text reads back as that text's UTF-8
+    bytes, in the utf-8 encoding; new output is stored as the bytes written."""
+    migrated_to(db, "0006")
+    raw(
+        db,
+        "INSERT INTO sandboxes (id, seq, state, hostname, spec, created_at) "
+        "VALUES ('sb_1', 1, 'running', 'h', '{}', '2025-01-01 00:00:00')",
+    )
+    raw(
+        db,
+        "INSERT INTO execs (id, seq, sandbox_id, cmd, state, timed_out, stdout, stderr, "
+        "stdout_truncated, stderr_truncated, oom_killed, started_at) VALUES ('ex_1', 1, 'sb_1', "
+        "'[]', 'exited', 0, 'h\u00e9\ufffd', 'err', 0, 0, 0, '2025-01-01 00:00:00')",
+    )
+    store = Store(db)
+    old = store.get_exec("sb_1", "ex_1")
+    assert (old.stdout, old.stderr, old.encoding) == ("hé\ufffd".encode(), b"err", "utf-8")
+    assert b"".join(store.exec_output("ex_1", "stdout")) == "hé\ufffd".encode()
+    store.insert_exec(id="ex_2", sandbox_id="sb_1", cmd=["x"], now=T0, encoding="base64")
+    big = bytes(range(256)) * 1000  # several pieces of the blob reader
+    store.finish_exec("ex_2", **finished(stdout=big, stderr=b"\xff"))
+    assert b"".join(store.exec_output("ex_2", "stdout")) == big
+    assert b"".join(store.exec_output("ex_2", "stderr")) == b"\xff"
+    assert store.get_exec("sb_1", "ex_2").encoding == "base64"
+    assert list(store.exec_output("ex_nope", "stdout")) == []
+    store.insert_exec(id="ex_3", sandbox_id="sb_1", cmd=["x"], now=T0)  # running: nothing yet
+    assert list(store.exec_output("ex_3", "stdout")) == []
+    store.close()

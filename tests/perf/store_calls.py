@@ -93,7 +93,7 @@ def one_life(store: Store, times: dict[str, list[float]], i: int, now: datetime)
     ))  # fmt: skip
     timed(times, "set_exec_pid", lambda: store.set_exec_pid(eid, 4343))
     timed(times, "finish_exec", lambda: store.finish_exec(
-        eid, exit_code=0, signal=None, timed_out=False, stdout="hi\n" * 20, stderr="",
+        eid, exit_code=0, signal=None, timed_out=False, stdout=b"hi\n" * 20, stderr=b"",
         stdout_truncated=False, stderr_truncated=False, finished_at=now, oom_killed=False,
         pid=4343,
     ))  # fmt: skip
