@@ -43,6 +43,7 @@ from daemon.errors import (
     SupervisorUnresponsive,
 )
 from daemon.lifecycle import default_root, recovery
+from daemon.lifecycle.events import Event, EventHub, Subscription
 from daemon.lifecycle.execs import Execs
 from daemon.lifecycle.mailbox import (
     finished_in_mailbox,
@@ -50,6 +51,7 @@ from daemon.lifecycle.mailbox import (
     read_status,
     read_text,
 )
+from daemon.lifecycle.metrics import CONTENT_TYPE, Metrics, Sources
 from daemon.lifecycle.pool import Pool, poolable
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import ExitReason, SandboxState
@@ -135,6 +137,16 @@ class SandboxManager:
         self.pool = Pool(config.pool_size, self._fill_pool, self._drain_pool)
         self.execs = Execs(lambda: self.store, self.live, config.exec_retention, self.tree.path)
         self.keyed_creates: dict[str, asyncio.Event] = {}  # Idempotency-Keys being created with
+        self.events = EventHub(config.event_queue)
+        self.metrics = Metrics(
+            Sources(
+                states=lambda: self.store.count_by_state(),
+                pool_ready=lambda: len(self.pool.ready),
+                running=self._running_names,
+                usage=lambda sandbox_id: self.limits.usage(sandbox_id),
+            ),
+            self.events,
+        )
 
     @property
     def store(self) -> Store:
@@ -152,7 +164,8 @@ class SandboxManager:
         ):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
-        self._store = Store(self.config.state_dir / recovery.DATABASE)
+        self.events.start()
+        self._store = Store(self.config.state_dir / recovery.DATABASE, self.events.publish)
         self.generation = self.store.generation()
         recovery.claim(self.config.state_dir, self.generation)
         self.tree.start()
@@ -209,6 +222,7 @@ class SandboxManager:
         await self.net_zygote.stop()
         self.limits.stop()
         self.tree.stop()
+        self.events.close()
         if self._store is not None:
             self._store.close()
         if self._lock is not None:
@@ -271,17 +285,36 @@ class SandboxManager:
             oom_kills=usage.oom_kills,
         )
 
+    def _running_names(self) -> builtins.list[tuple[str, str]]:
+        running = self.store.list_sandboxes([SandboxState.RUNNING])
+        return [(r.id, r.name or "") for r in running if r.id in self.live]
+
+    # -- events and metrics -------------------------------------------------------------------
+
+    async def events_after(self, since: int) -> builtins.list[Event]:
+        """Events kept with a seq above `since` (off the loop: up to 10,000 rows)."""
+        return await asyncio.to_thread(self.store.events_after, since)
+
+    def subscribe_events(self) -> Subscription:
+        """Live events from now on, until the subscription is closed or dropped."""
+        return self.events.subscribe()
+
+    async def metrics_exposition(self) -> tuple[bytes, str]:
+        return self.metrics.exposition(), CONTENT_TYPE
+
     # -- create -------------------------------------------------------------------------------
 
     async def create(self, spec: SandboxCreate, idempotency_key: str | None = None) -> Sandbox:
         """A new sandbox; given an `idempotency_key`, at most one per key and body (below)."""
         if idempotency_key is not None:
             return await self._create_once(spec, idempotency_key)
-        if poolable(spec):
-            taken = self._take_pooled(self._applied(spec))
-            if taken is not None:
-                return taken
-        return sandbox_view(await self._create(spec))
+        with self.metrics.creating() as outcome:
+            if poolable(spec):
+                taken = self._take_pooled(self._applied(spec))
+                if taken is not None:
+                    outcome.append("pooled")
+                    return taken
+            return sandbox_view(await self._create(spec))
 
     async def _create_once(self, spec: SandboxCreate, key: str) -> Sandbox:
         """The sandbox that `key` made from this body within IDEMPOTENCY_WINDOW, as it stands
@@ -608,7 +641,7 @@ class SandboxManager:
         self._cancel_expiry(record.id)
         # The record last, so that a 404 means everything is gone. Off the event loop:
         # deleting much stored output takes SQLite a while.
-        await asyncio.to_thread(self.store.delete_sandbox, record.id)
+        await asyncio.to_thread(self.store.delete_sandbox, record.id, expired=expired)
         log.info("sandbox %s destroyed", record.id, extra={"expired": expired})
 
     async def _kill(self, live: LiveSandbox) -> None:
@@ -680,6 +713,7 @@ class SandboxManager:
             self.store.transition(
                 record.id,
                 target,
+                oom_kills=main.oom_kills if main else 0,
                 exit_reason=reason,
                 exit_code=main.exit_code if main else None,
                 exit_signal=main.signal if main else None,

@@ -497,14 +497,11 @@ class Supervisor:
         # before the signal was sent. Killed so, while the count rose, and not by its
         # deadline: the OOM killer's. (The count is the exec's own on cgroup v2, the
         # sandbox's on v1: see the README's Limits.)
-        oom = (
-            sig == "SIGKILL"
-            and not running.timed_out
-            and self.cgroups.oom_kills(running.id) > running.oom_kills_before
-        )
+        kills = max(0, self.cgroups.oom_kills(running.id) - running.oom_kills_before)
+        oom = sig == "SIGKILL" and not running.timed_out and kills > 0
         out, err = running.streams
         status = ExitStatus(
-            code, sig, running.timed_out, out.truncated, err.truncated, time.time(), oom
+            code, sig, running.timed_out, out.truncated, err.truncated, time.time(), oom, kills
         )
         write_status(self.execs_fd, running.id, status)
         self.send(MessageType.EXITED, id=running.id, **json.loads(status.to_json()))
