@@ -199,7 +199,11 @@ def test_seq_only_grows_across_restarts_even_past_deleted_rows(daemon: Daemon) -
     daemon.client.delete(f"/sandboxes/{box['id']}")
     before = last_seq(daemon)
     assert before > 0
-    daemon.stop()
+    # A stream open as the daemon stops ends; the daemon does not wait for its client.
+    live = Follower(daemon)
+    assert daemon.stop() == 0
+    assert live.ended.wait(10)
+    live.close()
     # The newest rows gone (as trimming would take them): a seq is still never used again.
     with sqlite3.connect(daemon.state_dir / "sandboxd.db") as db:
         db.execute("DELETE FROM events")
