@@ -92,6 +92,8 @@ def test_a_generated_client_has_the_stable_names(tmp_path: Path) -> None:
         "execs_signal",
         "sandboxes_stats",
         "sandboxes_set_ttl",
+        "events_stream",
+        "system_metrics",
     }
     problem = (out / "api" / "sandboxes" / "sandboxes_get.py").read_text()
     assert "Problem.from_dict" in problem

@@ -214,4 +214,6 @@ def test_operation_ids_are_stable_client_names() -> None:
         ("GET", "/sandboxes/{ref}/execs/{exec_id}/output"): "execs_output",
         ("GET", "/sandboxes/{ref}/stats"): "sandboxes_stats",
         ("POST", "/sandboxes/{ref}/ttl"): "sandboxes_set_ttl",
+        ("GET", "/events"): "events_stream",
+        ("GET", "/metrics"): "system_metrics",
     }

@@ -9,9 +9,10 @@ which this daemon (capped at a few sandboxes) does reach.
 Fuzzed creates make real sandboxes, so the document the fuzzer reads is narrowed, never widened,
 where a fuzzed value would reach the host: no `mounts` (a bind of a host path, read-write if
 the fuzzer so chose), no `rootfs`, no published `ports` (they listen on every host address) and
-no `host` network mode; and no `Idempotency-Key`, whose reuse with another body is a 422 by
-design. Those fields are covered by their own tests (test_mount_paths.py,
-test_network.py, tests/api/test_schema_rules.py). A sandbox made outside the stateful phase is
+no `host` network mode; no `Idempotency-Key`, whose reuse with another body is a 422 by
+design; and GET /events only with follow=false (a followed stream never ends). Those are
+covered by their own tests (test_mount_paths.py, test_network.py,
+tests/api/test_schema_rules.py, test_events.py). A sandbox made outside the stateful phase is
 deleted at once (a hook), and everything left is destroyed before the module's leak check.
 """
 
@@ -107,6 +108,12 @@ def narrowed(document: dict[str, Any]) -> dict[str, Any]:
     create["parameters"] = [
         p for p in create.get("parameters", []) if p.get("name", "").lower() != "idempotency-key"
     ]
+    # GET /events follows by default: a stream that ends only when the client goes, which a
+    # fuzzer would wait on until its timeout (the stream has its own tests, test_events.py).
+    for parameter in narrow["paths"]["/events"]["get"]["parameters"]:
+        if parameter["name"] == "follow":
+            parameter["required"] = True
+            parameter["schema"] = {"type": "boolean", "enum": [False]}
     return narrow
 
 
