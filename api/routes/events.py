@@ -115,12 +115,12 @@ async def stream(
     ] = None,
     follow: Annotated[bool, Query(description="false: a JSON list, then the end.")] = True,
     last_event_id: Annotated[
-        str | None,
+        str,
         Header(
             pattern=r"^[0-9]{0,18}$",
             description="The id of the last event a client saw: it overrides `since`.",
         ),
-    ] = None,
+    ] = "",
 ) -> Any:
     if last_event_id:
         since = int(last_event_id)
