@@ -387,7 +387,7 @@ _UPDATE_SANDBOX = (
 _DELETE_SANDBOX = (
     delete(_SANDBOXES)
     .where(_S.id == bindparam("sandbox_id"))
-    .returning(_S.name, _S.spec, _S.pooled, _S.exit_reason)
+    .returning(_S.name, _S.spec, _S.pooled, _S.state, _S.exit_reason)
 )
 
 _GET_EXEC = select(_EXECS).where(_X.id == bindparam("exec_id"))
@@ -670,7 +670,9 @@ class Store:
             row = conn.execute(_DELETE_SANDBOX, {"sandbox_id": sandbox_id}).one_or_none()
             if row is None:
                 raise NotFound(f"no sandbox {sandbox_id!r}")
-            if not row.pooled:
+            # One never announced (pooled, or still creating: bad input found in its setup)
+            # leaves no trace.
+            if not row.pooled and row.state != SandboxState.CREATING:
                 data = {"name": row.name, "labels": row.spec.get("labels") or {}}
                 if expired and row.exit_reason != ExitReason.TTL_EXPIRED:
                     _emit(conn, EventType.SANDBOX_EXPIRED, sandbox_id=sandbox_id, data=data)

@@ -80,6 +80,14 @@ def test_a_change_refused_writes_no_event(store: Store, published: list[Event]) 
     assert types(store.events_after(0)) == ["sandbox.created"]
 
 
+def test_a_sandbox_forgotten_while_creating_leaves_no_event(
+    store: Store, published: list[Event]
+) -> None:
+    create(store, "sb1")  # its setup found its mounts bad: a 422, and nothing stored
+    store.delete_sandbox("sb1")
+    assert published == [] and store.events_after(0) == []
+
+
 def test_pooled_sandboxes_tell_nothing_until_taken(store: Store, published: list[Event]) -> None:
     create(store, "sbp", pooled=True)
     store.transition("sbp", SandboxState.RUNNING)
