@@ -300,7 +300,8 @@ class SandboxManager:
         return self.events.subscribe()
 
     async def metrics_exposition(self) -> tuple[bytes, str]:
-        return self.metrics.exposition(), CONTENT_TYPE
+        """Off the loop: a scrape reads the store and a few files per running sandbox."""
+        return await asyncio.to_thread(self.metrics.exposition), CONTENT_TYPE
 
     # -- create -------------------------------------------------------------------------------
 

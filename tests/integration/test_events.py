@@ -191,6 +191,21 @@ def test_oom_kills_in_an_exec_and_in_the_main_cmd_say_oom(
         daemon.client.delete(f"/sandboxes/{sandbox['id']}")
 
 
+def test_an_oom_kill_is_told_once_also_when_the_main_cmd_ends_after_it(
+    daemon: Daemon, follower: Follower
+) -> None:
+    # Where the count is the sandbox's (cgroup v1 memory), the main cmd's end must not tell
+    # again what an exec told.
+    waiting = ["sh", "-c", "while [ ! -e /tmp/done ]; do sleep 0.05; done"]
+    box = daemon.create(cmd=waiting, limits={"memory_bytes": 64 * MiB})
+    assert daemon.exec(box["id"], TOUCH_400_MIB)["oom_killed"] is True
+    daemon.exec(box["id"], ["touch", "/tmp/done"])
+    exited = follower.wait_for(box["id"], "sandbox.exited")
+    assert exited["exit"]["reason"] == "exited"
+    assert follower.of(box["id"]).count("sandbox.oom") == 1
+    daemon.client.delete(f"/sandboxes/{box['id']}")
+
+
 # -- seq, resume, filters, follow=false ---------------------------------------------------------
 
 
