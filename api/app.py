@@ -19,7 +19,7 @@ from api import problems
 from api.auth import BearerAuth
 from api.body_limit import BodyLimit
 from api.request_id import RequestId
-from api.routes import execs, sandboxes, system
+from api.routes import events, execs, sandboxes, system
 from daemon.shapes import SandboxService, package_version
 
 DESCRIPTION = """\
@@ -37,6 +37,7 @@ TAGS = [
     {"name": "system", "description": "The daemon itself."},
     {"name": "sandboxes", "description": "Sandboxes: isolated process trees with their own root."},
     {"name": "execs", "description": "Processes run inside a sandbox."},
+    {"name": "events", "description": "What happened, as a stream that resumes."},
 ]
 
 
@@ -51,9 +52,11 @@ def create_app(
     token: str | None,
     max_body: int,
     cors_origins: Sequence[str] = (),
+    metrics_public: bool = False,
 ) -> FastAPI:
     """The app serving `service`; it starts and stops the service with its own lifespan.
-    `cors_origins`: browser origins allowed to call it (none: no CORS headers at all)."""
+    `cors_origins`: browser origins allowed to call it (none: no CORS headers at all).
+    `metrics_public`: GET /metrics needs no token."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -78,14 +81,15 @@ def create_app(
     )
     app.state.service = service
     problems.install(app)
-    for module in (system, sandboxes, execs):
+    for module in (system, sandboxes, execs, events):
         app.include_router(module.router)
     _serve_docs(app)
     # The last middleware added runs first: authenticate before reading any body, and answer
     # a CORS preflight (which carries no token) before authenticating.
     app.add_middleware(BodyLimit, max_body=max_body)
     if token:
-        app.add_middleware(BearerAuth, token=token)
+        open_paths = {"/metrics"} if metrics_public else set()
+        app.add_middleware(BearerAuth, token=token, open_paths=open_paths)
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,

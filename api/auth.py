@@ -10,6 +10,7 @@ the page; it gives away only the API's shape, which is public (it is in the repo
 from __future__ import annotations
 
 import hmac
+from collections.abc import Set
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -26,15 +27,16 @@ _READS = {"GET", "HEAD"}
 class BearerAuth:
     """Answer 401 unless the request carries `Authorization: Bearer <token>`."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, open_paths: Set[str] = frozenset()) -> None:
         self.app = app
         self.expected = token.encode()
+        self.open_paths = _OPEN_PATHS | open_paths  # and those the settings open (/metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
             return
-        if scope["type"] != "http" or _is_open(scope["method"], scope["path"]):
+        if scope["type"] != "http" or _is_open(scope["method"], scope["path"], self.open_paths):
             await self.app(scope, receive, send)
             return
         presented = _bearer(scope)
@@ -56,10 +58,10 @@ class BearerAuth:
         await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
 
 
-def _is_open(method: str, path: str) -> bool:
+def _is_open(method: str, path: str, open_paths: Set[str]) -> bool:
     if method not in _READS:
         return False
-    if path in _OPEN_PATHS:
+    if path in open_paths:
         return True
     # No "..": a path that climbs out of /static/ is not a static file (nor is it open).
     return path.startswith(_OPEN_PREFIX) and ".." not in path.split("/")

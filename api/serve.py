@@ -86,7 +86,11 @@ def serve(config: Config) -> int:
         close_listeners(listeners)
         raise
     app = create_app(
-        service, token=config.token, max_body=config.max_body, cors_origins=config.cors_origins
+        service,
+        token=config.token,
+        max_body=config.max_body,
+        cors_origins=config.cors_origins,
+        metrics_public=config.metrics_public,
     )
     return run(app, listeners, log_level=config.log_level, notifier=notifier)
 

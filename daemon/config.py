@@ -334,6 +334,22 @@ class Config(BaseSettings):
             "SECONDS",
         ),
     ] = 5
+    metrics_public: Annotated[
+        Flag,
+        Doc(
+            "serve GET /metrics without the token (for a Prometheus that holds none); what it "
+            "shows: counts, timings, and the ids, names and usage of running sandboxes",
+            default_text="off",
+        ),
+    ] = False
+    event_queue: Annotated[
+        Whole,
+        Doc(
+            "events a client following GET /events may fall behind by; past it the daemon ends "
+            "its stream (it resumes with Last-Event-ID) rather than hold more for it",
+            "N",
+        ),
+    ] = 1024
     cors_origins: Annotated[
         list[str],
         NoDecode,

@@ -201,6 +201,7 @@ class ExitStatus:
     stderr_truncated: bool = False
     finished_at: float = 0.0
     oom_killed: bool = False  # SIGKILL while the exec's memory cgroup counted an OOM kill
+    oom_kills: int = 0  # OOM kills its memory cgroup counted while it ran (its tree's)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic.config import JsonDict, JsonValue
 
+from daemon.lifecycle.events import Event, Subscription
 from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
 
 MAX_SECONDS = 10 * 365 * 86400  # durations past ten years are surely mistakes
@@ -786,6 +787,11 @@ class SandboxService(Protocol):
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None: ...
     async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None: ...
+    async def events_after(self, since: int) -> builtins.list[Event]: ...
+    def subscribe_events(self) -> Subscription: ...
+    async def metrics_exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition, and its content type."""
+        ...
 
 
 def kernel_release() -> str:

@@ -349,6 +349,7 @@ class Execs:
                 stderr_truncated=status.stderr_truncated,
                 finished_at=datetime.fromtimestamp(status.finished_at, UTC),
                 oom_killed=status.oom_killed,
+                oom_kills=status.oom_kills,
             )
         with logs.bound(exec_id=exec_id):
             _log_end(exec_id, status)

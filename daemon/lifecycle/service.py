@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ from daemon.errors import (
 )
 from daemon.lifecycle import default_root, recovery
 from daemon.lifecycle.cmd_logs import MainLogs
+from daemon.lifecycle.events import Event, EventHub, Subscription
 from daemon.lifecycle.execs import Execs
 from daemon.lifecycle.mailbox import (
     finished_in_mailbox,
@@ -51,6 +53,7 @@ from daemon.lifecycle.mailbox import (
     read_status,
     read_text,
 )
+from daemon.lifecycle.metrics import CONTENT_TYPE, Metrics, Sources
 from daemon.lifecycle.pool import Pool, poolable
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import (
@@ -155,6 +158,16 @@ class SandboxManager:
             lambda: self.store, self.live, config.state_dir / "logs", config.log_limit
         )
         self.keyed_creates: dict[str, asyncio.Event] = {}  # Idempotency-Keys being created with
+        self.events = EventHub(config.event_queue)
+        self.metrics = Metrics(
+            Sources(
+                states=lambda: self.store.count_by_state(),
+                pool_ready=lambda: len(self.pool.ready),
+                running=self._running_names,
+                usage=lambda sandbox_id: self.limits.usage(sandbox_id),
+            ),
+            self.events,
+        )
 
     @property
     def store(self) -> Store:
@@ -177,7 +190,8 @@ class SandboxManager:
         ):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
-        self._store = Store(self.config.state_dir / recovery.DATABASE)
+        self.events.start()
+        self._store = Store(self.config.state_dir / recovery.DATABASE, self.events.publish)
         self.generation = self.store.generation()
         recovery.claim(self.config.state_dir, self.generation)
         self.tree.start()
@@ -239,6 +253,7 @@ class SandboxManager:
         await self.net_zygote.stop()
         self.limits.stop()
         self.tree.stop()
+        self.events.close()
         if self._store is not None:
             self._store.close()
         if self._lock is not None:
@@ -303,17 +318,37 @@ class SandboxManager:
             oom_kills=usage.oom_kills,
         )
 
+    def _running_names(self) -> builtins.list[tuple[str, str]]:
+        running = self.store.list_sandboxes([LifecycleState.RUNNING])
+        return [(r.id, r.name or "") for r in running if r.id in self.live]
+
+    # -- events and metrics -------------------------------------------------------------------
+
+    async def events_after(self, since: int) -> builtins.list[Event]:
+        """Events kept with a seq above `since` (off the loop: up to 10,000 rows)."""
+        return await asyncio.to_thread(self.store.events_after, since)
+
+    def subscribe_events(self) -> Subscription:
+        """Live events from now on, until the subscription is closed or dropped."""
+        return self.events.subscribe()
+
+    async def metrics_exposition(self) -> tuple[bytes, str]:
+        """Off the loop: a scrape reads the store and a few files per running sandbox."""
+        return await asyncio.to_thread(self.metrics.exposition), CONTENT_TYPE
+
     # -- create -------------------------------------------------------------------------------
 
     async def create(self, spec: SandboxCreate, idempotency_key: str | None = None) -> Sandbox:
         """A new sandbox; given an `idempotency_key`, at most one per key and body (below)."""
         if idempotency_key is not None:
             return await self._create_once(spec, idempotency_key)
-        if poolable(spec):
-            taken = self._take_pooled(self._applied(spec))
-            if taken is not None:
-                return taken
-        return sandbox_view(await self._create(spec))
+        with self.metrics.creating() as outcome:
+            if poolable(spec):
+                taken = self._take_pooled(self._applied(spec))
+                if taken is not None:
+                    outcome.append("pooled")
+                    return taken
+            return sandbox_view(await self._create(spec))
 
     async def _create_once(self, spec: SandboxCreate, key: str) -> Sandbox:
         """The sandbox that `key` made from this body within IDEMPOTENCY_WINDOW, as it stands
@@ -890,6 +925,7 @@ class RecordSteps:
         self.record = store.transition(
             record.id,
             target,
+            oom_kills=main.oom_kills if main else 0,
             exit_reason=reason,
             exit_code=code,
             exit_signal=signal,
@@ -902,7 +938,11 @@ class RecordSteps:
             self.manager._cancel_expiry(self.record.id)
             await self.manager.main_logs.remove(self.record.id)  # before: strays are swept
             # Off the event loop: deleting much stored output takes SQLite a while.
-            await asyncio.to_thread(self.manager.store.delete_sandbox, self.record.id)
+            expired = self.outcome == Outcome.EXPIRED
+            await asyncio.to_thread(
+                functools.partial(self.manager.store.delete_sandbox, expired=expired),
+                self.record.id,
+            )
         else:
             self.manager.store.update_sandbox(self.record.id, uid_slot=None, ip=None, pid=None)
 

@@ -146,6 +146,9 @@ class Supervisor:
         self.deadlines: list[tuple[float, str]] = []
         self.lingering: set[str] = set()  # cgroups of ended execs whose children live on
         self.main_pid: int | None = None
+        # OOM kills reported with execs other than the main cmd: where the count is the
+        # sandbox's (no memory cgroup per exec), the main cmd's report leaves them out.
+        self.oom_kills_reported = 0
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -519,14 +522,18 @@ class Supervisor:
         # before the signal was sent. Killed so, while the count rose, and not by its
         # deadline: the OOM killer's. (The count is the exec's own on cgroup v2, the
         # sandbox's on v1: see the README's Limits.)
-        oom = (
-            sig == "SIGKILL"
-            and not running.timed_out
-            and self.cgroups.oom_kills(running.id) > running.oom_kills_before
-        )
+        counted = max(0, self.cgroups.oom_kills(running.id) - running.oom_kills_before)
+        oom = sig == "SIGKILL" and not running.timed_out and counted > 0
+        # Every kill the count saw is reported once: with the exec it ran under, or with the
+        # main cmd (which, on a sandbox-wide count, leaves out those reported with execs).
+        kills = counted
+        if running.pid != self.main_pid:
+            self.oom_kills_reported += counted
+        elif not self.cgroups.memory_per_exec:
+            kills = max(int(oom), counted - self.oom_kills_reported)
         out, err = running.streams
         status = ExitStatus(
-            code, sig, running.timed_out, out.truncated, err.truncated, time.time(), oom
+            code, sig, running.timed_out, out.truncated, err.truncated, time.time(), oom, kills
         )
         write_status(self.execs_fd, running.id, status)
         self.send(Exited(running.id, status))

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
@@ -52,13 +54,16 @@ from sqlalchemy.pool import ConnectionPoolEntry
 import migrations
 from daemon.config import ConfigError
 from daemon.errors import Conflict, LimitReached, NotFound
+from daemon.lifecycle.events import Event, EventType
 from daemon.lifecycle.states import (
     POOL_STATES,
     UNFINISHED_STATES,
     ExecState,
     ExitReason,
     LifecycleState,
+    SandboxState,
     check_transition,
+    public_state,
 )
 
 E = TypeVar("E", bound=enum.Enum)
@@ -198,6 +203,23 @@ class IdempotencyKeyRecord(Base):
     body_hash: Mapped[str] = mapped_column(sa.String)
     sandbox_id: Mapped[str] = mapped_column(sa.String)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class EventRecord(Base):
+    """What happened, numbered (migration 0007). AUTOINCREMENT: a seq is never used again,
+    even after the newest rows are deleted, so a follower's last id stays meaningful across
+    restarts. No foreign keys: an event outlives its sandbox, exec or image."""
+
+    __tablename__ = "events"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    seq: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    type: Mapped[str] = mapped_column(sa.String)
+    sandbox_id: Mapped[str | None] = mapped_column(sa.String)
+    exec_id: Mapped[str | None] = mapped_column(sa.String)
+    image_id: Mapped[str | None] = mapped_column(sa.String)
+    data: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
 
 
 R = TypeVar("R", SandboxRecord, ExecRecord, IdempotencyKeyRecord, MetaRecord)
@@ -379,7 +401,11 @@ _TAKE_POOLED = (
 _UPDATE_SANDBOX = (
     update(_SANDBOXES).where(_S.id == bindparam("sandbox_id")).returning(*_SANDBOXES.c)
 )
-_DELETE_SANDBOX = delete(_SANDBOXES).where(_S.id == bindparam("sandbox_id"))
+_DELETE_SANDBOX = (
+    delete(_SANDBOXES)
+    .where(_S.id == bindparam("sandbox_id"))
+    .returning(_S.name, _S.spec, _S.state, _S.exit_reason, _S.started_at, _S.finished_at)
+)
 
 _GET_EXEC = select(_EXECS).where(_X.id == bindparam("exec_id"))
 _INSERT_EXEC = (
@@ -409,6 +435,21 @@ _FIND_KEY = select(_KEYS).where(_K.key == bindparam("key"), _K.created_at >= bin
 _FORGET_KEYS = delete(_KEYS).where(_K.created_at < bindparam("since"))
 _INSERT_KEY = insert(_KEYS)
 
+_EVENTS = Base.metadata.tables["events"]
+_V = _EVENTS.c
+_INSERT_EVENT = insert(_EVENTS).returning(_V.seq)
+# The last EVENTS_KEPT are kept; older ones are deleted every TRIM_EVERY inserts, in the
+# inserting transaction (a range delete on the primary key: a few pages).
+EVENTS_KEPT = 10_000
+TRIM_EVERY = 128
+_TRIM_EVENTS = delete(_EVENTS).where(_V.seq <= bindparam("below"))
+_EVENTS_AFTER = select(_EVENTS).where(_V.seq > bindparam("since")).order_by(_V.seq)
+# What an exec's events say of its sandbox, read in the exec's own transaction.
+_SANDBOX_FACTS = select(_S.name, func.json_extract(_S.spec, "$.labels")).where(
+    _S.id == bindparam("sandbox_id")
+)
+_PENDING = "sandboxd_events"  # conn.info key: the events of the open transaction
+
 
 _SQLITE_NEEDED = (3, 35, 0)
 
@@ -416,7 +457,9 @@ _SQLITE_NEEDED = (3, 35, 0)
 class Store:
     """Sandboxes and execs on disk; the only thing the service uses to remember anything."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(
+        self, database: Path, publish: Callable[[Sequence[Event]], None] | None = None
+    ) -> None:
         if sqlite3.sqlite_version_info < _SQLITE_NEEDED:  # INSERT/UPDATE … RETURNING
             raise ConfigError(
                 f"SQLite {sqlite3.sqlite_version} is too old: sandboxd needs "
@@ -428,6 +471,61 @@ class Store:
         # BEGIN, committed on leaving the block and rolled back, leaving the database
         # unchanged, on an error. Reads use `self._engine.connect()`: BEGIN DEFERRED.
         self._writer = self._engine.execution_options(sqlite_begin="IMMEDIATE")
+        # `publish` gets each transaction's events once it has committed. The lock keeps the
+        # commits of this process's threads and their publishing in one order (seq order).
+        self.publish = publish
+        self._ordered = threading.Lock()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (as self._writer.begin()) whose events (_emit) are published
+        after it commits; none if it rolls back."""
+        with self._ordered:
+            with self._writer.begin() as conn:
+                conn.info[_PENDING] = []
+                yield conn
+                events: list[Event] = conn.info.pop(_PENDING)
+            if events and self.publish is not None:
+                self.publish(events)
+
+    def emit(
+        self,
+        type: EventType,
+        *,
+        sandbox_id: str | None = None,
+        exec_id: str | None = None,
+        image_id: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record an event in a transaction of its own: for a change not stored here (an
+        image pulled, imported or removed). A change stored here calls _emit in its own."""
+        with self._write() as conn:
+            _emit(conn, type, sandbox_id=sandbox_id, exec_id=exec_id, image_id=image_id, data=data)
+
+    def events_after(self, since: int) -> list[Event]:
+        """Events kept with a seq above `since`, oldest first."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(_EVENTS_AFTER, {"since": since}).all()
+        return [
+            Event(r.seq, r.time, EventType(r.type), r.sandbox_id, r.exec_id, r.image_id, r.data)
+            for r in rows
+        ]
+
+    def count_by_state(self) -> dict[SandboxState, int]:
+        """How many asked-for sandboxes are in each state."""
+        started = _S.started_at.is_not(None)
+        query = (
+            select(_S.state, _S.exit_reason, started, func.count())
+            .where(_ASKED_FOR)
+            .group_by(_S.state, _S.exit_reason, started)
+        )
+        counts: dict[SandboxState, int] = {}
+        with self._engine.connect() as conn:
+            for state, reason, was_started, n in conn.execute(query).all():
+                reason = None if reason is None else ExitReason(reason)
+                shown = public_state(LifecycleState(state), reason, bool(was_started))
+                counts[shown] = counts.get(shown, 0) + int(n)
+        return counts
 
     def close(self) -> None:
         self._engine.dispose()
@@ -520,11 +618,12 @@ class Store:
             "expires_at": expires_at,
         }
         check_transition(LifecycleState.POOLED, LifecycleState.RUNNING)  # the one it can take
-        with _unique_name(name), self._writer.begin() as conn:
+        with _unique_name(name), self._write() as conn:
             _check_room(conn, name, max_live)
             row = conn.execute(_TAKE_POOLED, asked).one_or_none()
             if row is None:  # gone, not pooled (taken already), or not running
                 raise NotFound(f"no pooled sandbox {sandbox_id!r}")
+            _emit_sandbox(conn, EventType.SANDBOX_CREATED, row)
         return _record(SandboxRecord, row)
 
     def get_sandbox(self, ref: str, *, pooled_too: bool = False) -> SandboxRecord:
@@ -572,17 +671,21 @@ class Store:
             ).one()
         return int(row[0] or 0), int(row[1])
 
-    def transition(self, sandbox_id: str, target: LifecycleState, **fields: Any) -> SandboxRecord:
+    def transition(
+        self, sandbox_id: str, target: LifecycleState, *, oom_kills: int = 0, **fields: Any
+    ) -> SandboxRecord:
         """Move a sandbox to `target` if the lifecycle allows it (else InvalidTransition and
-        nothing changes), setting `fields` (pid, exit_code, uid_slot=None, ...) in the same step."""
+        nothing changes), setting `fields` (pid, exit_code, uid_slot=None, ...) in the same step,
+        with its event. `oom_kills`: OOM kills its main cmd's tree saw (sandbox.oom each)."""
         _check_fields(fields)
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             state = conn.execute(_SANDBOX_STATE, {"sandbox_id": sandbox_id}).scalar_one_or_none()
             if state is None:
                 raise NotFound(f"no sandbox {sandbox_id!r}")
             check_transition(state, target)
             params = {"sandbox_id": sandbox_id, "state": target, **fields}
             row = conn.execute(_UPDATE_SANDBOX, params).one()
+            _emit_transition(conn, row, oom_kills)
         return _record(SandboxRecord, row)
 
     def update_sandbox(self, sandbox_id: str, **fields: Any) -> SandboxRecord:
@@ -596,16 +699,23 @@ class Store:
             raise NotFound(f"no sandbox {sandbox_id!r}")
         return _record(SandboxRecord, row)
 
-    def delete_sandbox(self, sandbox_id: str) -> None:
+    def delete_sandbox(self, sandbox_id: str, *, expired: bool = False) -> None:
         """Forget a sandbox, if the lifecycle allows it in its state (else InvalidTransition:
         one the API shows is marked destroying first); its execs go with it (ON DELETE
-        CASCADE)."""
-        with self._writer.begin() as conn:
+        CASCADE). `expired`: its ttl ran out (sandbox.expired, unless its end said so)."""
+        with self._write() as conn:
             state = conn.execute(_SANDBOX_STATE, {"sandbox_id": sandbox_id}).scalar_one_or_none()
             if state is None:
                 raise NotFound(f"no sandbox {sandbox_id!r}")
             check_transition(state, None)
-            conn.execute(_DELETE_SANDBOX, {"sandbox_id": sandbox_id})
+            row = conn.execute(_DELETE_SANDBOX, {"sandbox_id": sandbox_id}).one()
+            # One never announced (pooled, or forgotten while creating: bad input found in
+            # its setup) leaves no trace.
+            if _announced(row):
+                data = {"name": row.name, "labels": row.spec.get("labels") or {}}
+                if expired and row.exit_reason != ExitReason.TTL_EXPIRED:
+                    _emit(conn, EventType.SANDBOX_EXPIRED, sandbox_id=sandbox_id, data=data)
+                _emit(conn, EventType.SANDBOX_DESTROYED, sandbox_id=sandbox_id, data=data)
 
     # Execs.
 
@@ -631,8 +741,16 @@ class Store:
             "stderr": b"",
         }
         try:
-            with self._writer.begin() as conn:
+            with self._write() as conn:
                 row = conn.execute(_INSERT_EXEC, values).one()
+                facts = _sandbox_facts(conn, sandbox_id)
+                _emit(
+                    conn,
+                    EventType.EXEC_STARTED,
+                    sandbox_id=sandbox_id,
+                    exec_id=id,
+                    data={**facts, "cmd": list(cmd)},
+                )
         except IntegrityError as exc:
             raise NotFound(f"no sandbox {sandbox_id}") from exc
         return _record(ExecRecord, row)
@@ -656,9 +774,11 @@ class Store:
         finished_at: datetime,
         oom_killed: bool = False,
         pid: int | None = None,
+        oom_kills: int = 0,
     ) -> ExecRecord:
-        """Record how an exec ended. The first result stored wins: the supervisor may report
-        the same exit twice around a daemon restart, and the second report is ignored."""
+        """Record how an exec ended, with its event. The first result stored wins: the
+        supervisor may report the same exit twice around a daemon restart, and the second
+        report is ignored. `oom_kills`: OOM kills its tree saw (sandbox.oom each)."""
         result = {
             "exec_id": exec_id,
             "new_pid": pid,  # None keeps the pid already stored
@@ -673,10 +793,12 @@ class Store:
             "oom_killed": oom_killed,
             "finished_at": finished_at,
         }
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             row = conn.execute(_FINISH_EXEC, result).one_or_none()
             if row is None:  # finished already, or no such exec
                 row = conn.execute(_GET_EXEC, {"exec_id": exec_id}).one_or_none()
+            else:
+                _emit_exec_end(conn, row, max(oom_kills, int(oom_killed)))
         if row is None:
             raise NotFound(f"no exec {exec_id!r}")
         return _record(ExecRecord, row)
@@ -810,6 +932,105 @@ def _lowest_free_address(conn: Connection, subnet: IPv4Network) -> str:
         if address not in held:
             return address
     raise LimitReached(f"every address of the bridge's subnet {subnet} is in use")
+
+
+# -- events, written in the transaction of the change they tell of ---------------------------
+
+
+def _emit(
+    conn: Connection,
+    type: EventType,
+    *,
+    sandbox_id: str | None = None,
+    exec_id: str | None = None,
+    image_id: str | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> None:
+    """Insert one event in the open transaction (of Store._write); it is published when that
+    commits. Every TRIM_EVERY seqs, events past the last EVENTS_KEPT go in the same step."""
+    now, fields = datetime.now(UTC), dict(data or {})
+    values = {
+        "time": now,
+        "type": str(type),
+        "sandbox_id": sandbox_id,
+        "exec_id": exec_id,
+        "image_id": image_id,
+        "data": fields,
+    }
+    seq = conn.execute(_INSERT_EVENT, values).scalar_one()
+    if seq % TRIM_EVERY == 0:
+        conn.execute(_TRIM_EVENTS, {"below": seq - EVENTS_KEPT})
+    event = Event(seq, now, type, sandbox_id, exec_id, image_id, fields)
+    conn.info[_PENDING].append(event)
+
+
+def _sandbox_facts(conn: Connection, sandbox_id: str) -> dict[str, Any]:
+    """The sandbox's name and labels, which its execs' events carry (for the filters)."""
+    found = conn.execute(_SANDBOX_FACTS, {"sandbox_id": sandbox_id}).one_or_none()
+    if found is None:
+        return {"name": None, "labels": {}}
+    return {"name": found[0], "labels": json.loads(found[1]) if found[1] else {}}
+
+
+def _emit_sandbox(conn: Connection, type: EventType, row: sa.Row[Any], **data: Any) -> None:
+    facts = {"name": row.name, "labels": row.spec.get("labels") or {}, "state": str(row.state)}
+    _emit(conn, type, sandbox_id=row.id, data={**facts, **data})
+
+
+def _announced(row: Any) -> bool:
+    """Whether a sandbox being deleted was ever shown by an event: it ran, or it ended (a
+    failed create kept as failed); not the pool's, nor one forgotten while creating."""
+    if row.state in POOL_STATES:
+        return False
+    return any(x is not None for x in (row.started_at, row.finished_at, row.exit_reason))
+
+
+def _emit_transition(conn: Connection, row: sa.Row[Any], oom_kills: int) -> None:
+    """The event of a sandbox that reached row.state: running → created; exited → exited
+    (expired when its ttl ended it); failed → failed; each OOM kill of its main cmd → oom."""
+    if row.state in (LifecycleState.WARMING, LifecycleState.POOLED, LifecycleState.DESTROYING):
+        return  # the pool's (nobody asked for it: nobody is told), or told when deleted
+    if row.state == LifecycleState.RUNNING:
+        _emit_sandbox(conn, EventType.SANDBOX_CREATED, row)
+        return
+    exit_info = {
+        "exit_code": row.exit_code,
+        "signal": row.exit_signal,
+        "reason": None if row.exit_reason is None else str(row.exit_reason),
+        "message": row.exit_message,
+    }
+    if row.exit_reason == ExitReason.OOM:
+        oom_kills = max(oom_kills, 1)
+    for _ in range(min(oom_kills, _OOM_EVENTS_MAX)):
+        _emit_sandbox(conn, EventType.SANDBOX_OOM, row, victim="main")
+    if row.state == LifecycleState.FAILED:
+        kind = EventType.SANDBOX_FAILED
+    elif row.exit_reason == ExitReason.TTL_EXPIRED:
+        kind = EventType.SANDBOX_EXPIRED
+    else:
+        kind = EventType.SANDBOX_EXITED
+    _emit_sandbox(conn, kind, row, exit=exit_info)
+
+
+# One report may count many kills (a fork bomb under a memory limit): at most this many events.
+_OOM_EVENTS_MAX = 16
+
+
+def _emit_exec_end(conn: Connection, row: sa.Row[Any], oom_kills: int) -> None:
+    facts = _sandbox_facts(conn, row.sandbox_id)
+    ids = {"sandbox_id": row.sandbox_id, "exec_id": row.id}
+    for _ in range(min(oom_kills, _OOM_EVENTS_MAX)):
+        _emit(conn, EventType.SANDBOX_OOM, **ids, data={**facts, "victim": "exec"})
+    seconds = (row.finished_at - row.started_at).total_seconds() if row.finished_at else None
+    data = {
+        **facts,
+        "exit_code": row.exit_code,
+        "signal": row.signal,
+        "timed_out": row.timed_out,
+        "oom_killed": row.oom_killed,
+        "duration_seconds": seconds,
+    }
+    _emit(conn, EventType.EXEC_EXITED, **ids, data=data)
 
 
 def _check_fields(fields: Mapping[str, Any]) -> None:

@@ -95,6 +95,8 @@ def test_a_generated_client_has_the_stable_names(tmp_path: Path) -> None:
         "sandboxes_logs",
         "execs_stdout",
         "execs_stderr",
+        "events_stream",
+        "system_metrics",
     }
     problem = (out / "api" / "sandboxes" / "sandboxes_get.py").read_text()
     assert "Problem.from_dict" in problem

@@ -217,4 +217,6 @@ def test_operation_ids_are_stable_client_names() -> None:
         ("GET", "/sandboxes/{ref}/logs"): "sandboxes_logs",
         ("GET", "/sandboxes/{ref}/stats"): "sandboxes_stats",
         ("POST", "/sandboxes/{ref}/ttl"): "sandboxes_set_ttl",
+        ("GET", "/events"): "events_stream",
+        ("GET", "/metrics"): "system_metrics",
     }

@@ -9,9 +9,10 @@ which this daemon (capped at a few sandboxes) does reach.
 Fuzzed creates make real sandboxes, so the document the fuzzer reads is narrowed, never widened,
 where a fuzzed value would reach the host: no `mounts` (a bind of a host path, read-write if
 the fuzzer so chose), no `rootfs`, no published `ports` (they listen on every host address) and
-no `host` network mode; and no `Idempotency-Key`, whose reuse with another body is a 422 by
-design. Those fields are covered by their own tests (test_mount_paths.py,
-test_network.py, tests/api/test_schema_rules.py). A sandbox made outside the stateful phase is
+no `host` network mode; no `Idempotency-Key`, whose reuse with another body is a 422 by
+design; and GET /events only with follow=false (a followed stream never ends). Those are
+covered by their own tests (test_mount_paths.py, test_network.py,
+tests/api/test_schema_rules.py, test_events.py). A sandbox made outside the stateful phase is
 deleted at once (a hook), and everything left is destroyed before the module's leak check.
 """
 
@@ -46,6 +47,7 @@ max-steps = 12
 # own tests, test_ttl.py); an invalid one is left as it is. A sandbox made outside the stateful
 # phase is deleted at once, so that the daemon stays below its limit and later creates go all
 # the way through setup; the stateful phase keeps what it made, for the links to lead to.
+# GET /events is always asked with follow=false.
 HOOKS = """\
 import os
 
@@ -62,6 +64,8 @@ def before_call(context, case, kwargs):
     number = isinstance(ttl, (int, float)) and not isinstance(ttl, bool)
     if number and 0.001 <= ttl < LONG_TTL:
         body["ttl_seconds"] = LONG_TTL
+    if case.path == "/events":  # never the stream: it would end only with the client
+        case.query = {**(case.query or {}), "follow": "false"}
 
 
 @schemathesis.hook
@@ -107,6 +111,11 @@ def narrowed(document: dict[str, Any]) -> dict[str, Any]:
     create["parameters"] = [
         p for p in create.get("parameters", []) if p.get("name", "").lower() != "idempotency-key"
     ]
+    # GET /events follows by default: a stream that ends only when the client goes, which a
+    # fuzzer would wait on until its timeout. `follow` is left out, and the hook sends
+    # follow=false (the stream has its own tests, test_events.py).
+    events = narrow["paths"]["/events"]["get"]
+    events["parameters"] = [p for p in events["parameters"] if p["name"] != "follow"]
     return narrow
 
 
