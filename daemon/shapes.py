@@ -718,7 +718,67 @@ class SandboxService(Protocol):
 
     async def send_input(self, ref: str, exec_id: str, data: bytes, *, eof: bool) -> None: ...
     async def resize(self, ref: str, exec_id: str, rows: int, cols: int) -> None: ...
+    def files(self, ref: str) -> SandboxFiles: ...
 
 
 def kernel_release() -> str:
     return os.uname().release
+
+
+# -- files (daemon/lifecycle/files.py) ----------------------------------------------------------
+
+FILE_MODE_PATTERN = r"^[0-7]{3,4}$"
+
+
+class Entry(BaseModel):
+    """A file, directory or link in a sandbox, as a process inside sees it."""
+
+    path: str
+    name: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: str = Field(description="Permission bits in octal, e.g. 0644 (with setuid, sticky...).")
+    uid: int = Field(description="The owner as seen inside the sandbox.")
+    gid: int = Field(description="The group as seen inside the sandbox.")
+    mtime: datetime
+    target: str | None = Field(None, description="Where a symlink points; symlinks only.")
+
+
+class EntryList(BaseModel):
+    items: list[Entry]
+
+
+class MkdirRequest(_Input):
+    path: str = Field(description="Absolute, as a process in the sandbox sees it.")
+    parents: bool = Field(True, description="Make missing parents; an existing directory is 200.")
+    mode: str = Field("0755", pattern=FILE_MODE_PATTERN)
+    uid: int | None = Field(None, ge=0, description="Owner as seen inside (default root).")
+    gid: int | None = Field(None, ge=0)
+
+
+class MoveRequest(_Input):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    source: str = Field(alias="from", description="Absolute path of what is moved.")
+    to: str = Field(description="Absolute path it gets (what is there is replaced, as mv does).")
+
+
+class SandboxFiles(Protocol):
+    """A running sandbox's files (paths as inside, resolved in its root); close it after."""
+
+    async def stat(self, path: str) -> Entry: ...
+    async def list(self, path: str, depth: int) -> builtins.list[Entry]: ...
+    async def mkdir(self, spec: MkdirRequest) -> tuple[Entry, bool]: ...
+    async def move(self, source: str, to: str) -> Entry: ...
+    async def delete(self, path: str, recursive: bool) -> None: ...
+    async def read(self, path: str) -> tuple[int, AsyncIterator[bytes]]: ...
+    async def write(
+        self,
+        path: str,
+        chunks: AsyncIterator[bytes],
+        mode: str,
+        uid: int | None,
+        gid: int | None,
+    ) -> tuple[Entry, bool]: ...
+    async def archive(self, path: str) -> AsyncIterator[bytes]: ...
+    async def unpack(self, path: str, chunks: AsyncIterator[bytes]) -> None: ...
+    def close(self) -> None: ...

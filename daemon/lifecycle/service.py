@@ -44,6 +44,7 @@ from daemon.errors import (
 )
 from daemon.lifecycle import default_root, recovery
 from daemon.lifecycle.execs import Execs
+from daemon.lifecycle.files import Files
 from daemon.lifecycle.mailbox import (
     finished_in_mailbox,
     killed_exec_fields,
@@ -51,6 +52,7 @@ from daemon.lifecycle.mailbox import (
     read_text,
 )
 from daemon.lifecycle.pool import Pool, poolable
+from daemon.lifecycle.rooted import SandboxRoot
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import ExitReason, SandboxState
 from daemon.lifecycle.supervisor_link import SupervisorLink, Zygote, open_pidfd, wait_readable
@@ -821,6 +823,19 @@ class SandboxManager:
         self, ref: str, exec_id: str, *, follow: bool
     ) -> AsyncIterator[ExecOutput | ExecExit]:
         return self.execs.follow(ref, exec_id, follow=follow)
+
+    # -- files (daemon/lifecycle/files.py) ----------------------------------------------------
+
+    def files(self, ref: str) -> Files:
+        """A running sandbox's files, through a handle on its root; the caller closes it."""
+        record = self.store.get_sandbox(ref)
+        live = self.live.get(record.id)
+        if record.state != SandboxState.RUNNING or live is None or live.pidfd is None:
+            raise Conflict(f"sandbox {record.id} is {record.state}, not running")
+        assert record.pid is not None
+        user = "user" in stored_spec(record.spec).namespaces
+        uid_base = self._uid_base(record) if user else None
+        return Files(SandboxRoot.of_process(record.pid, live.pidfd, uid_base))
 
     # -- ttl ----------------------------------------------------------------------------------
 

@@ -1,0 +1,200 @@
+"""A running sandbox's files over HTTP: every endpoint and status, paths resolved in the
+sandbox's root (a hostile sandbox's symlinks, `..` and racing swaps never reach a host path),
+owners and modes as seen inside, hostile tars refused with nothing written, the disk limit,
+and large transfers streamed with the daemon's memory flat.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+pytestmark = pytest.mark.usefixtures("nothing_carries_over")
+
+
+@pytest.fixture
+def box(daemon: Daemon) -> Iterator[str]:
+    sandbox = daemon.create()
+    yield sandbox["id"]
+    daemon.client.delete(f"/sandboxes/{sandbox['id']}")
+
+
+def put(daemon: Daemon, ref: str, path: str, data: Any, **params: Any) -> Any:
+    return daemon.client.put(
+        f"/sandboxes/{ref}/files", params={"path": path, **params}, content=data
+    )
+
+
+def get(daemon: Daemon, ref: str, path: str) -> Any:
+    return daemon.client.get(f"/sandboxes/{ref}/files", params={"path": path})
+
+
+def stat(daemon: Daemon, ref: str, path: str) -> Any:
+    return daemon.client.get(f"/sandboxes/{ref}/files/stat", params={"path": path})
+
+
+def inside(daemon: Daemon, ref: str, script: str) -> str:
+    result = daemon.sh(ref, script)
+    assert result["exit_code"] == 0, result
+    return str(result["stdout"])
+
+
+def tar_of(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, **fields: Any) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+# -- the endpoints ------------------------------------------------------------------------------
+
+
+def test_a_binary_file_goes_in_and_out_byte_exact(daemon: Daemon, box: str) -> None:
+    data = bytes(range(256)) * 1000 + os.urandom(100_000)
+    created = put(daemon, box, "/tmp/a/b/blob.bin", data, mode="0640")
+    assert created.status_code == 201, created.text
+    entry = created.json()
+    assert entry | {"mtime": None} == {
+        "path": "/tmp/a/b/blob.bin", "name": "blob.bin", "type": "file", "size": len(data),
+        "mode": "0640", "uid": 0, "gid": 0, "mtime": None, "target": None,
+    }  # fmt: skip
+    back = get(daemon, box, "/tmp/a/b/blob.bin")
+    assert back.status_code == 200
+    assert back.headers["content-type"] == "application/octet-stream"
+    assert back.headers["content-length"] == str(len(data))
+    assert back.content == data
+    # Seen inside: the same bytes, owned by root, the mode asked for; parents made.
+    digest = inside(
+        daemon, box, "sha256sum /tmp/a/b/blob.bin; stat -c '%u %g %a' /tmp/a/b/blob.bin /tmp/a"
+    )
+    assert digest.split()[0] == hashlib.sha256(data).hexdigest()
+    assert digest.splitlines()[1:] == ["0 0 640", "0 0 755"]
+
+    replaced = put(daemon, box, "/tmp/a/b/blob.bin", b"new")
+    assert replaced.status_code == 200 and replaced.json()["size"] == 3
+    assert replaced.json()["mode"] == "0644"  # the default
+    assert get(daemon, box, "/tmp/a/b/blob.bin").content == b"new"
+    assert inside(daemon, box, "ls -a /tmp/a/b") == ".\n..\nblob.bin\n"  # no temp file left
+
+
+def test_owners_and_modes_as_asked_as_seen_inside(daemon: Daemon, box: str) -> None:
+    entry = put(daemon, box, "/home/x.sh", b"#!/bin/sh\n", mode="4755", uid=1000, gid=50).json()
+    assert (entry["uid"], entry["gid"], entry["mode"]) == (1000, 50, "4755")
+    assert inside(daemon, box, "stat -c '%u %g %a' /home/x.sh") == "1000 50 4755\n"
+    # On the host: the sandbox's range, never a host id.
+    assert put(daemon, box, "/tmp/y", b"", uid=70000).status_code == 422
+    made = daemon.client.post(
+        f"/sandboxes/{box}/files/mkdir", json={"path": "/srv/d", "mode": "0700", "uid": 7}
+    )
+    assert made.status_code == 201 and made.json()["mode"] == "0700" and made.json()["uid"] == 7
+    assert inside(daemon, box, "stat -c '%u %g %a' /srv/d") == "7 0 700\n"
+
+
+def test_stat_list_mkdir_move_delete(daemon: Daemon, box: str) -> None:
+    base = f"/sandboxes/{box}/files"
+    inside(daemon, box, "mkdir -p /w/d/e && echo hi > /w/d/f && ln -s d/f /w/link")
+    link = stat(daemon, box, "/w/link").json()
+    assert link["type"] == "symlink" and link["target"] == "d/f"
+    assert stat(daemon, box, "/w/d").json()["type"] == "dir"
+    assert stat(daemon, box, "/").json()["path"] == "/"
+
+    listed = daemon.client.get(f"{base}/list", params={"path": "/w"}).json()["items"]
+    assert [e["path"] for e in listed] == ["/w/d", "/w/link"]
+    deep = daemon.client.get(f"{base}/list", params={"path": "/w", "depth": 2}).json()["items"]
+    assert [e["path"] for e in deep] == ["/w/d", "/w/d/e", "/w/d/f", "/w/link"]
+
+    mkdir = daemon.client.post(f"{base}/mkdir", json={"path": "/w/n/m"})
+    assert mkdir.status_code == 201
+    assert daemon.client.post(f"{base}/mkdir", json={"path": "/w/n/m"}).status_code == 200
+    again = daemon.client.post(f"{base}/mkdir", json={"path": "/w/n/m", "parents": False})
+    assert again.status_code == 409
+    orphan = daemon.client.post(f"{base}/mkdir", json={"path": "/w/no/m", "parents": False})
+    assert orphan.status_code == 404
+
+    moved = daemon.client.post(f"{base}/move", json={"from": "/w/d/f", "to": "/w/n/g"})
+    assert moved.status_code == 200 and moved.json()["path"] == "/w/n/g"
+    assert inside(daemon, box, "cat /w/n/g") == "hi\n"
+    gone = daemon.client.post(f"{base}/move", json={"from": "/w/d/f", "to": "/w/x"})
+    assert gone.status_code == 404
+
+    assert daemon.client.delete(base, params={"path": "/w/n"}).status_code == 409  # not empty
+    assert daemon.client.delete(base, params={"path": "/w/link"}).status_code == 204
+    assert daemon.client.delete(base, params={"path": "/w/n", "recursive": True}).status_code == 204
+    assert inside(daemon, box, "ls /w") == "d\n"
+    assert daemon.client.delete(base, params={"path": "/w/n"}).status_code == 404
+
+
+def test_bad_paths_and_wrong_kinds(daemon: Daemon, box: str) -> None:
+    base = f"/sandboxes/{box}/files"
+    assert get(daemon, box, "relative/path").status_code == 422
+    assert get(daemon, box, "/etc/\0passwd").status_code == 422
+    assert get(daemon, box, "/no/such/file").status_code == 404
+    assert get(daemon, box, "/etc").status_code == 409  # a directory
+    assert get(daemon, box, "/dev/zero").status_code == 409  # not a regular file
+    assert put(daemon, box, "/etc", b"x").status_code == 409
+    assert put(daemon, box, "/etc/hostname/x", b"x").status_code == 409  # a file as a dir
+    assert daemon.client.get(f"{base}/list", params={"path": "/etc/hostname"}).status_code == 409
+    assert put(daemon, box, "/tmp/m", b"x", mode="999").status_code == 422
+    assert daemon.client.delete(base, params={"path": "/"}).status_code == 409
+    assert get(daemon, "sb_0000000000000000", "/etc/hostname").status_code == 404
+
+
+def test_a_sandbox_not_running_is_a_409(daemon: Daemon) -> None:
+    ended = daemon.create(cmd=["true"])
+    daemon.await_state(f"/sandboxes/{ended['id']}", "exited")
+    assert get(daemon, ended["id"], "/etc/hostname").status_code == 409
+    assert put(daemon, ended["id"], "/tmp/x", b"x").status_code == 409
+
+
+def test_read_only_places_are_409_and_untouched(daemon: Daemon, tmp_path: Path) -> None:
+    source = tmp_path / "ro"
+    source.mkdir()
+    (source / "kept").write_text("host")
+    ref = daemon.create(mounts=[{"source": str(source), "target": "/ro"}])["id"]
+    assert put(daemon, ref, "/ro/kept", b"changed").status_code == 409
+    assert put(daemon, ref, "/ro/new", b"new").status_code == 409
+    assert (
+        daemon.client.delete(f"/sandboxes/{ref}/files", params={"path": "/ro/kept"}).status_code
+        == 409
+    )
+    assert put(daemon, ref, "/proc/sys/kernel/hostname", b"x").status_code == 409
+    assert sorted(os.listdir(source)) == ["kept"] and (source / "kept").read_text() == "host"
+
+
+def test_a_full_disk_is_507_with_nothing_partial(daemon: Daemon) -> None:
+    ref = daemon.create(limits={"disk_bytes": 32 * MiB})["id"]
+    before = inside(daemon, ref, "ls -a /srv /tmp")
+    response = put(daemon, ref, "/srv/big", b"\1" * (64 * MiB))
+    assert response.status_code == 507, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    tmp = put(daemon, ref, "/tmp/big", b"\1" * (64 * MiB))
+    assert tmp.status_code == 507
+    assert inside(daemon, ref, "ls -a /srv /tmp") == before
+    # The space is back: a file that fits goes in.
+    assert put(daemon, ref, "/srv/small", b"\1" * (8 * MiB)).status_code == 201
