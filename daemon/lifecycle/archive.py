@@ -7,8 +7,8 @@ parent's fd, from a root resolved in the sandbox: daemon/lifecycle/rooted.py), w
 tar stream in chunks of about 1 MiB; owners as seen inside; files, directories, symlinks and
 FIFOs (sockets and devices are left out).
 
-In: the upload is spooled to a nameless-to-the-sandbox file in the target directory (on the
-sandbox's own disk, host root's and mode 0600, so nothing inside can open it), every header
+In: the upload is spooled to a file without a name (O_TMPFILE) in the target directory, on
+the sandbox's own disk, that nothing inside can open, let alone change; every header
 is checked, and only then is anything made. Refused (422), before any write: absolute names,
 `..`, symlinks whose target leaves the directory, hard links to anything but a member path
 below it, device nodes, ids the sandbox does not map, and a tar that cannot be read. Every
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import posixpath
 import queue
@@ -37,11 +38,12 @@ from daemon.errors import InsufficientStorage, Invalid, SandboxError
 from daemon.lifecycle.rooted import (
     CHUNK,
     SandboxRoot,
-    replace,
     translated,
     write_all,
     write_chunks,
 )
+
+log = logging.getLogger(__name__)
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _QUEUED_CHUNKS = 4
@@ -93,18 +95,44 @@ class _Exactly:
         return data
 
 
-async def tar_out(root: SandboxRoot, path: str) -> AsyncIterator[bytes]:
-    """The tar of `path`, in chunks of about CHUNK bytes."""
+@dataclass
+class Top:
+    """What a tar out is of, found before the answer starts (its 404 or 409 still possible):
+    `name` in the directory `parent`, as it stood (`st`)."""
+
+    parent: int
+    name: str
+    arcname: str
+    st: os.stat_result
+
+
+def find_top(root: SandboxRoot, path: str) -> Top:
+    with translated(path):
+        if path == "/":
+            fd = root.open("/", os.O_PATH | os.O_DIRECTORY)
+            return Top(fd, ".", ".", os.stat(".", dir_fd=fd))
+        parent, name = root.parent(path)
+        try:
+            return Top(parent, name, name, os.stat(name, dir_fd=parent, follow_symlinks=False))
+        except BaseException:
+            os.close(parent)
+            raise
+
+
+async def tar_out(root: SandboxRoot, top: Top) -> AsyncIterator[bytes]:
+    """The tar of `top`, in chunks of about CHUNK bytes; its fd is closed at the end. What
+    changes meanwhile is taken as found (what vanished is left out)."""
     pipe = _Pipe()
 
     def produce() -> None:
         try:
             with tarfile.open(fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                _add_top(root, tar, path)
+                _add(root, tar, top.parent, top.name, top.arcname, top.st)
             pipe.finish()
         except BrokenPipeError:
             pass
         except BaseException:
+            log.exception("a tar out of a sandbox failed")
             with contextlib.suppress(BrokenPipeError):
                 pipe._put(None)
             raise
@@ -124,22 +152,7 @@ async def tar_out(root: SandboxRoot, path: str) -> AsyncIterator[bytes]:
             pipe.chunks.put_nowait(None)  # a getter left waiting
         with contextlib.suppress(BaseException):
             await worker
-
-
-def _add_top(root: SandboxRoot, tar: tarfile.TarFile, path: str) -> None:
-    if path == "/":
-        fd = root.open("/", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            _add(root, tar, fd, ".", ".", os.fstat(fd), top_fd=fd)
-        finally:
-            os.close(fd)
-        return
-    parent, name = root.parent(path)
-    try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        _add(root, tar, parent, name, name, st)
-    finally:
-        os.close(parent)
+        os.close(top.parent)
 
 
 def _add(
@@ -149,7 +162,6 @@ def _add(
     name: str,
     arcname: str,
     st: os.stat_result,
-    top_fd: int | None = None,
 ) -> None:
     info = tarfile.TarInfo(arcname)
     info.mode = stat.S_IMODE(st.st_mode)
@@ -158,8 +170,8 @@ def _add(
     if stat.S_ISREG(st.st_mode):
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent)
-        except (FileNotFoundError, OSError):
-            return  # gone or replaced by a link meanwhile
+        except OSError:
+            return  # gone, or replaced by a link, meanwhile
         try:
             now = os.fstat(fd)
             if not stat.S_ISREG(now.st_mode):
@@ -172,7 +184,7 @@ def _add(
         info.type = tarfile.DIRTYPE
         tar.addfile(info)
         try:
-            fd = os.dup(top_fd) if top_fd is not None else os.open(name, _DIR, dir_fd=parent)
+            fd = os.open(name, _DIR, dir_fd=parent)
         except OSError:
             return
         try:
@@ -181,8 +193,8 @@ def _add(
             for child in children:
                 try:
                     child_st = os.stat(child, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
+                except OSError:
+                    continue  # gone meanwhile
                 _add(root, tar, fd, child, f"{arcname}/{child}", child_st)
         finally:
             os.close(fd)
@@ -214,7 +226,7 @@ async def tar_in(root: SandboxRoot, directory: str, chunks: AsyncIterator[bytes]
     with translated(directory):
         dir_fd = await asyncio.to_thread(root.open, directory, os.O_PATH | os.O_DIRECTORY)
     try:
-        spool = await asyncio.to_thread(_spool_file, dir_fd, directory)
+        spool = await asyncio.to_thread(_spool_file, root, dir_fd, directory)
         try:
             await write_chunks(spool, chunks, directory)
             await asyncio.to_thread(_unpack, root, directory, dir_fd, spool)
@@ -224,19 +236,18 @@ async def tar_in(root: SandboxRoot, directory: str, chunks: AsyncIterator[bytes]
         os.close(dir_fd)
 
 
-def _spool_file(dir_fd: int, directory: str) -> int:
-    """A file for the upload, on the directory's disk, which nothing inside can open."""
-    with translated(directory):
+def _spool_file(root: SandboxRoot, dir_fd: int, directory: str) -> int:
+    """A file for the upload, on the directory's disk, that nothing inside can open."""
+    with translated(directory), root.creating():
         try:
             return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-        # Host root's and 0600: root inside holds no capability over a host uid it does not
-        # map; and the name is gone at once.
+        # Mode 0000 and the name gone at once: nothing inside opens it by name meanwhile.
         name = f".sandboxd-upload-{secrets.token_hex(16)}"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        fd = os.open(name, flags, 0, dir_fd=dir_fd)
         os.unlink(name, dir_fd=dir_fd)
         return fd
 
@@ -339,7 +350,7 @@ def _extract(
                         os.chmod(temp, mode, dir_fd=parent)  # after chown, which clears setuid
                     mtime = int(member.mtime)
                     os.utime(temp, (mtime, mtime), dir_fd=parent, follow_symlinks=False)
-                    replace(parent, temp, base)
+                    root.replace(parent, temp, base)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(temp, dir_fd=parent)
@@ -387,6 +398,18 @@ def _make_temp(
     parent: int,
     temp: str,
     mode: int,
+) -> None:
+    with root.creating():
+        _make_temp_as_root_inside(root, tar, member, directory, parent, temp)
+
+
+def _make_temp_as_root_inside(
+    root: SandboxRoot,
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    directory: str,
+    parent: int,
+    temp: str,
 ) -> None:
     if member.issym():
         os.symlink(member.linkname, temp, dir_fd=parent)

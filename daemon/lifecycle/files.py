@@ -67,9 +67,8 @@ class Files:
 
     async def archive(self, path: str) -> AsyncIterator[bytes]:
         """The tar of `path`, checked to exist first; the stream closes the root."""
-        path = clean_path(path)
-        await asyncio.to_thread(self.root.stat, path)
-        return self._closing(archive.tar_out(self.root, path))
+        top = await asyncio.to_thread(archive.find_top, self.root, clean_path(path))
+        return self._closing(archive.tar_out(self.root, top))
 
     async def unpack(self, path: str, chunks: AsyncIterator[bytes]) -> None:
         await archive.tar_in(self.root, clean_path(path), chunks)

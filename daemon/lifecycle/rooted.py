@@ -152,6 +152,24 @@ class SandboxRoot:
         inside = host - self.uid_base
         return inside if 0 <= inside < UID_RANGE else OVERFLOW_ID
 
+    @contextlib.contextmanager
+    def creating(self) -> Iterator[None]:
+        """Make inodes, in this thread, as the sandbox's root: with its host uid as the
+        filesystem ids (an idmapped bind refuses to make a file for a host id it does not
+        map) and host root's capabilities still effective (to write where root inside may)."""
+        if self.uid_base is None:
+            yield
+            return
+        sc.setfsuid(self.uid_base)
+        sc.setfsgid(self.uid_base)
+        try:
+            sc.raise_effective_capabilities()
+            yield
+        finally:
+            # Back to 0, which gives the capabilities back to the effective set.
+            sc.setfsgid(0)
+            sc.setfsuid(0)
+
     # -- resolution ---------------------------------------------------------------------------
 
     def open(self, path: str, flags: int, mode: int = 0) -> int:
@@ -182,9 +200,9 @@ class SandboxRoot:
             os.close(parent)
         return self.open(path, os.O_PATH | os.O_DIRECTORY)
 
-    @staticmethod
-    def mkdir_at(parent: int, name: str, mode: int, uid: int, gid: int) -> None:
-        os.mkdir(name, 0o700, dir_fd=parent)  # private until its owner and mode are set
+    def mkdir_at(self, parent: int, name: str, mode: int, uid: int, gid: int) -> None:
+        with self.creating():
+            os.mkdir(name, 0o700, dir_fd=parent)  # private until its owner and mode are set
         fd = os.open(name, _DIR, dir_fd=parent)
         try:
             os.fchown(fd, uid, gid)
@@ -303,7 +321,7 @@ class SandboxRoot:
             with translated(target):
                 to_dir, to_name = self.parent(target)
             try:
-                with translated(source):
+                with translated(source), self.creating():
                     os.rename(from_name, to_name, src_dir_fd=from_dir, dst_dir_fd=to_dir)
                 with translated(target):
                     return self.entry_at(to_dir, to_name, target)
@@ -333,19 +351,26 @@ class SandboxRoot:
             finally:
                 os.close(parent)
 
+    def replace(self, parent: int, temp: str, name: str) -> bool:
+        """Rename `temp` to `name` in `parent`; True if nothing was there before."""
+        with self.creating():  # an idmapped bind checks the new name's maker too
+            try:
+                sc.renameat2(parent, temp, parent, name, sc.RENAME_NOREPLACE)
+                return True
+            except FileExistsError:
+                os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                return False
+
     # -- writing a file -----------------------------------------------------------------------
 
     def create_temp(self, parent: int, name: str) -> str:
         """A new, empty, private file beside `name`, for a write that replaces it by rename."""
         while True:
             temp = f".{name[:200]}.sandboxd-{secrets.token_hex(6)}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                fd = os.open(
-                    temp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=parent,
-                )
+                with self.creating():
+                    fd = os.open(temp, flags, 0o600, dir_fd=parent)
             except FileExistsError:
                 continue
             except FileNotFoundError as exc:  # the directory is there: e.g. in /proc
@@ -387,7 +412,7 @@ class SandboxRoot:
                 finally:
                     os.close(fd)
                 with translated(path):
-                    created = replace(parent, temp, name)
+                    created = self.replace(parent, temp, name)
                     return self.entry_at(parent, name, path), created
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -395,16 +420,6 @@ class SandboxRoot:
                 raise
         finally:
             os.close(parent)
-
-
-def replace(parent: int, temp: str, name: str) -> bool:
-    """Rename `temp` to `name` in `parent`; True if nothing was there before."""
-    try:
-        sc.renameat2(parent, temp, parent, name, sc.RENAME_NOREPLACE)
-        return True
-    except FileExistsError:
-        os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
-        return False
 
 
 async def write_chunks(fd: int, chunks: AsyncIterator[bytes], path: str) -> None:

@@ -225,6 +225,26 @@ class CapabilitySets:
         _check(self._capset(ctypes.byref(self._header), self._data), "capset")
 
 
+def setfsuid(uid: int) -> None:
+    """This thread's filesystem uid (what new inodes get, what permission checks use)."""
+    _libc.setfsuid(uid)
+
+
+def setfsgid(gid: int) -> None:
+    _libc.setfsgid(gid)
+
+
+def raise_effective_capabilities() -> None:
+    """This thread's effective set made its permitted set again: a filesystem uid changed
+    from 0 clears CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER & co. from the effective set."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for word in data:
+        word.effective = word.permitted
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
 def set_seccomp_filter(program: SockFprog) -> None:
     """Install a seccomp filter on this thread (needs no_new_privs, or CAP_SYS_ADMIN)."""
     mode, unused = ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.c_ulong(0)

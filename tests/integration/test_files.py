@@ -11,7 +11,6 @@ import hashlib
 import io
 import os
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +197,218 @@ def test_a_full_disk_is_507_with_nothing_partial(daemon: Daemon) -> None:
     assert inside(daemon, ref, "ls -a /srv /tmp") == before
     # The space is back: a file that fits goes in.
     assert put(daemon, ref, "/srv/small", b"\1" * (8 * MiB)).status_code == 201
+
+
+# -- a hostile sandbox --------------------------------------------------------------------------
+
+
+def test_symlinks_and_dotdot_stay_in_the_sandbox(daemon: Daemon, box: str) -> None:
+    host_dir = daemon.root / "host-only"
+    host_dir.mkdir()
+    (host_dir / "secret").write_text("HOST")
+    assert Path("/etc/shadow").exists()  # on the host; the sandbox's /etc has none
+    inside(
+        daemon,
+        box,
+        f"ln -s /etc/shadow /tmp/x; ln -s {host_dir} /tmp/h; "
+        f"ln -s ../../../../../../..{host_dir} /tmp/rel; ln -s /proc/1/root /tmp/magic",
+    )
+    for path in ("/tmp/x", "/tmp/h/secret", "/tmp/rel/secret", f"/../../..{host_dir}/secret"):
+        assert get(daemon, box, path).status_code == 404, path
+    assert get(daemon, box, "/tmp/magic/etc/hostname").status_code in (404, 409)
+    # A write through a dangling link makes nothing; once the sandbox has a directory of
+    # that name, writes through the links land there.
+    assert put(daemon, box, "/tmp/h/pwned", b"x").status_code in (404, 409)
+    inside(daemon, box, f"mkdir -p {host_dir}")
+    assert put(daemon, box, "/tmp/h/pwned", b"x").status_code == 201
+    assert put(daemon, box, "/tmp/rel/pwned2", b"x").status_code == 201
+    archive = daemon.client.get(f"/sandboxes/{box}/archive", params={"path": "/tmp/h/secret"})
+    assert archive.status_code == 404
+    assert sorted(os.listdir(host_dir)) == ["secret"]
+    assert inside(daemon, box, f"cat {host_dir}/pwned {host_dir}/pwned2") == "xx"
+
+
+def test_a_directory_swapped_for_a_symlink_in_a_loop_never_leads_out(
+    daemon: Daemon, box: str
+) -> None:
+    host_dir = daemon.root / "host-race"
+    host_dir.mkdir()
+    (host_dir / "secret").write_text("HOST")
+    # A process inside swaps /tmp/r/d between a directory (holding its own `secret`) and a
+    # symlink to the host's directory's path, as fast as it can.
+    swap = (
+        "mkdir -p /tmp/r; while true; do mkdir /tmp/r/d 2>/dev/null; "
+        "echo sandbox > /tmp/r/d/secret 2>/dev/null; rm -rf /tmp/r/d; "
+        f"ln -s {host_dir} /tmp/r/d; rm -f /tmp/r/d; done"
+    )
+    daemon.exec(box, ["sh", "-c", swap], wait=False)
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + 4
+    rounds = 0
+    while time.monotonic() < deadline:
+        rounds += 1
+        put(daemon, box, "/tmp/r/d/uploaded", b"U" * 1000)
+        got = get(daemon, box, "/tmp/r/d/secret")
+        if got.status_code == 200:
+            seen.add(got.content)
+        tar = daemon.client.get(f"/sandboxes/{box}/archive", params={"path": "/tmp/r/d"})
+        assert b"HOST" not in tar.content
+        listed = daemon.client.get(f"/sandboxes/{box}/files/list", params={"path": "/tmp/r/d"})
+        if listed.status_code == 200:  # the host's secret is 4 bytes, the sandbox's 8
+            assert all(e["size"] != 4 for e in listed.json()["items"] if e["name"] == "secret")
+    assert rounds > 5
+    assert seen <= {b"sandbox\n", b""}
+    assert sorted(os.listdir(host_dir)) == ["secret"]
+    assert (host_dir / "secret").read_text() == "HOST"
+
+
+# -- tar ----------------------------------------------------------------------------------------
+
+
+def test_a_tree_goes_out_and_in_as_tar(daemon: Daemon, box: str) -> None:
+    inside(
+        daemon,
+        box,
+        "mkdir -p /src/tree/empty /src/tree/sub && printf abc > /src/tree/sub/f && "
+        "chmod 0600 /src/tree/sub/f && chown 1000:1001 /src/tree/sub/f && "
+        "ln -s sub/f /src/tree/link && chmod 0700 /src/tree/empty",
+    )
+    out = daemon.client.get(f"/sandboxes/{box}/archive", params={"path": "/src/tree"})
+    assert out.status_code == 200 and out.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(out.content)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert sorted(members) == ["tree", "tree/empty", "tree/link", "tree/sub", "tree/sub/f"]
+        f = members["tree/sub/f"]
+        assert (f.uid, f.gid, f.mode, f.size) == (1000, 1001, 0o600, 3)
+        assert members["tree/empty"].isdir() and members["tree/empty"].mode == 0o700
+        assert members["tree/link"].issym() and members["tree/link"].linkname == "sub/f"
+        extracted = tar.extractfile(f)
+        assert extracted is not None and extracted.read() == b"abc"
+
+    inside(daemon, box, "mkdir /dst")
+    put_in = daemon.client.put(
+        f"/sandboxes/{box}/archive", params={"path": "/dst"}, content=gzip.compress(out.content)
+    )
+    assert put_in.status_code == 204, put_in.text
+    seen = inside(
+        daemon,
+        box,
+        "cd /dst/tree && stat -c '%n %u %g %a %F' empty sub/f link && readlink link && cat link",
+    )
+    assert seen.splitlines() == [
+        "empty 0 0 700 directory", "sub/f 1000 1001 600 regular file",
+        "link 0 0 777 symbolic link", "sub/f", "abc",
+    ]  # fmt: skip
+    single = daemon.client.get(f"/sandboxes/{box}/archive", params={"path": "/src/tree/sub/f"})
+    with tarfile.open(fileobj=io.BytesIO(single.content)) as tar:
+        assert tar.getnames() == ["f"]
+    assert (
+        daemon.client.get(f"/sandboxes/{box}/archive", params={"path": "/nope"}).status_code == 404
+    )
+    missing = daemon.client.put(f"/sandboxes/{box}/archive", params={"path": "/nope"}, content=b"")
+    assert missing.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        member("/abs"),
+        member("../up"),
+        member("a/../../up"),
+        member("link", tarfile.SYMTYPE, linkname="../../etc"),
+        member("link", tarfile.SYMTYPE, linkname="/etc/passwd"),
+        member("hard", tarfile.LNKTYPE, linkname="../outside"),
+        member("hard", tarfile.LNKTYPE, linkname="/etc/passwd"),
+        member("dev", tarfile.CHRTYPE, devmajor=1, devminor=3),
+        member("blk", tarfile.BLKTYPE, devmajor=8, devminor=0),
+        member("big-uid", uid=1 << 20),
+    ],
+    ids=[
+        "absolute",
+        "dotdot",
+        "dotdot-inner",
+        "symlink-out",
+        "symlink-abs",
+        "hardlink-out",
+        "hardlink-abs",
+        "char-device",
+        "block-device",
+        "unmapped-uid",
+    ],
+)
+def test_hostile_tars_are_refused_with_nothing_written(
+    daemon: Daemon, box: str, hostile: tarfile.TarInfo
+) -> None:
+    inside(daemon, box, "mkdir -p /in/dir")
+    data = b"x" if hostile.isreg() else None
+    # A harmless member first: it too must not be written.
+    body = tar_of((member("first"), b"first"), (hostile, data))
+    response = daemon.client.put(
+        f"/sandboxes/{box}/archive", params={"path": "/in/dir"}, content=body
+    )
+    assert response.status_code == 422, response.text
+    assert inside(daemon, box, "ls -a /in /in/dir; ls /etc/passwd") == (
+        "/in:\n.\n..\ndir\n\n/in/dir:\n.\n..\n/etc/passwd\n"
+    )
+    garbage = daemon.client.put(
+        f"/sandboxes/{box}/archive", params={"path": "/in/dir"}, content=b"not a tar" * 100
+    )
+    assert garbage.status_code == 422
+
+
+def test_an_archive_past_the_disk_limit_is_507_with_nothing_left(daemon: Daemon) -> None:
+    ref = daemon.create(limits={"disk_bytes": 32 * MiB})["id"]
+    inside(daemon, ref, "mkdir /in")
+    body = tar_of((member("small"), b"s"), (member("big"), b"\1" * (20 * MiB)))
+    response = daemon.client.put(f"/sandboxes/{ref}/archive", params={"path": "/in"}, content=body)
+    assert response.status_code == 507, response.text
+    assert inside(daemon, ref, "ls -a /in") == ".\n..\n"
+
+
+# -- size and memory ----------------------------------------------------------------------------
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_a_gib_up_and_down_keeps_the_daemon_flat(daemon: Daemon, tmp_path: Path) -> None:
+    """1 GiB each way through a writable bind (on the host's disk, not in memory); the
+    daemon's peak resident memory grows by less than 64 MiB, and the bytes are exact."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    # A bind maps host uid N to N inside: root's directory is root's inside.
+    ref = daemon.create(mounts=[{"source": str(data_dir), "target": "/data", "read_only": False}])
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    block = os.urandom(MiB)
+    expected = hashlib.sha256()
+
+    def body() -> Iterator[bytes]:
+        for i in range(GiB // MiB):
+            chunk = block[i % 997 :] + block[: i % 997]
+            expected.update(chunk)
+            yield chunk
+
+    rss_before = memory_kib(pid, "VmRSS")
+    response = daemon.client.put(
+        f"/sandboxes/{ref['id']}/files", params={"path": "/data/big"}, content=body(), timeout=600
+    )
+    assert response.status_code == 201, response.text
+    assert (data_dir / "big").stat().st_size == GiB
+    got = hashlib.sha256()
+    size = 0
+    with daemon.client.stream(
+        "GET", f"/sandboxes/{ref['id']}/files", params={"path": "/data/big"}, timeout=600
+    ) as download:
+        assert download.status_code == 200
+        for chunk in download.iter_bytes():
+            got.update(chunk)
+            size += len(chunk)
+    assert size == GiB and got.hexdigest() == expected.hexdigest()
+    growth_kib = memory_kib(pid, "VmHWM") - rss_before
+    assert growth_kib < 64 * 1024, f"the daemon's peak RSS grew by {growth_kib} KiB"
+    os.unlink(data_dir / "big")
