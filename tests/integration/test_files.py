@@ -33,9 +33,14 @@ def box(daemon: Daemon) -> Iterator[str]:
     daemon.client.delete(f"/sandboxes/{sandbox['id']}")
 
 
-def put(daemon: Daemon, ref: str, path: str, data: Any, **params: Any) -> Any:
+def put(daemon: Daemon, ref: str, path: str, data: bytes, **params: Any) -> Any:
+    # In pieces: httpx sends one large bytes body by slicing it again and again (quadratic).
+    pieces = (data[i : i + MiB] for i in range(0, len(data), MiB)) if data else iter([b""])
     return daemon.client.put(
-        f"/sandboxes/{ref}/files", params={"path": path, **params}, content=data
+        f"/sandboxes/{ref}/files",
+        params={"path": path, **params},
+        content=pieces,
+        headers={"Content-Length": str(len(data))},
     )
 
 
