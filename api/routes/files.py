@@ -203,7 +203,7 @@ async def archive_read(ref: str, path: PathQuery, service: Service) -> Response:
     "directory `path`. Members with absolute names or `..`, symlinks and hard links "
     "pointing out of it, and device nodes are refused (422) before anything is written; "
     "507 past the sandbox's disk limit.",
-    openapi_extra=_binary_body([TAR, "application/gzip"], "A tar, optionally gzip'd."),
+    openapi_extra=_binary_body([TAR], "A tar, or a gzip'd tar (sent as the same media type)."),
     responses=documented(401, 404, 409, 422, 507),
 )
 async def archive_write(ref: str, path: PathQuery, service: Service, request: Request) -> Response:
