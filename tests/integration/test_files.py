@@ -188,6 +188,9 @@ def test_read_only_places_are_409_and_untouched(daemon: Daemon, tmp_path: Path) 
         == 409
     )
     assert put(daemon, ref, "/proc/sys/kernel/hostname", b"x").status_code == 409
+    tar = tar_of((member("new"), b"new"))
+    refused = daemon.client.put(f"/sandboxes/{ref}/archive", params={"path": "/ro"}, content=tar)
+    assert refused.status_code == 409
     assert sorted(os.listdir(source)) == ["kept"] and (source / "kept").read_text() == "host"
 
 
@@ -248,6 +251,7 @@ def test_a_directory_swapped_for_a_symlink_in_a_loop_never_leads_out(
     )
     daemon.exec(box, ["sh", "-c", swap], wait=False)
     seen: set[bytes] = set()
+    upload = tar_of((member("d/untarred"), b"T"))
     deadline = time.monotonic() + 4
     rounds = 0
     while time.monotonic() < deadline:
@@ -256,6 +260,7 @@ def test_a_directory_swapped_for_a_symlink_in_a_loop_never_leads_out(
         got = get(daemon, box, "/tmp/r/d/secret")
         if got.status_code == 200:
             seen.add(got.content)
+        daemon.client.put(f"/sandboxes/{box}/archive", params={"path": "/tmp/r"}, content=upload)
         tar = daemon.client.get(f"/sandboxes/{box}/archive", params={"path": "/tmp/r/d"})
         assert b"HOST" not in tar.content
         listed = daemon.client.get(f"/sandboxes/{box}/files/list", params={"path": "/tmp/r/d"})
