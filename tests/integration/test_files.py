@@ -422,3 +422,34 @@ def test_a_gib_up_and_down_keeps_the_daemon_flat(daemon: Daemon, tmp_path: Path)
     growth_kib = memory_kib(pid, "VmHWM") - rss_before
     assert growth_kib < 64 * 1024, f"the daemon's peak RSS grew by {growth_kib} KiB"
     os.unlink(data_dir / "big")
+
+
+def test_a_writable_bind_takes_every_operation_with_ids_as_inside(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    source = tmp_path / "rw"
+    source.mkdir()
+    ref = daemon.create(mounts=[{"source": str(source), "target": "/rw", "read_only": False}])["id"]
+    base = f"/sandboxes/{ref}/files"
+    assert put(daemon, ref, "/rw/a/f", b"data", uid=1000, gid=1000).status_code == 201
+    assert daemon.client.post(f"{base}/mkdir", json={"path": "/rw/d"}).status_code == 201
+    moved = daemon.client.post(f"{base}/move", json={"from": "/rw/a/f", "to": "/rw/d/g"})
+    assert moved.status_code == 200
+    tar = tar_of((member("t/x", uid=5, gid=6), b"x"))
+    assert (
+        daemon.client.put(
+            "/sandboxes/" + ref + "/archive", params={"path": "/rw"}, content=tar
+        ).status_code
+        == 204
+    )
+    # On the host, a bind's ids are the ids inside (uid N inside is uid N on the host's disk).
+    owners = {
+        p.relative_to(source).as_posix(): (p.lstat().st_uid, p.lstat().st_gid)
+        for p in source.rglob("*")
+    }
+    assert owners == {"a": (0, 0), "d": (0, 0), "d/g": (1000, 1000), "t": (0, 0), "t/x": (5, 6)}
+    assert (
+        daemon.client.delete(base, params={"path": "/rw/d", "recursive": True}).status_code == 204
+    )
+    assert daemon.client.delete(base, params={"path": "/rw/t/x"}).status_code == 204
+    assert sorted(p.name for p in source.rglob("*")) == ["a", "t"]
