@@ -728,6 +728,14 @@ def kernel_release() -> str:
 # -- files (daemon/lifecycle/files.py) ----------------------------------------------------------
 
 FILE_MODE_PATTERN = r"^[0-7]{3,4}$"
+FILE_PATH_PATTERN = r"^/[^\x00]*$"  # absolute, no NUL
+MAX_ID_INSIDE = 65535  # a sandbox's user namespace maps 65536 ids
+# Unlike SandboxPath, `..` is allowed: a files path is resolved in the sandbox's root, where
+# it cannot climb out.
+FilePath = Annotated[
+    str, Field(pattern=FILE_PATH_PATTERN, description="Absolute, as a process inside sees it.")
+]
+IdInside = Annotated[int, Field(ge=0, le=MAX_ID_INSIDE), WHOLE]
 
 
 class Entry(BaseModel):
@@ -749,17 +757,17 @@ class EntryList(BaseModel):
 
 
 class MkdirRequest(_Input):
-    path: str = Field(description="Absolute, as a process in the sandbox sees it.")
+    path: FilePath
     parents: bool = Field(True, description="Make missing parents; an existing directory is 200.")
     mode: str = Field("0755", pattern=FILE_MODE_PATTERN)
-    uid: int | None = Field(None, ge=0, description="Owner as seen inside (default root).")
-    gid: int | None = Field(None, ge=0)
+    uid: IdInside | None = Field(None, description="Owner as seen inside (default root).")
+    gid: IdInside | None = Field(None, description="Group as seen inside (default root's).")
 
 
 class MoveRequest(_Input):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-    source: str = Field(alias="from", description="Absolute path of what is moved.")
-    to: str = Field(description="Absolute path it gets (what is there is replaced, as mv does).")
+    source: FilePath = Field(alias="from", description="Absolute path of what is moved.")
+    to: FilePath = Field(description="The path it gets (what is there is replaced, as by mv).")
 
 
 class SandboxFiles(Protocol):

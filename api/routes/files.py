@@ -12,16 +12,31 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import Service
 from api.problems import documented
-from daemon.shapes import FILE_MODE_PATTERN, Entry, EntryList, MkdirRequest, MoveRequest
+from daemon.shapes import (
+    FILE_MODE_PATTERN,
+    FILE_PATH_PATTERN,
+    MAX_ID_INSIDE,
+    Entry,
+    EntryList,
+    MkdirRequest,
+    MoveRequest,
+)
 
 router = APIRouter(prefix="/sandboxes/{ref}", tags=["files"])
 
 OCTETS = "application/octet-stream"
 TAR = "application/x-tar"
 PathQuery = Annotated[
-    str, Query(description="Absolute, as a process in the sandbox sees it; resolved in its root.")
+    str,
+    Query(
+        pattern=FILE_PATH_PATTERN,
+        description="Absolute, as a process in the sandbox sees it; resolved in its root.",
+    ),
 ]
-Owner = Annotated[int | None, Query(ge=0, description="As seen inside the sandbox; default 0.")]
+Owner = Annotated[
+    int | None,
+    Query(ge=0, le=MAX_ID_INSIDE, description="As seen inside the sandbox; default 0 (root)."),
+]
 
 
 def _binary_body(media_types: list[str], description: str) -> dict[str, Any]:

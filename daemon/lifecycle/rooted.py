@@ -51,6 +51,10 @@ def clean_path(path: str) -> str:
         raise Invalid(f"path {path!r} holds a NUL byte")
     if not path.startswith("/"):
         raise Invalid(f"path {path!r} is not absolute")
+    try:
+        path.encode()
+    except UnicodeEncodeError as exc:
+        raise Invalid(f"path {path!r} is not valid UTF-8") from exc
     return "/" + posixpath.normpath(path).lstrip("/")
 
 
