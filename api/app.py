@@ -19,7 +19,7 @@ from api import problems
 from api.auth import BearerAuth
 from api.body_limit import BodyLimit
 from api.request_id import RequestId
-from api.routes import events, execs, sandboxes, system
+from api.routes import events, execs, files, sandboxes, system
 from daemon.shapes import SandboxService, package_version
 
 DESCRIPTION = """\
@@ -38,6 +38,7 @@ TAGS = [
     {"name": "sandboxes", "description": "Sandboxes: isolated process trees with their own root."},
     {"name": "execs", "description": "Processes run inside a sandbox."},
     {"name": "events", "description": "What happened, as a stream that resumes."},
+    {"name": "files", "description": "A running sandbox's files, and tar archives of them."},
 ]
 
 
@@ -81,7 +82,7 @@ def create_app(
     )
     app.state.service = service
     problems.install(app)
-    for module in (system, sandboxes, execs, events):
+    for module in (system, sandboxes, execs, files, events):
         app.include_router(module.router)
     _serve_docs(app)
     # The last middleware added runs first: authenticate before reading any body, and answer

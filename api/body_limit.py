@@ -3,13 +3,20 @@
 A declared Content-Length over the cap is refused before a byte is read. A chunked body has no
 declared length, so it is counted while the app reads it; once it passes the cap the app sees
 the client as gone, whatever it would have answered is dropped, and the client gets the 413.
+
+Uploads that are streamed to disk (a sandbox's files and tar archives: PUT on UNBOUNDED) are
+exempt: they are never held in memory, and the sandbox's disk limit bounds them.
 """
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import problem
+
+UNBOUNDED = re.compile(r"/sandboxes/[^/]+/(files|archive)$")
 
 
 class BodyLimit:
@@ -18,7 +25,9 @@ class BodyLimit:
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (
+            scope["method"] == "PUT" and UNBOUNDED.search(scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

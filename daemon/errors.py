@@ -67,3 +67,11 @@ class SupervisorUnresponsive(SandboxError):
     status = 504
     title = "Supervisor unresponsive"
     slug = "supervisor-unresponsive"
+
+
+class InsufficientStorage(SandboxError):
+    """A write would take the sandbox past its disk limit (ENOSPC or EDQUOT inside)."""
+
+    status = 507
+    title = "Insufficient storage"
+    slug = "insufficient-storage"

@@ -793,6 +793,8 @@ class SandboxService(Protocol):
         """The Prometheus text exposition, and its content type."""
         ...
 
+    def files(self, ref: str) -> SandboxFiles: ...
+
 
 def kernel_release() -> str:
     return os.uname().release
@@ -804,3 +806,70 @@ def package_version() -> str:
         return metadata.version("sandboxd")
     except metadata.PackageNotFoundError:
         return "0.1.0"
+
+
+# -- files (daemon/lifecycle/files.py) ----------------------------------------------------------
+
+FILE_MODE_PATTERN = r"^[0-7]{3,4}$"
+FILE_PATH_PATTERN = r"^/[^\x00]*$"  # absolute, no NUL
+MAX_ID_INSIDE = 65535  # a sandbox's user namespace maps 65536 ids
+# Unlike SandboxPath, `..` is allowed: a files path is resolved in the sandbox's root, where
+# it cannot climb out.
+FilePath = Annotated[
+    str, Field(pattern=FILE_PATH_PATTERN, description="Absolute, as a process inside sees it.")
+]
+IdInside = Annotated[int, Field(ge=0, le=MAX_ID_INSIDE), WHOLE]
+
+
+class Entry(BaseModel):
+    """A file, directory or link in a sandbox, as a process inside sees it."""
+
+    path: str
+    name: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: str = Field(description="Permission bits in octal, e.g. 0644 (with setuid, sticky...).")
+    uid: int = Field(description="The owner as seen inside the sandbox.")
+    gid: int = Field(description="The group as seen inside the sandbox.")
+    mtime: datetime
+    target: str | None = Field(None, description="Where a symlink points; symlinks only.")
+
+
+class EntryList(BaseModel):
+    items: list[Entry]
+
+
+class MkdirRequest(_Input):
+    path: FilePath
+    parents: bool = Field(True, description="Make missing parents; an existing directory is 200.")
+    mode: str = Field("0755", pattern=FILE_MODE_PATTERN)
+    uid: IdInside | None = Field(None, description="Owner as seen inside (default root).")
+    gid: IdInside | None = Field(None, description="Group as seen inside (default root's).")
+
+
+class MoveRequest(_Input):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    source: FilePath = Field(alias="from", description="Absolute path of what is moved.")
+    to: FilePath = Field(description="The path it gets (what is there is replaced, as by mv).")
+
+
+class SandboxFiles(Protocol):
+    """A running sandbox's files (paths as inside, resolved in its root); close it after."""
+
+    async def stat(self, path: str) -> Entry: ...
+    async def list(self, path: str, depth: int) -> builtins.list[Entry]: ...
+    async def mkdir(self, spec: MkdirRequest) -> tuple[Entry, bool]: ...
+    async def move(self, source: str, to: str) -> Entry: ...
+    async def delete(self, path: str, recursive: bool) -> None: ...
+    async def read(self, path: str) -> tuple[int, AsyncIterator[bytes]]: ...
+    async def write(
+        self,
+        path: str,
+        chunks: AsyncIterator[bytes],
+        mode: str,
+        uid: int | None,
+        gid: int | None,
+    ) -> tuple[Entry, bool]: ...
+    async def archive(self, path: str) -> AsyncIterator[bytes]: ...
+    async def unpack(self, path: str, chunks: AsyncIterator[bytes]) -> None: ...
+    def close(self) -> None: ...

@@ -47,6 +47,7 @@ from daemon.lifecycle import default_root, recovery
 from daemon.lifecycle.cmd_logs import MainLogs
 from daemon.lifecycle.events import Event, EventHub, Subscription
 from daemon.lifecycle.execs import Execs
+from daemon.lifecycle.files import Files
 from daemon.lifecycle.mailbox import (
     finished_in_mailbox,
     killed_exec_fields,
@@ -55,6 +56,7 @@ from daemon.lifecycle.mailbox import (
 )
 from daemon.lifecycle.metrics import CONTENT_TYPE, Metrics, Sources
 from daemon.lifecycle.pool import Pool, poolable
+from daemon.lifecycle.rooted import SandboxRoot
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import (
     DYING_STATES,
@@ -804,6 +806,19 @@ class SandboxManager:
         return self.main_logs.read(
             ref, follow=follow, tail=tail, since=since, stream=stream, encoding=encoding
         )
+
+    # -- files (daemon/lifecycle/files.py) ----------------------------------------------------
+
+    def files(self, ref: str) -> Files:
+        """A running sandbox's files, through a handle on its root; the caller closes it."""
+        record = self.store.get_sandbox(ref)
+        live = self.live.get(record.id)
+        if record.state != LifecycleState.RUNNING or live is None or live.pidfd is None:
+            raise Conflict(f"sandbox {record.id} is {record.state}, not running")
+        assert record.pid is not None
+        user = "user" in stored_spec(record.spec).namespaces
+        uid_base = self._uid_base(record) if user else None
+        return Files(SandboxRoot.of_process(record.pid, live.pidfd, uid_base))
 
     # -- ttl ----------------------------------------------------------------------------------
 

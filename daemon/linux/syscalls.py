@@ -16,8 +16,8 @@ _libc.syscall.restype = ctypes.c_long
 
 # The syscalls added since 5.x share one number on every architecture; the older ones do not.
 _ARCH_NUMBERS = {
-    "x86_64": {"pivot_root": 155, "unshare": 272, "setns": 308},
-    "aarch64": {"pivot_root": 41, "unshare": 97, "setns": 268},
+    "x86_64": {"pivot_root": 155, "unshare": 272, "setns": 308, "renameat2": 316},
+    "aarch64": {"pivot_root": 41, "unshare": 97, "setns": 268, "renameat2": 276},
 }
 _NR = {
     **_ARCH_NUMBERS[platform.machine()],
@@ -27,6 +27,7 @@ _NR = {
     "move_mount": 429,
     "close_range": 436,
     "mount_setattr": 442,
+    "openat2": 437,
 }
 
 CLONE_NEWNS = 0x00020000
@@ -67,6 +68,14 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_IDMAP = 0x100000
 
+# openat2(2)'s resolve flags, and renameat2(2)'s
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+RENAME_NOREPLACE = 1
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
@@ -87,6 +96,10 @@ class _MountAttr(ctypes.Structure):
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
     ]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 class _CapHeader(ctypes.Structure):
@@ -163,6 +176,20 @@ def move_mount(fd: int, target: str) -> None:
     _check(result, f"move_mount to {target}")
 
 
+def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
+    """openat(2) with `resolve` flags (RESOLVE_IN_ROOT: `path` is looked up as if `dirfd`
+    were the root, symlinks and `..` included); O_CLOEXEC is always added."""
+    how = _OpenHow(flags=flags | os.O_CLOEXEC, mode=mode, resolve=resolve)
+    size = ctypes.sizeof(how)
+    result = _libc.syscall(_NR["openat2"], dirfd, _path(path), ctypes.byref(how), size)
+    return _check(result, f"openat2 {path}")
+
+
+def renameat2(olddirfd: int, old: str, newdirfd: int, new: str, flags: int = 0) -> None:
+    result = _libc.syscall(_NR["renameat2"], olddirfd, _path(old), newdirfd, _path(new), flags)
+    _check(result, f"rename {old} to {new}")
+
+
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
     _check(_libc.syscall(_NR["close_range"], first, last, 0), "close_range")
 
@@ -192,6 +219,26 @@ class CapabilitySets:
     def apply(self) -> None:
         """Set this thread's effective, permitted and inheritable capabilities."""
         _check(self._capset(ctypes.byref(self._header), self._data), "capset")
+
+
+def setfsuid(uid: int) -> None:
+    """This thread's filesystem uid (what new inodes get, what permission checks use)."""
+    _libc.setfsuid(uid)
+
+
+def setfsgid(gid: int) -> None:
+    _libc.setfsgid(gid)
+
+
+def raise_effective_capabilities() -> None:
+    """This thread's effective set made its permitted set again: a filesystem uid changed
+    from 0 clears CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER & co. from the effective set."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for word in data:
+        word.effective = word.permitted
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def set_seccomp_filter(program: SockFprog) -> None:

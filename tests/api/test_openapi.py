@@ -97,6 +97,15 @@ def test_a_generated_client_has_the_stable_names(tmp_path: Path) -> None:
         "execs_stderr",
         "events_stream",
         "system_metrics",
+        "files_read",
+        "files_write",
+        "files_stat",
+        "files_list",
+        "files_mkdir",
+        "files_move",
+        "files_delete",
+        "files_archive_read",
+        "files_archive_write",
     }
     problem = (out / "api" / "sandboxes" / "sandboxes_get.py").read_text()
     assert "Problem.from_dict" in problem

@@ -219,4 +219,13 @@ def test_operation_ids_are_stable_client_names() -> None:
         ("POST", "/sandboxes/{ref}/ttl"): "sandboxes_set_ttl",
         ("GET", "/events"): "events_stream",
         ("GET", "/metrics"): "system_metrics",
+        ("GET", "/sandboxes/{ref}/files"): "files_read",
+        ("PUT", "/sandboxes/{ref}/files"): "files_write",
+        ("DELETE", "/sandboxes/{ref}/files"): "files_delete",
+        ("GET", "/sandboxes/{ref}/files/stat"): "files_stat",
+        ("GET", "/sandboxes/{ref}/files/list"): "files_list",
+        ("POST", "/sandboxes/{ref}/files/mkdir"): "files_mkdir",
+        ("POST", "/sandboxes/{ref}/files/move"): "files_move",
+        ("GET", "/sandboxes/{ref}/archive"): "files_archive_read",
+        ("PUT", "/sandboxes/{ref}/archive"): "files_archive_write",
     }

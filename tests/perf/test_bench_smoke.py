@@ -17,7 +17,7 @@ from tests.perf.bench.run import render
 from tests.perf.bench.stats import format_table, percentile
 
 TINY = ["--count", "3", "--warmup", "1", "--concurrency", "1,2", "--duration", "0.3"]
-TINY += ["--idle", "5", "--pool", "1"]
+TINY += ["--idle", "5", "--pool", "1", "--transfer-mib", "4"]
 
 
 def test_bench_measures_every_row_and_leaves_nothing() -> None:
@@ -48,6 +48,8 @@ def test_bench_measures_every_row_and_leaves_nothing() -> None:
     (idle,) = report["memory"]
     assert idle["sandboxes"] == idle["supervisors"] == 5, idle
     assert idle["pss_mib_per_sandbox"] > 0 and idle["service_pss_mib"] > 0, idle
+    transfer = report["transfer"]
+    assert transfer["mib"] == 4 and transfer["upload_mb_s"] > 0 < transfer["download_mb_s"]
     assert idle["processes_counted"] >= 7, idle  # daemon, zygote, five supervisors
     assert idle["healthz_p99_ms"] > 0, idle
 

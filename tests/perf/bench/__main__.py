@@ -69,10 +69,23 @@ def run(argv: Sequence[str] | None = None) -> int:
         help="start the private daemon with --pool-size N, and measure creates that find the "
         "pool ready (the other create rows then take from it whenever it has one) [0]",
     )
+    bench.add_argument(
+        "--transfer-mib",
+        type=_count,
+        default=200,
+        metavar="N",
+        help="upload and download a file of N MiB of random bytes; 0 for no such row [200]",
+    )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     args = bench.parse_args(argv)
     options = Options(
-        args.count, args.warmup, args.concurrency, args.duration, args.idle, pool=args.pool
+        args.count,
+        args.warmup,
+        args.concurrency,
+        args.duration,
+        args.idle,
+        pool=args.pool,
+        transfer_mib=args.transfer_mib,
     )
     try:
         return main(args.url, args.token or os.environ.get("SANDBOXD_TOKEN"), options, args.json)

@@ -20,10 +20,13 @@ time, after a few untimed warm-up rounds):
                     connection and its own sandbox, for a few seconds each
   idle memory       N idle sandboxes alive: MemAvailable lost, kernel memory, the PSS of the
                     daemon, its zygote and every supervisor; /healthz latency meanwhile
+  file transfer     PUT then GET /sandboxes/ID/files of N MiB of random bytes (200 by
+                    default), MB/s each way (best of a few rounds); the bytes checked
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -78,6 +81,8 @@ class Options:
     idle: list[int] = field(default_factory=lambda: [100, 1000])
     pool: int = 0  # a private daemon's pool_size
     pool_only: bool = False  # measure only the rows of the warm pool
+    transfer_mib: int = 200  # the file of the transfer row (0: no such row)
+    transfer_rounds: int = 3
 
     def max_alive(self) -> int:
         """The most sandboxes of this run alive at once (for a private daemon's limit)."""
@@ -369,6 +374,48 @@ class Bench:
     def _healthz(self) -> None:
         self.client.get("/healthz").raise_for_status()
 
+    # -- file transfer ------------------------------------------------------------------------
+
+    def transfer(self) -> dict[str, Any] | None:
+        """A file of random bytes up and down through the files API: MB/s each way."""
+        size = self.options.transfer_mib * (1 << 20)
+        if not size:
+            return None
+        self.say(f"file transfer: {self.options.transfer_mib} MiB each way")
+        data = os.urandom(size)
+        digest = hashlib.sha256(data).hexdigest()
+        box = self.create(self.client, limits={"disk_bytes": 2 * size + (64 << 20)})
+        url = f"/sandboxes/{box}/files"
+        params = {"path": "/srv/bench.bin"}
+        up: list[float] = []
+        down: list[float] = []
+        for _ in range(self.options.transfer_rounds):
+            started = time.perf_counter()
+            # In pieces: httpx sends one bytes body by slicing it again and again (quadratic).
+            pieces = (data[i : i + (1 << 20)] for i in range(0, size, 1 << 20))
+            length = {"Content-Length": str(size)}
+            response = self.client.put(url, params=params, content=pieces, headers=length)
+            up.append(time.perf_counter() - started)
+            if response.status_code not in (200, 201):
+                raise BenchError(f"upload answered {response.status_code}: {response.text[:300]}")
+            got = hashlib.sha256()
+            started = time.perf_counter()
+            with self.client.stream("GET", url, params=params) as download:
+                for chunk in download.iter_raw():
+                    got.update(chunk)
+            down.append(time.perf_counter() - started)
+            if download.status_code != 200 or got.hexdigest() != digest:
+                raise BenchError(f"download answered {download.status_code} or other bytes")
+        self.destroy(self.client, box)
+        return {
+            "mib": self.options.transfer_mib,
+            "rounds": len(up),
+            "upload_mb_s": round(size / min(up) / 1e6, 1),
+            "download_mb_s": round(size / min(down) / 1e6, 1),
+            "upload_mb_s_median": round(size / sorted(up)[len(up) // 2] / 1e6, 1),
+            "download_mb_s_median": round(size / sorted(down)[len(down) // 2] / 1e6, 1),
+        }
+
     # -- all of it ----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -377,6 +424,7 @@ class Bench:
             latencies = [row.summary() for row in self.latencies()]
             throughput = [row.summary() for row in self.throughput()]
             idle = [self.idle_memory(count) for count in self.options.idle]
+            transfer = self.transfer()
         finally:
             self.destroy_ours()
         info = self.client.get("/info").json()
@@ -385,6 +433,7 @@ class Bench:
             "latency": latencies,
             "throughput": throughput,
             "memory": idle,
+            "transfer": transfer,
         }
 
     def close(self) -> None:
@@ -424,6 +473,7 @@ def meta(
             "duration": options.duration,
             "idle": options.idle,
             "pool": options.pool,
+            "transfer_mib": options.transfer_mib,
         },
     }
 
@@ -533,6 +583,14 @@ def render(report: dict[str, Any]) -> str:
             "idle sandboxes", "MemAvailable MiB each", "kernel MiB each", "PSS MiB each",
             "service PSS MiB", "/healthz p50 ms", "p99 ms", "created in s",
         ]  # fmt: skip
+        lines += [format_table(headers, rows), ""]
+    if report.get("transfer"):
+        t = report["transfer"]
+        headers = [f"file transfer, {t['mib']} MiB random", "MB/s best", "MB/s median"]
+        rows = [
+            ["upload (PUT …/files)", t["upload_mb_s"], t["upload_mb_s_median"]],
+            ["download (GET …/files)", t["download_mb_s"], t["download_mb_s_median"]],
+        ]
         lines += [format_table(headers, rows), ""]
     lines += notes
     return "\n".join(lines).rstrip() + "\n"
