@@ -449,7 +449,7 @@
     const grid = { stroke: cssColor("--border"), width: 1 };
     const axis = (scale, side, format) => ({
       scale, side, grid: side === 3 ? grid : { show: false }, stroke: cssColor("--muted"),
-      ticks: { show: false }, values: (_, ticks) => ticks.map(format), size: 46,
+      ticks: { show: false }, values: (_, ticks) => ticks.map(format), size: side === 1 ? 64 : 46,
     });
     const plot = new uPlot(
       {
@@ -464,9 +464,12 @@
           { label: "Memory MiB", scale: "mem", stroke: cssColor("--mem"), width: 2, spanGaps: true },
         ],
         axes: [
-          { stroke: cssColor("--muted"), grid: { show: false }, ticks: { show: false } },
+          {
+            stroke: cssColor("--muted"), grid: { show: false }, ticks: { show: false },
+            values: (_, ticks) => ticks.map((t) => new Date(t * 1000).toTimeString().slice(0, 8)),
+          },
           axis("cpu", 3, (v) => `${v}%`),
-          axis("mem", 1, (v) => `${v}M`),
+          axis("mem", 1, (v) => `${+v.toFixed(1)} MiB`),
         ],
       },
       data,
