@@ -115,6 +115,17 @@ def visible(driver: WebDriver, css: str, timeout: float = 20) -> WebElement:
     return wait(driver, timeout).until(found)  # type: ignore[no-any-return]
 
 
+def at_size(driver: WebDriver, size: tuple[int, int]) -> None:
+    """Lay the page out at `size` CSS pixels: a phone's width too (a desktop window has a
+    minimum width, so the phone is emulated through DevTools, as a phone, at 2x)."""
+    if size == DESKTOP:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        driver.set_window_size(*size)
+        return
+    metrics = {"width": size[0], "height": size[1], "deviceScaleFactor": 2, "mobile": True}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+
+
 def screenshot(driver: WebDriver, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"

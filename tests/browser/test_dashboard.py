@@ -17,6 +17,7 @@ from tests.browser.conftest import (
     DESKTOP,
     PHONE,
     TOKEN,
+    at_size,
     has_route,
     requests_made,
     screenshot,
@@ -38,7 +39,7 @@ def daemon(served: Daemon) -> Daemon:
 @pytest.fixture
 def page(browser: WebDriver, base: str) -> Iterator[WebDriver]:
     """The dashboard, unlocked, at desktop size."""
-    browser.set_window_size(*DESKTOP)
+    at_size(browser, DESKTOP)
     unlock(browser, base)
     yield browser
     browser.get(f"{base}/ui#")  # leave no terminal or stream open into the next test
@@ -78,7 +79,7 @@ def test_the_page_loads_nothing_but_from_the_daemon(browser: WebDriver, base: st
 
 
 def test_the_token_is_asked_once_and_sent_as_a_header(browser: WebDriver, base: str) -> None:
-    browser.set_window_size(*DESKTOP)
+    at_size(browser, DESKTOP)
     browser.get(f"{base}/ui")
     browser.execute_script("sessionStorage.clear()")
     browser.refresh()
@@ -163,6 +164,12 @@ def test_the_terminal_runs_a_command_and_follows_resizes(page: WebDriver, daemon
     open_sandbox(page, made["id"], tab="terminal")
     visible(page, "#term-start").click()
     wait(page).until(lambda d: d.find_element(By.ID, "term-status").text == "Connected")
+    sent = requests_made(page)
+    sockets = [r["url"] for r in sent if r["url"].startswith("ws")]
+    assert sockets and not [url for url in sockets if TOKEN in url]
+    [handshake] = [r["headers"] for r in sent if r["url"] == "websocket handshake"]
+    offered = {k.lower(): v for k, v in handshake.items()}["sec-websocket-protocol"]
+    assert offered.startswith("sandboxd, bearer.")  # the token, as a subprotocol
     type_in_terminal(page, "echo hi-$((6*7))")
     wait(page).until(lambda d: "hi-42" in terminal_text(d))
     screenshot(page, "desktop-terminal")
@@ -185,7 +192,7 @@ def test_the_terminal_runs_a_command_and_follows_resizes(page: WebDriver, daemon
         return int(rows), int(cols)
 
     wide = tty_size()
-    page.set_window_size(*PHONE)
+    at_size(page, PHONE)
     wait(page).until(lambda d: tty_size()[1] < wide[1])
     narrow = tty_size()
     rows_drawn = page.execute_script("return document.querySelectorAll('.xterm-rows > div').length")
@@ -253,10 +260,37 @@ def test_screenshots_at_desktop_and_phone_widths(page: WebDriver, daemon: Daemon
     visible(page, "#graph canvas")
     wait(page).until(lambda d: "%" in d.find_element(By.ID, "usage").text)
     screenshot(page, "desktop-overview")
-    page.set_window_size(*PHONE)
+    at_size(page, PHONE)
     page.execute_script("window.scrollTo(0, 0)")
     screenshot(page, "phone-list")
     page.execute_script("document.getElementById('detail').scrollIntoView()")
     screenshot(page, "phone-detail")
     width = page.execute_script("return document.documentElement.scrollWidth")
     assert width <= PHONE[0], "the page scrolls sideways at phone width"
+
+
+@pytest.mark.skipif(not has_route("get", "/events"), reason="no GET /events yet")
+def test_the_list_follows_the_event_stream(page: WebDriver, daemon: Daemon) -> None:
+    wait(page).until(lambda d: d.find_element(By.ID, "live").get_attribute("data-state") == "live")
+    requests_made(page)
+    made = daemon.create(name="by-event")
+    visible(page, f'.sandbox-row[data-id="{made["id"]}"]')
+    streams = [r for r in requests_made(page) if "/events" in r["url"]]
+    assert not streams, "the stream was reopened instead of followed"
+
+
+def test_the_api_docs_take_the_token(browser: WebDriver, base: str) -> None:
+    at_size(browser, DESKTOP)
+    browser.get(f"{base}/docs")
+    visible(browser, "button.btn.authorize").click()
+    visible(browser, ".modal-ux input").send_keys(TOKEN)
+    visible(browser, ".modal-ux .auth-btn-wrapper button.authorize").click()
+    visible(browser, ".modal-ux button.btn-done").click()
+    visible(browser, "#operations-system-system_info .opblock-summary").click()
+    visible(browser, "#operations-system-system_info .try-out__btn").click()
+    visible(browser, "#operations-system-system_info button.execute").click()
+    status = visible(
+        browser, "#operations-system-system_info .live-responses-table tr.response .response-col_status"
+    )
+    assert status.text.strip() == "200"
+    screenshot(browser, "docs-authorized")
