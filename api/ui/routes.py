@@ -19,6 +19,15 @@ from fastapi.templating import Jinja2Templates
 from api.deps import Service
 
 HERE = Path(__file__).resolve().parent
+# The page holds the token: it runs only its own scripts, talks only to the daemon, and is
+# never framed. Styles may be inline: xterm.js and htmx write <style> elements of their own.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
 templates = Jinja2Templates(directory=HERE / "templates")
 
 # Not operations of the API: left out of the OpenAPI document (the tag names their ids only).
@@ -58,7 +67,7 @@ templates.env.filters["bytes"] = _bytes
 @router.get("", response_class=HTMLResponse)
 async def page(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "").rstrip("/")  # behind a proxy's prefix
-    return templates.TemplateResponse(request, "index.html", {"root": root})
+    return templates.TemplateResponse(request, "index.html", {"root": root}, headers=PAGE_HEADERS)
 
 
 @router.get("/fragments/sandboxes", response_class=HTMLResponse)

@@ -267,6 +267,35 @@ def test_screenshots_at_desktop_and_phone_widths(page: WebDriver, daemon: Daemon
     screenshot(page, "phone-detail")
     width = page.execute_script("return document.documentElement.scrollWidth")
     assert width <= PHONE[0], "the page scrolls sideways at phone width"
+    dark = {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+    page.execute_cdp_cmd("Emulation.setEmulatedMedia", dark)
+    try:
+        at_size(page, DESKTOP)
+        page.refresh()  # the graph and terminal take their colours when drawn
+        visible(page, "#graph canvas")
+        wait(page).until(lambda d: "%" in d.find_element(By.ID, "usage").text)
+        screenshot(page, "desktop-overview-dark")
+    finally:
+        page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
+
+def test_the_page_breaks_no_rule_of_its_own_policy(page: WebDriver, daemon: Daemon) -> None:
+    """The Content-Security-Policy holds with everything drawn: no violation, no script error."""
+    page.get_log("browser")
+    made = daemon.create(name="strict", cmd=["sh", "-c", "sleep 600"])
+    open_sandbox(page, made["id"])
+    visible(page, "#graph canvas")
+    visible(page, "#tab-terminal").click()
+    visible(page, "#term-start").click()
+    wait(page).until(lambda d: d.find_element(By.ID, "term-status").text == "Connected")
+    for tab in ("logs", "files", "overview"):
+        visible(page, f"#tab-{tab}").click()
+    problems = [
+        entry["message"]
+        for entry in page.get_log("browser")
+        if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]
+    ]
+    assert not problems
 
 
 @pytest.mark.skipif(not has_route("get", "/events"), reason="no GET /events yet")
@@ -290,7 +319,8 @@ def test_the_api_docs_take_the_token(browser: WebDriver, base: str) -> None:
     visible(browser, "#operations-system-system_info .try-out__btn").click()
     visible(browser, "#operations-system-system_info button.execute").click()
     status = visible(
-        browser, "#operations-system-system_info .live-responses-table tr.response .response-col_status"
+        browser,
+        "#operations-system-system_info .live-responses-table tr.response .response-col_status",
     )
     assert status.text.strip() == "200"
     screenshot(browser, "docs-authorized")

@@ -466,6 +466,7 @@
         axes: [
           {
             stroke: cssColor("--muted"), grid: { show: false }, ticks: { show: false },
+            space: 70, incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600],
             values: (_, ticks) => ticks.map((t) => new Date(t * 1000).toTimeString().slice(0, 8)),
           },
           axis("cpu", 3, (v) => `${v}%`),
