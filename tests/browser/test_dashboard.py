@@ -211,6 +211,7 @@ def test_the_logs_show_the_main_commands_output(page: WebDriver, daemon: Daemon)
     open_sandbox(page, made["id"], tab="logs")
     wait(page).until(lambda d: "out-5" in d.find_element(By.ID, "logs").text)
     assert "err" in page.find_element(By.CSS_SELECTOR, "#logs .stderr").text
+    screenshot(page, "desktop-logs")
 
 
 @pytest.mark.skipif(
