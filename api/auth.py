@@ -25,7 +25,7 @@ from api.problems import problem
 
 # Probes (load balancers, systemd's ExecStartPost, scripts waiting for readiness) carry no token;
 # nor does a browser loading the documentation, which asks for the token itself (Authorize).
-_OPEN_PATHS = {"/healthz", "/docs", "/openapi.json", "/ui"}
+_OPEN_PATHS = {"/healthz", "/docs", "/openapi.json", "/ui", "/ui/"}
 _OPEN_PREFIXES = ("/static/", "/ui/static/")
 _READS = {"GET", "HEAD"}
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
@@ -68,6 +68,12 @@ templates.env.filters["bytes"] = _bytes
 async def page(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "").rstrip("/")  # behind a proxy's prefix
     return templates.TemplateResponse(request, "index.html", {"root": root}, headers=PAGE_HEADERS)
+
+
+@router.get("/")
+async def page_with_a_slash(request: Request) -> RedirectResponse:
+    root = request.scope.get("root_path", "").rstrip("/")
+    return RedirectResponse(f"{root}/ui", status_code=308)
 
 
 @router.get("/fragments/sandboxes", response_class=HTMLResponse)

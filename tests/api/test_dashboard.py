@@ -40,6 +40,12 @@ def test_the_page_and_its_assets_need_no_token(client: TestClient) -> None:
         assert path in page.text or path.startswith("/ui/static/"), path
 
 
+def test_a_slash_after_ui_leads_to_the_page(client: TestClient) -> None:
+    answer = client.get("/ui/", headers=ANONYMOUS, follow_redirects=False)
+    assert answer.status_code == 308
+    assert answer.headers["location"] == "/ui"
+
+
 def test_every_asset_the_page_names_is_served_from_the_package(client: TestClient) -> None:
     """No CDN: each src and href of the page is a path of the daemon's, and is there."""
     page = client.get("/ui").text
