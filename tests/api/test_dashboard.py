@@ -85,6 +85,16 @@ def anonymous(service: FakeService) -> Iterator[TestClient]:
         yield client
 
 
+def test_what_a_sandbox_holds_is_drawn_as_text(client: TestClient) -> None:
+    """A command is anyone's string: the fragments escape it, it never becomes markup."""
+    cmd = ["sh", "-c", "echo '<img src=x onerror=alert(1)>'"]
+    made = client.post("/sandboxes", json={"cmd": cmd}).json()
+    for path in ("/ui/fragments/sandboxes", f"/ui/fragments/sandboxes/{made['id']}"):
+        text = client.get(path).text
+        assert "<img" not in text
+        assert "&lt;img src=x onerror=alert(1)&gt;" in text
+
+
 def test_a_websocket_may_offer_the_token_as_a_subprotocol(anonymous: TestClient) -> None:
     path = "/sandboxes/nope/execs/nope/attach"
     protocols = ["sandboxd", subprotocol(TOKEN)]
