@@ -134,7 +134,7 @@ def screenshot(driver: WebDriver, name: str) -> Path:
 
 
 def unlock(driver: WebDriver, base: str) -> None:
-    """Open the dashboard and give it the token if it asks (it asks once per tab session)."""
+    """Open the dashboard and give it the token if it asks (once for as long as the tab is open)."""
     driver.get(f"{base}/ui")
     wait(driver).until(
         lambda d: d.execute_script(

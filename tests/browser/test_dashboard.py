@@ -1,6 +1,7 @@
 """The dashboard in a real browser (headless chromium) against a real daemon with a token: it
-loads nothing from elsewhere, asks for the token once a session, follows the sandboxes live,
-creates, shows logs, runs a terminal, uploads a file, deletes; and /docs takes the token."""
+loads nothing from elsewhere, asks for the token once while the tab is open, follows the
+sandboxes live, creates, shows logs, runs a terminal, uploads a file, deletes; and /docs takes
+the token."""
 
 from __future__ import annotations
 
