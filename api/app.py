@@ -1,5 +1,6 @@
 """The FastAPI application: routers, problem handlers, auth, body limit and CORS around a
-service, and the API's documentation (Swagger UI, served from the package: no internet needed)."""
+service, the API's documentation (Swagger UI, served from the package: no internet needed) and
+the web dashboard (/ui)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ from api.auth import BearerAuth
 from api.body_limit import BodyLimit
 from api.request_id import RequestId
 from api.routes import events, execs, files, sandboxes, system
+from api.ui import routes as ui
 from daemon.shapes import SandboxService, package_version
 
 DESCRIPTION = """\
 sandboxd hands out Linux sandboxes. Errors are RFC 9457 problem details
 (`application/problem+json`). When the daemon has a token, every request needs
-`Authorization: Bearer <token>` but `GET /healthz` and the documentation (`/docs`, its assets
-under `/static/`, and this document, `/openapi.json`). In `/docs`, *Authorize* takes the token.
+`Authorization: Bearer <token>` but `GET /healthz`, the documentation (`/docs`, its assets
+under `/static/`, and this document, `/openapi.json`) and the dashboard's page (`/ui`, its
+assets under `/ui/static/`). In `/docs`, *Authorize* takes the token.
 """
 STATIC = Path(__file__).resolve().parent / "static"
 SWAGGER = "/static/vendor/swagger-ui"
@@ -85,6 +88,7 @@ def create_app(
     for module in (system, sandboxes, execs, files, events):
         app.include_router(module.router)
     _serve_docs(app)
+    ui.install(app)
     # The last middleware added runs first: authenticate before reading any body, and answer
     # a CORS preflight (which carries no token) before authenticating.
     app.add_middleware(BodyLimit, max_body=max_body)

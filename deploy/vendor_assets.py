@@ -37,10 +37,12 @@ class Package:
     integrity: str  # the tarball's sha512, as npm's dist.integrity gives it
     licence: str
     directory: str  # under api/static/vendor/
-    files: tuple[str, ...]  # paths inside the package (its tarball's package/ directory)
+    # Paths inside the package (its tarball's package/ directory), kept as they are under
+    # the package's directory: lib/xterm.js is served as /static/vendor/xterm/lib/xterm.js.
+    files: tuple[str, ...]
 
 
-# The table. More are to come (xterm, @xterm/addon-fit, htmx.org, uplot): one row each.
+# The table: Swagger UI for /docs; the terminal, htmx and the graphs for the dashboard (/ui).
 PACKAGES = (
     Package(
         name="swagger-ui-dist",
@@ -50,6 +52,42 @@ PACKAGES = (
         licence="Apache-2.0",
         directory="swagger-ui",
         files=("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png", "LICENSE", "NOTICE"),
+    ),
+    Package(
+        name="@xterm/xterm",
+        version="5.5.0",
+        integrity="sha512-hqJHYaQb5OptNunnyAnkHyM8aCjZ1MEIDTQu1iIbbTD/xops91NB5yq1ZK/dC2JDbVWtF23z"
+        "Utl9JE2NqwT87A==",
+        licence="MIT",
+        directory="xterm",
+        files=("lib/xterm.js", "css/xterm.css", "LICENSE"),
+    ),
+    Package(
+        name="@xterm/addon-fit",
+        version="0.10.0",  # the add-on release made for xterm 5.5
+        integrity="sha512-UFYkDm4HUahf2lnEyHvio51TNGiLK66mqP2JoATy7hRZeXaGMRDr00JiSF7m63vR5WKATF605y"
+        "EggJKsw0JpMQ==",
+        licence="MIT",
+        directory="xterm-addon-fit",
+        files=("lib/addon-fit.js", "LICENSE"),
+    ),
+    Package(
+        name="htmx.org",
+        version="2.0.4",
+        integrity="sha512-HLxMCdfXDOJirs3vBZl/ZLoY+c7PfM4Ahr2Ad4YXh6d22T5ltbTXFFkpx9Tgb2vvmWFMbIc3"
+        "LqN2ToNkZJvyYQ==",
+        licence="0BSD",
+        directory="htmx",
+        files=("dist/htmx.min.js", "LICENSE"),
+    ),
+    Package(
+        name="uplot",
+        version="1.6.32",
+        integrity="sha512-KIMVnG68zvu5XXUbC4LQEPnhwOxBuLyW1AHtpm6IKTXImkbLgkMy+jabjLgSLMasNuGGzQm/"
+        "ep3tOkyTxpiQIw==",
+        licence="MIT",
+        directory="uplot",
+        files=("dist/uPlot.iife.min.js", "dist/uPlot.min.css", "LICENSE"),
     ),
 )
 
@@ -81,6 +119,7 @@ def vendor(package: Package) -> None:
                 source = tar.extractfile(member)
                 if source is None:
                     raise SystemExit(f"{package.name}: {name} is not a regular file")
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
                 (target / name).write_bytes(source.read())
         notices = ", ".join(n for n in ("LICENSE", "NOTICE") if n in package.files)
         (target / "VERSIONS").write_text(

@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter.
-packages=(libseccomp2)
+# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter;
+# chromium and its driver, for the dashboard's tests in a real browser (tests/browser/).
+packages=(libseccomp2 chromium chromium-driver)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from api.auth import WS_PROTOCOL
 from api.deps import Service
 from api.problems import documented, invalid
 from api.schemas import ExecList
@@ -168,9 +169,12 @@ async def attach(websocket: WebSocket, ref: str, exec_id: str) -> None:
     Server → client: text messages `{"stream", "data"}`, and last `{"exit": Exec}`.
     Client → server: binary messages (bytes for stdin), or text messages `{"stdin": str}`,
     `{"eof": true}`, `{"resize": {"rows": int, "cols": int}}`.
+    A browser offers the subprotocol `sandboxd` (beside its token, see api.auth): a browser
+    drops a connection whose server does not pick one of the subprotocols it offered.
     """
     service: SandboxService = websocket.app.state.service
-    await websocket.accept()
+    offered = websocket.scope.get("subprotocols", [])
+    await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
     try:
         await service.get_exec(ref, exec_id)
     except SandboxError as exc:
