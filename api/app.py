@@ -20,7 +20,7 @@ from api import problems
 from api.auth import BearerAuth
 from api.body_limit import BodyLimit
 from api.request_id import RequestId
-from api.routes import execs, sandboxes, system
+from api.routes import execs, images, sandboxes, system
 from daemon.shapes import SandboxService
 
 DESCRIPTION = """\
@@ -38,6 +38,7 @@ TAGS = [
     {"name": "system", "description": "The daemon itself."},
     {"name": "sandboxes", "description": "Sandboxes: isolated process trees with their own root."},
     {"name": "execs", "description": "Processes run inside a sandbox."},
+    {"name": "images", "description": "OCI images that sandboxes can be made from."},
 ]
 
 
@@ -86,7 +87,7 @@ def create_app(
     )
     app.state.service = service
     problems.install(app)
-    for module in (system, sandboxes, execs):
+    for module in (system, sandboxes, execs, images):
         app.include_router(module.router)
     _serve_docs(app)
     # The last middleware added runs first: authenticate before reading any body, and answer

@@ -67,3 +67,11 @@ class SupervisorUnresponsive(SandboxError):
     status = 504
     title = "Supervisor unresponsive"
     slug = "supervisor-unresponsive"
+
+
+class RegistryError(SandboxError):
+    """A registry refused a pull, was unreachable, or sent what its digests do not match."""
+
+    status = 502
+    title = "Registry error"
+    slug = "registry"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from daemon.lifecycle.states import ExecState, ExitReason, SandboxState
-from daemon.shapes import Exec, ExitInfo, NetworkView, Sandbox, stored_spec
+from daemon.shapes import Exec, ExitInfo, NetworkView, Sandbox, SandboxImage, stored_spec
 from daemon.store.database import ExecRecord, SandboxRecord
 
 
@@ -24,6 +24,9 @@ def sandbox_view(record: SandboxRecord) -> Sandbox:
         hostname=record.hostname,
         namespaces=spec.namespaces,
         rootfs=spec.rootfs,
+        image=None
+        if record.image_id is None or spec.image is None
+        else SandboxImage(id=record.image_id, reference=spec.image),
         mounts=spec.mounts,
         cmd=spec.cmd,
         env=spec.env,

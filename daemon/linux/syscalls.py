@@ -27,6 +27,7 @@ _NR = {
     "move_mount": 429,
     "close_range": 436,
     "mount_setattr": 442,
+    "openat2": 437,
 }
 
 CLONE_NEWNS = 0x00020000
@@ -70,6 +71,9 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_IDMAP = 0x100000
 
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
@@ -90,6 +94,14 @@ class _MountAttr(ctypes.Structure):
         ("attr_clr", ctypes.c_uint64),
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
     ]
 
 
@@ -165,6 +177,16 @@ def move_mount(fd: int, target: str) -> None:
         _NR["move_mount"], fd, b"", AT_FDCWD, _path(target), MOVE_MOUNT_F_EMPTY_PATH
     )
     _check(result, f"move_mount to {target}")
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): `path` opened from `dirfd` under the `resolve` rules (RESOLVE_IN_ROOT:
+    `..` and absolute symlinks stop at `dirfd`, as if it were the root)."""
+    how = _OpenHow(flags=flags | os.O_CLOEXEC, mode=mode, resolve=resolve)
+    result = _libc.syscall(
+        _NR["openat2"], dirfd, _path(path), ctypes.byref(how), ctypes.sizeof(how)
+    )
+    return _check(result, f"openat2 {path}")
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
