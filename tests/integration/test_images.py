@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon
-from tests.images_build import BuiltImage, build_image, oci_layout_tar
+from tests.images_build import BuiltImage, build_image, docker_archive_tar, oci_layout_tar
 
 pytestmark = pytest.mark.usefixtures("nothing_carries_over")
 
@@ -67,3 +67,130 @@ def test_import_an_oci_layout_and_run_a_sandbox_from_it(
     assert box["image"] == {"id": imported["id"], "reference": "test/app:1"}
     out = daemon.exec(box["id"], ["cat", "/app/hello.txt", "/app/second.txt"])
     assert out["stdout"] == "hello from the image\nfrom layer two\n", out
+
+
+def test_the_image_as_the_sandbox_sees_it(
+    daemon: Daemon, imported: dict[str, Any], climb: str
+) -> None:
+    box = daemon.create(image="test/app:1")
+    script = (
+        "stat -c '%u %g %a' /home/app/owned.txt /usr/bin/suidfile; ls /opt; ls /opt/dir; "
+        f"test -e /data/nulldev || echo no-device; cat /{climb} /etc/{climb}; "
+        "stat -c %h /app/hello.txt"
+    )
+    out = daemon.sh(box["id"], script, user="0", cwd="/")
+    assert out["exit_code"] == 0, out
+    assert out["stdout"].splitlines() == [
+        "1000 1000 600",  # the image's owners, inside
+        "0 0 4755",
+        "dir",  # gone.txt whited out by the second layer
+        "c.txt",  # the opaque dir hides a.txt and b.txt below it
+        "no-device",
+        "climbed",  # `../../NAME` landed at the image's root
+        "through a link",  # so did `up/etc/NAME`, with up -> /
+        "2",  # the hard link
+    ]
+    for outside in (Path("/") / climb, Path("/etc") / climb, daemon.state_dir / climb):
+        assert not outside.exists()
+    assert not (daemon.state_dir / "images" / climb).exists()
+
+
+def test_the_images_env_cwd_and_user_are_the_defaults(
+    daemon: Daemon, imported: dict[str, Any]
+) -> None:
+    box = daemon.create(image="test/app:1", env={"EXTRA": "1", "GREETING": "hi"})
+    assert box["env"] == {"PATH": "/bin:/usr/bin", "GREETING": "hi", "ARCH": "amd64", "EXTRA": "1"}
+    out = daemon.sh(box["id"], "pwd; id -u; id -g; echo $GREETING $EXTRA; touch mine")
+    # `app` from the image's /etc/passwd; /app is root's: the touch fails as 1000
+    assert out["stdout"].splitlines()[:4] == ["/app", "1000", "1000", "hi 1"], out
+    assert out["exit_code"] != 0
+    out = daemon.sh(
+        box["id"], "pwd; id -u; touch /home/app/new; stat -c %u /home/app/new", cwd="/", user="0"
+    )
+    assert out["stdout"].splitlines() == ["/", "0", "0"], out
+
+
+def test_the_store_is_root_only_with_raw_owners(daemon: Daemon, imported: dict[str, Any]) -> None:
+    images = daemon.state_dir / "images"
+    assert images.stat().st_mode & 0o777 == 0o700
+    layers = sorted((images / "layers").iterdir())
+    assert len(layers) == 2
+    owned = [p / "home/app/owned.txt" for p in layers if (p / "home/app/owned.txt").exists()]
+    assert len(owned) == 1 and owned[0].stat().st_uid == 1000  # as in the image
+    suid = next(p / "usr/bin/suidfile" for p in layers if (p / "usr/bin/suidfile").exists())
+    assert suid.stat().st_mode & 0o7777 == 0o4755 and suid.stat().st_uid == 0
+
+
+def test_rootfs_with_image_and_unknown_images_are_422(
+    daemon: Daemon, imported: dict[str, Any], tmp_path: Path
+) -> None:
+    both = daemon.client.post("/sandboxes", json={"image": "test/app:1", "rootfs": str(tmp_path)})
+    assert both.status_code == 422
+    missing = daemon.client.post("/sandboxes", json={"image": "test/nothing:2"})
+    assert missing.status_code == 422 and "test/nothing:2" in missing.json()["detail"]
+    assert daemon.client.get("/sandboxes").json()["items"] == []
+
+
+def test_delete_is_409_while_a_sandbox_uses_the_image(daemon: Daemon, oci_tar: Path) -> None:
+    image = import_tar(daemon, oci_tar, "test/del:1").json()
+    box = daemon.create(image="test/del:1")
+    busy = daemon.client.delete("/images/test/del:1")
+    assert busy.status_code == 409 and box["id"] in busy.json()["detail"]
+    assert daemon.exec(box["id"], ["cat", "/app/hello.txt"])["exit_code"] == 0
+    assert daemon.client.delete(f"/sandboxes/{box['id']}").status_code == 204
+    assert daemon.client.delete("/images/test/del:1").status_code == 204
+    assert daemon.client.get(f"/images/{image['id']}").status_code == 404
+    assert daemon.client.delete(f"/images/{image['id']}").status_code == 404
+    images = daemon.state_dir / "images"
+    assert (
+        list((images / "layers").iterdir()) == []
+        and list((images / "blobs/sha256").iterdir()) == []
+    )
+
+
+def test_a_docker_archive_shares_the_layers_unpacked_once(
+    daemon: Daemon, imported: dict[str, Any], image: BuiltImage, tmp_path: Path
+) -> None:
+    layers = daemon.state_dir / "images" / "layers"
+    before = {p.name: p.stat().st_ino for p in layers.iterdir()}
+    path = tmp_path / "docker.tar"
+    docker_archive_tar(path, image, "test/docker:7")
+    response = import_tar(daemon, path, None)
+    assert response.status_code == 201, response.text
+    docker = response.json()
+    # The same config: the same image, under both names (layer 1 came uncompressed this time)
+    assert docker["id"] == imported["id"]
+    assert set(docker["names"]) == {"docker.io/test/app:1", "docker.io/test/docker:7"}
+    assert {p.name: p.stat().st_ino for p in layers.iterdir()} == before  # not unpacked again
+    box = daemon.create(image="test/docker:7")
+    assert daemon.exec(box["id"], ["cat", "/app/second.txt"])["stdout"] == "from layer two\n"
+    other = build_image("other", user="0")  # another config, the same layers
+    path = tmp_path / "other.tar"
+    oci_layout_tar(path, {"linux/amd64": other})
+    second = import_tar(daemon, path, "test/other:1").json()
+    assert second["id"] != imported["id"] and len(list(layers.iterdir())) == 3  # its own base
+    assert daemon.client.delete("/images/test/other:1").status_code == 204
+    assert {p.name for p in layers.iterdir()} == set(before)
+
+
+def test_a_blob_that_is_not_its_digest_is_refused_with_nothing_kept(
+    daemon: Daemon, image: BuiltImage, tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.tar"
+    oci_layout_tar(path, {"linux/amd64": image})
+    data = bytearray(path.read_bytes())
+    marker = data.find(b"from layer two")
+    data[marker] ^= 0x20  # a byte of the second (uncompressed) layer, not its size
+    path.write_bytes(bytes(data))
+    response = import_tar(daemon, path, "test/bad:1")
+    assert response.status_code == 422 and "digest" in response.json()["detail"], response.text
+    images = daemon.state_dir / "images"
+    for sub in ("layers", "blobs/sha256", "tmp"):
+        assert list((images / sub).iterdir()) == [], sub
+    assert daemon.client.get("/images").json()["items"] == []
+
+
+def test_not_a_tar_is_422(daemon: Daemon) -> None:
+    response = daemon.client.post("/images/import", params={"reference": "x:1"}, content=b"no")
+    assert response.status_code == 422
+    assert list((daemon.state_dir / "images" / "tmp").iterdir()) == []
