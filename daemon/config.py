@@ -157,12 +157,13 @@ def _registries(value: object) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _optional_file(value: object) -> Path | None:
+def _optional_file(value: object) -> str | None:
+    """An absolute file path, or None (also for ""): what the example file shows as unset."""
     if value is None or value == "":
         return None
     if not isinstance(value, str | Path) or "\x00" in str(value):
         raise ValueError(f"expected a file path, got {value!r}")
-    return Path(value).absolute()
+    return str(Path(value).absolute())
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
@@ -372,7 +373,7 @@ class Config(BaseSettings):
         ),
     ] = Field(default_factory=list)
     registry_auth: Annotated[
-        Path | None,
+        str | None,
         BeforeValidator(_optional_file),
         Doc(
             "a Docker config.json whose `auths` give the credentials for pulls (basic, also "

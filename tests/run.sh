@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter.
-packages=(libseccomp2)
+# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter; a
+# static busybox, a registry and skopeo, for the image tests (tests/integration/test_images.py).
+packages=(libseccomp2 busybox-static docker-registry skopeo)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||

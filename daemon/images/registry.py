@@ -58,7 +58,7 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 class Client:
     def __init__(self, config: Config) -> None:
         self.insecure = set(config.insecure_registries)
-        self.auths = _read_auths(config.registry_auth)
+        self.auths = _read_auths(Path(config.registry_auth) if config.registry_auth else None)
 
     async def pull(
         self, ref: Reference, platform: str, files: ImageFiles, progress: Progress

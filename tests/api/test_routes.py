@@ -214,4 +214,9 @@ def test_operation_ids_are_stable_client_names() -> None:
         ("GET", "/sandboxes/{ref}/execs/{exec_id}/output"): "execs_output",
         ("GET", "/sandboxes/{ref}/stats"): "sandboxes_stats",
         ("POST", "/sandboxes/{ref}/ttl"): "sandboxes_set_ttl",
+        ("POST", "/images/pull"): "images_pull",
+        ("POST", "/images/import"): "images_import",
+        ("GET", "/images"): "images_list",
+        ("GET", "/images/{ref}"): "images_get",
+        ("DELETE", "/images/{ref}"): "images_delete",
     }

@@ -3,6 +3,8 @@ and sandboxes made from images (their files, owners, env, cwd and user)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, Daemons
 from tests.images_build import BuiltImage, build_image, docker_archive_tar, oci_layout_tar
+from tests.registry import BearerProxy, Registry
 
 pytestmark = pytest.mark.usefixtures("nothing_carries_over")
 
@@ -194,3 +197,147 @@ def test_not_a_tar_is_422(daemon: Daemon) -> None:
     response = daemon.client.post("/images/import", params={"reference": "x:1"}, content=b"no")
     assert response.status_code == 422
     assert list((daemon.state_dir / "images" / "tmp").iterdir()) == []
+
+
+# -- pulls from a real registry -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(
+    tmp_path_factory: pytest.TempPathFactory, oci_tar: Path, climb: str
+) -> Iterator[Registry]:
+    root = tmp_path_factory.mktemp("registry")
+    server = Registry(root)
+    try:
+        server.push(oci_tar, "test/app:1")
+        multi = root / "multi.tar"
+        oci_layout_tar(
+            multi,
+            {
+                "linux/amd64": build_image(climb),
+                "linux/arm64": build_image(climb, arch="arm64"),
+            },
+        )
+        server.push(multi, "test/multi:1", all_platforms=True)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[BearerProxy]:
+    server = BearerProxy(registry.host)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_images_left(daemon: Daemon) -> Iterator[None]:
+    yield
+    daemon.destroy_all()
+    for image in daemon.client.get("/images").json()["items"]:
+        daemon.client.delete(f"/images/{image['id']}")
+
+
+def pull(daemon: Daemon, reference: str, **body: Any) -> Any:
+    return daemon.client.post("/images/pull", json={"reference": reference, **body})
+
+
+def test_pull_by_tag_and_by_digest(daemon: Daemon, registry: Registry) -> None:
+    reference = f"{registry.host}/test/app:1"
+    response = pull(daemon, reference)
+    assert response.status_code == 200, response.text
+    image = response.json()
+    assert image["names"] == [reference] and image["layers"] == 2
+    box = daemon.create(image=reference)
+    assert daemon.exec(box["id"], ["cat", "/app/second.txt"])["stdout"] == "from layer two\n"
+    daemon.destroy_all()
+    assert daemon.client.delete(f"/images/{reference}").status_code == 204
+    by_digest = f"{registry.host}/test/app@{image['digest']}"
+    again = pull(daemon, by_digest)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == image["id"] and again.json()["names"] == []
+    assert daemon.client.get(f"/images/{by_digest}").json()["id"] == image["id"]
+    wrong = f"{registry.host}/test/app@sha256:{'0' * 64}"
+    assert pull(daemon, wrong).status_code == 502
+
+
+def test_an_index_is_resolved_by_platform(daemon: Daemon, registry: Registry) -> None:
+    reference = f"{registry.host}/test/multi:1"
+    amd64 = pull(daemon, reference).json()
+    assert amd64["config"]["env"]["ARCH"] == "amd64"
+    arm64 = pull(daemon, reference, platform="linux/arm64").json()
+    assert arm64["config"]["env"]["ARCH"] == "arm64" and arm64["id"] != amd64["id"]
+    # The tag moved to the image last pulled under it
+    assert daemon.client.get(f"/images/{reference}").json()["id"] == arm64["id"]
+    missing = pull(daemon, reference, platform="linux/s390x")
+    assert missing.status_code == 502 and "linux/arm64" in missing.json()["detail"]
+
+
+def test_pull_progress_as_ndjson(daemon: Daemon, registry: Registry) -> None:
+    reference = f"{registry.host}/test/app:1"
+    headers = {"Accept": "application/x-ndjson"}
+    with daemon.client.stream(
+        "POST", "/images/pull", json={"reference": reference}, headers=headers
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert lines[0]["status"] == "resolving"
+    assert lines[-1]["image"]["names"] == [reference]
+    done = [line for line in lines if line.get("status") == "done"]
+    assert len(done) == 2  # a line for each layer at its end
+    assert all(line["current"] == line["total"] for line in done)
+
+
+def test_an_anonymous_bearer_token_is_fetched_and_used(daemon: Daemon, proxy: BearerProxy) -> None:
+    response = pull(daemon, f"{proxy.host}/test/app:1")
+    assert response.status_code == 200, response.text
+    assert proxy.token_requests[0]["service"] == "test-registry"
+    assert proxy.token_requests[0]["scope"] == "repository:test/app:pull"
+    assert proxy.token_requests[0]["authorization"] is None
+
+
+def test_basic_credentials_from_registry_auth(
+    daemons: Daemons, daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    proxy = BearerProxy(registry.host, credentials=("ci", "s3cret"))
+    try:
+        refused = pull(daemon, f"{proxy.host}/test/app:1")
+        assert refused.status_code == 502
+        auth = tmp_path / "config.json"
+        encoded = base64.b64encode(b"ci:s3cret").decode()
+        auth.write_text(json.dumps({"auths": {proxy.host: {"auth": encoded}}}))
+        other = daemons.new("--registry-auth", str(auth))
+        try:
+            response = pull(other, f"{proxy.host}/test/app:1")
+            assert response.status_code == 200, response.text
+            assert proxy.token_requests[-1]["authorization"].startswith("Basic ")
+        finally:
+            for image in other.client.get("/images").json()["items"]:
+                other.client.delete(f"/images/{image['id']}")
+    finally:
+        proxy.stop()
+
+
+def test_a_dropped_connection_is_taken_up_where_it_stopped(
+    daemon: Daemon, proxy: BearerProxy
+) -> None:
+    proxy.drop_blobs = True
+    response = pull(daemon, f"{proxy.host}/test/app:1")
+    assert response.status_code == 200, response.text
+    assert len(proxy.dropped) == 3 and len(proxy.ranges) == 3
+    box = daemon.create(image=f"{proxy.host}/test/app:1")
+    assert daemon.exec(box["id"], ["cat", "/app/hello.txt"])["exit_code"] == 0
+
+
+def test_a_corrupt_blob_from_a_registry_is_refused_with_nothing_kept(
+    daemon: Daemon, proxy: BearerProxy
+) -> None:
+    proxy.corrupt_blobs = True
+    response = pull(daemon, f"{proxy.host}/test/app:1")
+    assert response.status_code == 502 and "digest" in response.json()["detail"], response.text
+    images = daemon.state_dir / "images"
+    for sub in ("layers", "blobs/sha256", "tmp"):
+        assert list((images / sub).iterdir()) == [], sub
+    assert daemon.client.get("/images").json()["items"] == []
