@@ -7,7 +7,8 @@ The test image, two layers:
      /opt/gone.txt, /opt/dir/{a,b}.txt; a device node /data/nulldev; a member climbing out
      (`../../<climb>`); a symlink `up -> /` and a member through it (`up/etc/<climb>`)
   2. a whiteout of /opt/gone.txt, /opt/dir made opaque with c.txt in it, /app/second.txt
-Config: env PATH and GREETING, working dir /app, user `app`.
+Config: env PATH and GREETING, working dir /app, user `app`. The bench adds a third layer of
+random files to make a large image (`filler_mb`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +119,10 @@ class BuiltImage:
         return json.dumps(manifest, sort_keys=True).encode(), blobs
 
 
-def build_image(climb: str, arch: str = "amd64", user: str = "app") -> BuiltImage:
+def build_image(
+    climb: str, arch: str = "amd64", user: str = "app", filler_mb: int = 0
+) -> BuiltImage:
+    """The test image; `filler_mb`: a third layer of that many MiB of random files."""
     base = LayerTar()
     for name in ("bin", "etc", "home", "app", "usr", "usr/bin", "opt", "opt/dir", "data", "tmp"):
         base.dir(name, 0o1777 if name == "tmp" else 0o755)
@@ -154,7 +159,14 @@ def build_image(climb: str, arch: str = "amd64", user: str = "app") -> BuiltImag
             "Cmd": ["sh"],
         },
     }
-    return BuiltImage([base.bytes(), top.bytes()], config, climb)
+    layers = [base.bytes(), top.bytes()]
+    if filler_mb:
+        filler = LayerTar()
+        filler.dir("filler")
+        for index in range(0, filler_mb, 10):
+            filler.file(f"filler/{index:05d}.bin", os.urandom(min(10, filler_mb - index) << 20))
+        layers.append(filler.bytes())
+    return BuiltImage(layers, config, climb)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

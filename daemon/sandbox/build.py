@@ -196,11 +196,14 @@ def build_root(req: SpawnRequest, userns_fd: int | None, base_userns_fd: int | N
     sc.mount("tmpfs", staging, "tmpfs", _NOSUID_NODEV, "mode=0700,size=16k")
     new_root = os.path.join(staging, "root")
     os.mkdir(new_root)
+    # Lower directories by names relative to the staging directory: the overlay's options
+    # must fit in a page, and an image may have a hundred layers.
+    os.chdir(staging)
     for index, layer in enumerate(req.layers):
         # An image's layers keep their owners (the whole range); the host's keep root alone.
         idmap = userns_fd if layer.image else base_userns_fd
         sources = [layer.lower, *layer.below]
-        lowers = [os.path.join(staging, f"lower{index}.{depth}") for depth in range(len(sources))]
+        lowers = [f"lower{index}.{depth}" for depth in range(len(sources))]
         target = os.path.join(new_root, layer.target.lstrip("/"))
         options = f"lowerdir={':'.join(lowers)},upperdir={layer.upper},workdir={layer.work}"
         try:

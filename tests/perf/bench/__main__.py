@@ -69,10 +69,23 @@ def run(argv: Sequence[str] | None = None) -> int:
         help="start the private daemon with --pool-size N, and measure creates that find the "
         "pool ready (the other create rows then take from it whenever it has one) [0]",
     )
+    bench.add_argument(
+        "--image-mb",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="add a layer of N MiB of random files to the image of the create-from-image row [0]",
+    )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     args = bench.parse_args(argv)
     options = Options(
-        args.count, args.warmup, args.concurrency, args.duration, args.idle, pool=args.pool
+        args.count,
+        args.warmup,
+        args.concurrency,
+        args.duration,
+        args.idle,
+        pool=args.pool,
+        image_mb=args.image_mb,
     )
     try:
         return main(args.url, args.token or os.environ.get("SANDBOXD_TOKEN"), options, args.json)
