@@ -341,3 +341,15 @@ def test_a_corrupt_blob_from_a_registry_is_refused_with_nothing_kept(
     for sub in ("layers", "blobs/sha256", "tmp"):
         assert list((images / sub).iterdir()) == [], sub
     assert daemon.client.get("/images").json()["items"] == []
+
+
+def test_a_restart_keeps_the_images_and_their_sandboxes(
+    daemon: Daemon, imported: dict[str, Any]
+) -> None:
+    box = daemon.create(image="test/app:1")
+    daemon.stop()
+    daemon.start()
+    assert daemon.client.get("/images/test/app:1").json()["id"] == imported["id"]
+    out = daemon.sh(box["id"], "pwd; cat /app/hello.txt")
+    assert out["stdout"] == "/app\nhello from the image\n", out
+    assert len(list((daemon.state_dir / "images" / "layers").iterdir())) == 2
