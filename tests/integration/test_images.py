@@ -58,8 +58,9 @@ def imported(daemon: Daemon, oci_tar: Path) -> Iterator[dict[str, Any]]:
 
 
 def test_import_an_oci_layout_and_run_a_sandbox_from_it(
-    daemon: Daemon, imported: dict[str, Any], image: BuiltImage
+    daemon: Daemon, imported: dict[str, Any], oci_tar: Path
 ) -> None:
+    assert oci_tar.stat().st_size > 1 << 20  # past the default max_body, which binds no import
     assert imported["names"] == ["docker.io/test/app:1"]
     assert imported["layers"] == 2 and imported["id"].startswith("sha256:")
     assert imported["config"]["working_dir"] == "/app"
