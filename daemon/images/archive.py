@@ -19,6 +19,7 @@ import tarfile
 from typing import IO, Any
 
 from daemon.images.manifests import (
+    MAX_JSON,
     OCI_LAYER,
     OCI_MANIFEST,
     ManifestError,
@@ -32,7 +33,6 @@ from daemon.images.manifests import (
 from daemon.images.store import ImageFiles
 
 _CHUNK = 1 << 20
-_MAX_JSON = 4 << 20
 _REF_NAME = "org.opencontainers.image.ref.name"
 
 
@@ -67,8 +67,8 @@ def _member(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str
 
 
 def _json(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str) -> Any:
-    data = _member(tar, members, name).read(_MAX_JSON + 1)
-    if len(data) > _MAX_JSON:
+    data = _member(tar, members, name).read(MAX_JSON + 1)
+    if len(data) > MAX_JSON:
         raise ArchiveError(f"{name} is too large for a manifest")
     try:
         return json.loads(data)
@@ -110,7 +110,7 @@ def _oci_layout(
         raise ArchiveError("index.json is not a JSON object")
     entry = pick_platform(index, platform)
     for _depth in range(4):  # an index may point at an index
-        digest, size, media_type = descriptor(entry, "a manifest")
+        digest, size, media_type = descriptor(entry, "a manifest", MAX_JSON)
         data = files.read_blob(blob(digest, size))
         manifest = load(data, f"manifest {digest}")
         if not is_index(manifest, media_type or None):
@@ -118,7 +118,7 @@ def _oci_layout(
         entry = pick_platform(manifest, platform)
     else:
         raise ManifestError("indexes nested too deep")
-    config_digest, config_size, _ = descriptor(manifest.get("config"), "the config")
+    config_digest, config_size, _ = descriptor(manifest.get("config"), "the config", MAX_JSON)
     config = files.read_blob(blob(config_digest, config_size))
     resolved = resolve(manifest, digest, config, config_digest)
     for layer in resolved.layers:

@@ -98,8 +98,11 @@ def pick_platform(index: dict[str, Any], platform: str) -> dict[str, Any]:
     raise ManifestError(f"no manifest for {platform} (the index has: {', '.join(offered)})")
 
 
-def descriptor(value: Any, what: str) -> tuple[str, int, str]:
-    """(digest, size, media type) of a descriptor, checked."""
+MAX_JSON = 4 << 20  # a manifest, index or config larger than this is refused unread
+
+
+def descriptor(value: Any, what: str, limit: int | None = None) -> tuple[str, int, str]:
+    """(digest, size, media type) of a descriptor, checked; its size at most `limit`."""
     if not isinstance(value, dict):
         raise ManifestError(f"{what} is not a descriptor")
     digest, size = value.get("digest"), value.get("size")
@@ -109,6 +112,8 @@ def descriptor(value: Any, what: str) -> tuple[str, int, str]:
         raise ManifestError(f"{what}: {exc}") from exc
     if not isinstance(size, int) or size < 0:
         raise ManifestError(f"{what} has no size")
+    if limit is not None and size > limit:
+        raise ManifestError(f"{what} is {size} bytes: more than {limit} is no manifest or config")
     return str(digest), size, str(value.get("mediaType", ""))
 
 

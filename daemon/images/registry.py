@@ -33,6 +33,7 @@ from daemon.errors import RegistryError
 from daemon.images.manifests import (
     INDEXES,
     MANIFESTS,
+    MAX_JSON,
     ManifestError,
     Resolved,
     descriptor,
@@ -48,7 +49,6 @@ from daemon.images.store import BlobWriter, DigestMismatch, ImageFiles
 Progress = Callable[[dict[str, Any]], None]
 _ACCEPT = ", ".join((*MANIFESTS, *INDEXES))
 _ATTEMPTS = 4
-_MAX_MANIFEST = 4 << 20
 _PROGRESS_STEP = 1 << 20  # a progress line per MiB of a layer, and at its end
 _DOCKER_HUB_API = "registry-1.docker.io"
 _DOCKER_HUB_AUTH_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io")
@@ -93,7 +93,7 @@ async def _pull(
         if not is_index(manifest, media_type):
             break
         entry = pick_platform(manifest, platform)
-        digest, size, _ = descriptor(entry, "the platform's manifest")
+        digest, size, _ = descriptor(entry, "the platform's manifest", MAX_JSON)
         data, media_type = await session.manifest(digest)
         if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise DigestMismatch(f"the manifest {digest} is not what its digest says")
@@ -103,7 +103,7 @@ async def _pull(
     writer = files.writer()
     writer.write(data)
     writer.commit(digest)
-    config_digest, config_size, _ = descriptor(manifest.get("config"), "the config")
+    config_digest, config_size, _ = descriptor(manifest.get("config"), "the config", MAX_JSON)
     await _fetch_blob(session, files, config_digest, config_size, None)
     resolved = resolve(manifest, digest, files.read_blob(config_digest), config_digest)
     progress({"status": "resolved", "digest": digest, "layers": len(resolved.layers)})
@@ -190,7 +190,7 @@ class _Session:
             data = b""
             async for chunk in response.aiter_bytes():
                 data += chunk
-                if len(data) > _MAX_MANIFEST:
+                if len(data) > MAX_JSON:
                     raise RegistryError(f"the manifest {target} is too large")
             media_type = response.headers.get("content-type", "").split(";")[0].strip() or None
             return data, media_type

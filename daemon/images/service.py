@@ -44,6 +44,9 @@ class ImageService:
         self.files = ImageFiles(config.state_dir / "images")
         self.active = 0  # imports and pulls under way: no collection meanwhile
         self.collect_pending = False
+        # Held by a collection while it runs, and by an import or pull as it begins: one that
+        # begins during a collection waits for it, so no file of its can be taken for unused.
+        self.collecting = asyncio.Lock()
 
     @property
     def store(self) -> Store:
@@ -155,7 +158,7 @@ class ImageService:
             name = normal_name(reference)
             if name is None:
                 raise Invalid(f"reference {reference!r} is not a name[:tag]")
-        self.active += 1
+        await self._begin()
         ok = False
         try:
             path = await self._spool(body)
@@ -172,14 +175,14 @@ class ImageService:
             log.info("image %s imported", image.id, extra={"names": image.names})
             return image
         finally:
-            self._done(ok)
+            await self._done(ok)
 
     async def pull(self, reference: str, platform: str, progress: Progress | None = None) -> Image:
         try:
             ref = parse(reference)
         except ValueError as exc:
             raise Invalid(str(exc)) from exc
-        self.active += 1
+        await self._begin()
         ok = False
         try:
             client = registry.Client(self.config)
@@ -193,7 +196,7 @@ class ImageService:
             log.info("image %s pulled", image.id, extra={"reference": reference})
             return image
         finally:
-            self._done(ok)
+            await self._done(ok)
 
     async def _spool(self, body: AsyncIterator[bytes]) -> Path:
         fd, name = tempfile.mkstemp(dir=self.files.tmp, prefix="archive-")
@@ -233,17 +236,27 @@ class ImageService:
         self.store.delete_image(record.id)
         log.info("image %s removed", record.id)
         self.collect_pending = True
-        self._done(True, starting=False)
+        await self._done(True, ending=False)
 
-    def _done(self, ok: bool, *, starting: bool = True) -> None:
-        if starting:
+    async def _begin(self) -> None:
+        async with self.collecting:
+            self.active += 1
+
+    async def _done(self, ok: bool, *, ending: bool = True) -> None:
+        """An import or pull has ended (or a delete): collect unused files if one is due and
+        nothing is under way."""
+        if ending:
             self.active -= 1
         if not ok:
             self.collect_pending = True
-        if self.collect_pending and self.active == 0:
-            self._collect()
+        if not self.collect_pending or self.active:
+            return
+        async with self.collecting:
+            if self.active == 0:
+                await asyncio.to_thread(self._collect)
 
     def _collect(self) -> None:
+        """Remove the blobs and layers no recorded image uses (a worker thread, or at start)."""
         blobs: set[str] = set()
         layers: set[str] = set()
         records = self.store.list_images()

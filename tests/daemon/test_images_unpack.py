@@ -120,3 +120,13 @@ def test_a_blob_not_its_digest_is_not_kept(tmp_path: Path) -> None:
     with pytest.raises(LayerError):
         files.unpack(digest, "sha256:" + "1" * 64)
     assert list(files.layers.iterdir()) == [] and list(files.tmp.iterdir()) == []
+
+
+def test_plain_http_only_for_loopback_and_insecure_registries() -> None:
+    from daemon.images.registry import _plain_http
+
+    for host in ("127.0.0.1:5000", "localhost", "localhost:80", "[::1]:5000", "127.1.2.3"):
+        assert _plain_http(host, set()), host
+    for host in ("registry.lan:5000", "10.0.0.1:5000", "docker.io", "localhost.example"):
+        assert not _plain_http(host, set()), host
+    assert _plain_http("registry.lan:5000", {"registry.lan:5000"})
