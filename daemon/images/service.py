@@ -18,19 +18,20 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config
 from daemon.errors import Invalid, NotFound, RegistryError
-from daemon.images import registry
 from daemon.images.archive import ArchiveError, read_archive
 from daemon.images.manifests import ManifestError, Resolved
 from daemon.images.reference import normal_name, parse
-from daemon.images.registry import Progress
 from daemon.images.store import DigestMismatch, ImageFiles, LayerError
 from daemon.lifecycle.running import utcnow
 from daemon.shapes import ExecCreate, Image, ImageConfig, SandboxCreate
 from daemon.store.database import ImageRecord, Store
+
+if TYPE_CHECKING:
+    from daemon.images.registry import Progress
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,9 @@ class ImageService:
             ref = parse(reference)
         except ValueError as exc:
             raise Invalid(str(exc)) from exc
+        # httpx and the registry client: loaded by the first pull, not by every daemon start.
+        from daemon.images import registry
+
         await self._begin()
         ok = False
         try:
