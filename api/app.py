@@ -20,7 +20,7 @@ from api import problems
 from api.auth import BearerAuth
 from api.body_limit import BodyLimit
 from api.request_id import RequestId
-from api.routes import events, execs, files, sandboxes, system
+from api.routes import events, execs, files, images, sandboxes, system
 from api.ui import routes as ui
 from daemon.shapes import SandboxService, package_version
 
@@ -42,6 +42,7 @@ TAGS = [
     {"name": "execs", "description": "Processes run inside a sandbox."},
     {"name": "events", "description": "What happened, as a stream that resumes."},
     {"name": "files", "description": "A running sandbox's files, and tar archives of them."},
+    {"name": "images", "description": "OCI images that sandboxes can be made from."},
 ]
 
 
@@ -85,7 +86,7 @@ def create_app(
     )
     app.state.service = service
     problems.install(app)
-    for module in (system, sandboxes, execs, files, events):
+    for module in (system, sandboxes, execs, files, images, events):
         app.include_router(module.router)
     _serve_docs(app)
     ui.install(app)

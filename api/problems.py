@@ -38,6 +38,8 @@ DESCRIPTIONS = {
     415: "The body was not sent as application/json.",
     422: "The body or query is well-formed but breaks the schema or a rule.",
     507: "The write would take the sandbox past its disk limit; nothing partial is left.",
+    502: "A registry refused the pull, could not be reached, or sent what its digests do not "
+    "match.",
     503: "The daemon is at its configured sandbox limit.",
     504: "The sandbox's supervisor did not answer within supervisor_timeout (it is stopped or "
     "overloaded); see docs/supervisor-deadlines.md.",

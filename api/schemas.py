@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from daemon.shapes import Exec, ExecExit, ExecOutput, Sandbox
+from daemon.shapes import Exec, ExecExit, ExecOutput, Image, Sandbox
 
 __all__ = ["ExecExit", "ExecOutput"]
 
@@ -44,3 +44,7 @@ class ExecList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class ImageList(BaseModel):
+    items: list[Image] = Field(description="Oldest first.")

@@ -146,6 +146,26 @@ def _origins(value: object) -> list[str]:
     return list(dict.fromkeys(parse_origin(v) for v in values))
 
 
+def _registries(value: object) -> list[str]:
+    """Registry hosts as references name them: host or host:port."""
+    values = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError("expected a list of registries like registry.lan:5000")
+    for item in values:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?", item):
+            raise ValueError(f"expected a registry as HOST[:PORT], got {item!r}")
+    return list(dict.fromkeys(values))
+
+
+def _optional_file(value: object) -> str | None:
+    """An absolute file path, or None (also for ""): what the example file shows as unset."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str | Path) or "\x00" in str(value):
+        raise ValueError(f"expected a file path, got {value!r}")
+    return str(Path(value).absolute())
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
     def check(value: object) -> str:
         if not isinstance(value, str) or value.strip().lower() not in choices:
@@ -363,6 +383,29 @@ class Config(BaseSettings):
             examples=('["https://dashboard.example:8443"]',),
         ),
     ] = Field(default_factory=list)
+    insecure_registries: Annotated[
+        list[str],
+        NoDecode,
+        BeforeValidator(_registries),
+        Doc(
+            "registries (HOST[:PORT]) pulled from over plain HTTP; loopback registries always "
+            "are; repeatable (comma-separated in the environment)",
+            "HOST",
+            default_text="none",
+            flag_name="--insecure-registry",
+            examples=('["registry.lan:5000"]',),
+        ),
+    ] = Field(default_factory=list)
+    registry_auth: Annotated[
+        str | None,
+        BeforeValidator(_optional_file),
+        Doc(
+            "a Docker config.json whose `auths` give the credentials for pulls (basic, also "
+            "for a registry's token service)",
+            "FILE",
+            default_text="none",
+        ),
+    ] = None
     log_level: Annotated[
         str,
         BeforeValidator(_choice(LOG_LEVELS)),

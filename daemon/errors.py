@@ -75,3 +75,11 @@ class InsufficientStorage(SandboxError):
     status = 507
     title = "Insufficient storage"
     slug = "insufficient-storage"
+
+
+class RegistryError(SandboxError):
+    """A registry refused a pull, was unreachable, or sent what its digests do not match."""
+
+    status = 502
+    title = "Registry error"
+    slug = "registry"

@@ -128,6 +128,10 @@ class Layer:
     upper: str
     work: str
     requested: bool = False  # the request's own rootfs: a failure to use it is its fault
+    # An image's root: its other layers' directories under `lower` (top first), and all of
+    # them idmapped through the sandbox's whole range, so that the image's owners are kept.
+    below: list[str] = field(default_factory=list)
+    image: bool = False
 
 
 @dataclass

@@ -60,6 +60,9 @@ TARGET_PATTERN = (
     rf"^{_NO_DOTDOT}(?:/\.?(?=/|$))*"  # empty and '.' components
     rf"/(?!(?:proc|sys|dev|\.)(?:/|$)){_SEGMENT}+(?:/{_SEGMENT}*)*{END}"  # the first real one on
 )
+# An image reference: [registry/]repository[:tag][@digest], an image id or a manifest digest.
+IMAGE_REF_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{{0,511}}{END}"
+PLATFORM_PATTERN = rf"^[a-z0-9_]+/[a-z0-9_]+(?:/[a-z0-9_]+)?{END}"
 KERNEL_TREES = ("proc", "sys", "dev")  # built by the sandbox's setup: nothing goes in or over them
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _UINT32 = (
@@ -122,6 +125,20 @@ def _checked(
 
 def _schema_pattern(pattern: str) -> Any:
     return Field(json_schema_extra={"pattern": pattern})
+
+
+ImageRef = Annotated[
+    str,
+    Field(max_length=512, examples=["docker.io/library/busybox:1"]),
+    _checked(IMAGE_REF_PATTERN, "an image reference", lambda v: None),
+    _schema_pattern(IMAGE_REF_PATTERN),
+]
+Platform = Annotated[
+    str,
+    Field(max_length=64),
+    _checked(PLATFORM_PATTERN, "a platform (os/arch[/variant])", lambda v: None),
+    _schema_pattern(PLATFORM_PATTERN),
+]
 
 
 def _no_nul(value: str, what: str) -> str:
@@ -408,6 +425,12 @@ class SandboxCreate(_Input):
         description="null: the host's /usr and a copy of the world-readable part of its /etc; "
         "else an absolute path of a directory tree used read-only under a writable layer.",
     )
+    image: ImageRef | None = Field(
+        default=None,
+        description="An image in the store (name:tag, id or digest), not with `rootfs`: the "
+        "sandbox's root is its layers; its env is the base of `env`, its working_dir and user "
+        "the defaults of execs. Its entrypoint and cmd are not run: `cmd` is.",
+    )
     mounts: list[MountSpec] = Field(
         default_factory=list, description="Their targets are distinct once normalised."
     )
@@ -436,6 +459,8 @@ class SandboxCreate(_Input):
             raise ValueError(f"network mode '{self.network.mode}' needs 'net' in namespaces")
         if self.network.ports and self.network.mode != "bridge":
             raise ValueError("ports can only be published in network mode 'bridge'")
+        if self.image is not None and self.rootfs is not None:
+            raise ValueError("image and rootfs cannot both be given: the image is the root")
         targets = [m.target for m in self.mounts]  # normalised already
         if len(set(targets)) != len(targets):
             raise ValueError("two mounts have the same target")
@@ -467,6 +492,11 @@ class NetworkView(BaseModel):
     ports: list[PortSpec] = Field(default_factory=list)
 
 
+class SandboxImage(BaseModel):
+    id: str = Field(description="The image's id (its config's digest).")
+    reference: str = Field(description="The reference the create named it by.")
+
+
 class Sandbox(BaseModel):
     """A sandbox as clients see it."""
 
@@ -476,6 +506,9 @@ class Sandbox(BaseModel):
     hostname: str
     namespaces: list[Namespace]
     rootfs: str | None
+    image: SandboxImage | None = Field(
+        default=None, description="The image it was made from, as asked and as resolved."
+    )
     mounts: list[MountSpec]
     cmd: list[str] | None
     env: dict[str, str]
@@ -488,6 +521,39 @@ class Sandbox(BaseModel):
     finished_at: datetime | None
     expires_at: datetime | None
     exit: ExitInfo | None
+
+
+class ImageConfig(BaseModel):
+    """What the image's config says a container of it should run with."""
+
+    env: dict[str, str] = Field(default_factory=dict)
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    working_dir: str = ""
+    user: str = ""
+
+
+class Image(BaseModel):
+    """An image in the daemon's store."""
+
+    id: str = Field(description="The digest of its config: `sha256:…`.")
+    digest: str = Field(description="The digest of its manifest: `sha256:…`.")
+    names: list[str] = Field(description="Its name:tag references (a tag is on one image).")
+    size: int = Field(description="Bytes of its layers as stored (compressed, as pulled).")
+    layers: int
+    created_at: datetime = Field(description="When it came into this store.")
+    config: ImageConfig
+
+
+class ImagePull(_Input):
+    """The body of POST /images/pull."""
+
+    reference: ImageRef = Field(
+        description="registry/repository[:tag] or …@sha256:…; without a registry, docker.io."
+    )
+    platform: Platform = Field(
+        default="linux/amd64", description="The manifest picked from an index: os/arch[/variant]."
+    )
 
 
 class TtySize(_Input):
@@ -741,8 +807,28 @@ class Info(BaseModel):
     uid_last: int = Field(description="The last host uid its sandboxes' ranges may reach.")
 
 
+class ImageStoreService(Protocol):
+    """What api/ needs of the image store. `daemon.images.service.ImageService` is the real one."""
+
+    async def list(self) -> builtins.list[Image]: ...
+    async def get(self, ref: str) -> Image: ...
+    async def delete(self, ref: str) -> None: ...
+    async def import_archive(
+        self, body: AsyncIterator[bytes], reference: str | None, platform: str
+    ) -> Image: ...
+    async def pull(
+        self,
+        reference: str,
+        platform: str,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Image: ...
+
+
 class SandboxService(Protocol):
     """What api/ needs of the daemon. `daemon.lifecycle.service.SandboxManager` is the real one."""
+
+    @property
+    def images(self) -> ImageStoreService: ...
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...

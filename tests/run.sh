@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter;
-# chromium and its driver, for the dashboard's tests in a real browser (tests/browser/).
-packages=(libseccomp2 chromium chromium-driver)
+# chromium and its driver, for the dashboard's tests in a real browser (tests/browser/); a
+# static busybox, a registry and skopeo, for the image tests (tests/integration/test_images.py).
+packages=(libseccomp2 chromium chromium-driver busybox-static docker-registry skopeo)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||

@@ -55,8 +55,9 @@ _RECOVERING = "recovering"
 # What sandbox.json keeps of a record: enough to adopt it, nothing that changes per exec.
 _KEPT_FIELDS = (
     "id", "name", "hostname", "spec", "uid_slot", "ip", "pid", "pid_start", "base_dir",
-    "created_at", "started_at", "expires_at", "pooled",
+    "created_at", "started_at", "expires_at", "pooled", "image_id",
 )  # fmt: skip
+_NEWER_FIELDS = ("image_id",)  # absent from what an older version kept
 _TIMES = ("created_at", "started_at", "expires_at")
 
 
@@ -368,7 +369,9 @@ def _unadoptable(sandbox: OnDisk) -> str | None:
 
 
 def _fields(kept: dict[str, Any]) -> dict[str, Any]:
-    fields = {name: kept[name] for name in _KEPT_FIELDS}
+    fields = {
+        name: kept.get(name) if name in _NEWER_FIELDS else kept[name] for name in _KEPT_FIELDS
+    }
     for name in _TIMES:
         value = fields[name]
         fields[name] = None if value is None else datetime.fromisoformat(value)

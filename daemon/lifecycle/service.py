@@ -43,6 +43,7 @@ from daemon.errors import (
     SetupFailed,
     SupervisorUnresponsive,
 )
+from daemon.images.service import ImageService
 from daemon.lifecycle import default_root, recovery
 from daemon.lifecycle.cmd_logs import MainLogs
 from daemon.lifecycle.events import Event, EventHub, Subscription
@@ -170,6 +171,7 @@ class SandboxManager:
             ),
             self.events,
         )
+        self.images = ImageService(config, lambda: self.store)
 
     @property
     def store(self) -> Store:
@@ -196,6 +198,7 @@ class SandboxManager:
         self._store = Store(self.config.state_dir / recovery.DATABASE, self.events.publish)
         self.generation = self.store.generation()
         recovery.claim(self.config.state_dir, self.generation)
+        self.images.start()
         self.tree.start()
         self.limits = limits.for_layout(cgroups.detect_layout(), self.tree)
         self.limits.start()
@@ -397,6 +400,9 @@ class SandboxManager:
         #    not built yet
         self._check_host(spec)
         spec = self._applied(spec)
+        image_id = None
+        if spec.image is not None:  # its env under the request's; 422 if not in the store
+            spec, image_id = self.images.for_create(spec)
         bridged = spec.network.mode == "bridge"
         sandbox_id = new_id("sb")
         logs.bind(sandbox_id=sandbox_id)  # the request's task, or the pool's (which unbinds)
@@ -419,8 +425,9 @@ class SandboxManager:
                 expires_at=expires_at,
                 subnet=self.network.subnet if bridged else None,
                 pooled=pooled,
-                base_dir=str(self.base_dir) if spec.rootfs is None else None,
+                base_dir=str(self.base_dir) if spec.rootfs is None and spec.image is None else None,
                 slots=self.config.slots,
+                image_id=image_id,
             )
         except BaseException:
             if ports is not None:
@@ -569,7 +576,11 @@ class SandboxManager:
         sandbox_dir = self.sandboxes_dir / record.id
         sandbox_dir.mkdir(mode=0o700)
         disk.mount_layers_fs(sandbox_dir, disk_bytes)
-        if spec.rootfs is None:
+        # An image's layers, top first: the top one is the overlay's `lower`, the rest `below`.
+        image_layers = self.images.root_layers(record.image_id) if record.image_id else []
+        if image_layers:
+            sources = [(image_layers[0], "/")]
+        elif spec.rootfs is None:
             sources = [(str(self.base_dir), "/"), *default_root.host_layers()]
         else:
             sources = [(spec.rootfs, "/")]
@@ -582,6 +593,8 @@ class SandboxManager:
             os.chmod(upper, os.stat(lower).st_mode & 0o7777)
             os.chown(upper, owner, owner)
             layers.append(Layer(lower, target, str(upper), str(work), spec.rootfs is not None))
+        if image_layers:
+            layers[0].below, layers[0].image = image_layers[1:], True
         hosts_ip, resolv = self.network.identity(record.ip) if record.ip else (None, "")
         default_root.write_identity_files(
             Path(layers[0].upper), record.hostname, owner, hosts_ip, resolv
@@ -772,6 +785,9 @@ class SandboxManager:
     # -- execs (daemon/lifecycle/execs.py) ----------------------------------------------------
 
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
+        image_id = self.store.get_sandbox(ref).image_id
+        if image_id is not None:  # the image's working_dir and user, where the exec names none
+            spec = self.images.exec_defaults(image_id, spec)
         return await self.execs.exec(ref, spec)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:

@@ -11,7 +11,7 @@ from daemon.lifecycle.states import (
     SandboxState,
     public_state,
 )
-from daemon.shapes import Exec, ExitInfo, NetworkView, Sandbox, stored_spec
+from daemon.shapes import Exec, ExitInfo, NetworkView, Sandbox, SandboxImage, stored_spec
 from daemon.store.database import ExecRecord, SandboxRecord
 
 
@@ -36,6 +36,9 @@ def sandbox_view(record: SandboxRecord) -> Sandbox:
         hostname=record.hostname,
         namespaces=spec.namespaces,
         rootfs=spec.rootfs,
+        image=None
+        if record.image_id is None or spec.image is None
+        else SandboxImage(id=record.image_id, reference=spec.image),
         mounts=spec.mounts,
         cmd=spec.cmd,
         env=spec.env,

@@ -29,7 +29,8 @@ The steps (bubblewrap's order: everything validated by the daemon before the fir
   B, PID 1 in the new PID namespace, still host root:
     6. make every mount private, so nothing propagates back to the host
     7. overlay each base layer: lower read-only and idmapped, upper on the sandbox's tmpfs in
-       the state directory (mounted by the daemon, sized by limits.disk_bytes)
+       the state directory (mounted by the daemon, sized by limits.disk_bytes); an image's
+       root is one overlay of all its layers
     8. pivot_root into the new root and detach the old one
     9. /proc, /sys (read-only), a minimal /dev, /dev/pts, /dev/shm and /tmp (sized), the binds
    10. lo up, unprivileged ports from 0
@@ -195,13 +196,20 @@ def build_root(req: SpawnRequest, userns_fd: int | None, base_userns_fd: int | N
     sc.mount("tmpfs", staging, "tmpfs", _NOSUID_NODEV, "mode=0700,size=16k")
     new_root = os.path.join(staging, "root")
     os.mkdir(new_root)
+    # Lower directories by names relative to the staging directory: the overlay's options
+    # must fit in a page, and an image may have a hundred layers.
+    os.chdir(staging)
     for index, layer in enumerate(req.layers):
-        lower = os.path.join(staging, f"lower{index}")
-        os.mkdir(lower)
+        # An image's layers keep their owners (the whole range); the host's keep root alone.
+        idmap = userns_fd if layer.image else base_userns_fd
+        sources = [layer.lower, *layer.below]
+        lowers = [f"lower{index}.{depth}" for depth in range(len(sources))]
         target = os.path.join(new_root, layer.target.lstrip("/"))
-        options = f"lowerdir={lower},upperdir={layer.upper},workdir={layer.work}"
+        options = f"lowerdir={':'.join(lowers)},upperdir={layer.upper},workdir={layer.work}"
         try:
-            attach(detached_tree(layer.lower, base_userns_fd, read_only=True), lower)
+            for source, lower in zip(sources, lowers, strict=True):
+                os.mkdir(lower)
+                attach(detached_tree(source, idmap, read_only=True), lower)
             sc.mount("overlay", target, "overlay", 0, options)
         except OSError as exc:
             if not layer.requested:

@@ -53,7 +53,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 import migrations
 from daemon.config import ConfigError
-from daemon.errors import Conflict, LimitReached, NotFound
+from daemon.errors import Conflict, Invalid, LimitReached, NotFound
 from daemon.lifecycle.events import Event, EventType
 from daemon.lifecycle.states import (
     POOL_STATES,
@@ -146,6 +146,9 @@ class SandboxRecord(Base):
     exit_signal: Mapped[str | None] = mapped_column(sa.String)
     exit_reason: Mapped[ExitReason | None] = mapped_column(StrEnumType(ExitReason))
     exit_message: Mapped[str | None] = mapped_column(sa.Text)
+    # The image it was made from (its config digest), or None (migration 0010): while a
+    # record names it, the image cannot be deleted.
+    image_id: Mapped[str | None] = mapped_column(sa.String, index=True)
 
     __table_args__ = (sa.Index("ix_sandboxes_ip", "ip", unique=True),)
 
@@ -206,7 +209,7 @@ class IdempotencyKeyRecord(Base):
 
 
 class EventRecord(Base):
-    """What happened, numbered (migration 0007). AUTOINCREMENT: a seq is never used again,
+    """What happened, numbered (migration 0009). AUTOINCREMENT: a seq is never used again,
     even after the newest rows are deleted, so a follower's last id stays meaningful across
     restarts. No foreign keys: an event outlives its sandbox, exec or image."""
 
@@ -222,7 +225,24 @@ class EventRecord(Base):
     data: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
 
 
-R = TypeVar("R", SandboxRecord, ExecRecord, IdempotencyKeyRecord, MetaRecord)
+class ImageRecord(Base):
+    """An image in the store (migration 0010): its layers' files are under STATE/images
+    (daemon/images/store.py). `names` are name:tag references, each held by one image."""
+
+    __tablename__ = "images"
+
+    id: Mapped[str] = mapped_column(sa.String, primary_key=True)  # the config's digest
+    digest: Mapped[str] = mapped_column(sa.String, index=True)  # the manifest's
+    names: Mapped[list[str]] = mapped_column(sa.JSON)
+    # Bottom first: [{"digest", "diff_id", "size", "media_type"}]
+    layers: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON)
+    size: Mapped[int] = mapped_column(sa.Integer)
+    # What a sandbox takes from it: env, cmd, entrypoint, working_dir, user
+    config: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+R = TypeVar("R", SandboxRecord, ExecRecord, IdempotencyKeyRecord, MetaRecord, ImageRecord)
 
 # Set up the mappers now rather than at their first use: _record builds instances without the
 # constructor, which is what would otherwise trigger it.
@@ -449,6 +469,10 @@ _SANDBOX_FACTS = select(_S.name, func.json_extract(_S.spec, "$.labels")).where(
     _S.id == bindparam("sandbox_id")
 )
 _PENDING = "sandboxd_events"  # conn.info key: the events of the open transaction
+_IMAGES = Base.metadata.tables["images"]
+_I = _IMAGES.c
+_IMAGE_EXISTS = select(_I.id).where(_I.id == bindparam("image_id"))
+_IMAGE_USERS = select(_S.id).where(_S.image_id == bindparam("image_id")).limit(1)
 
 
 _SQLITE_NEEDED = (3, 35, 0)
@@ -551,17 +575,22 @@ class Store:
         pooled: bool = False,
         base_dir: str | None = None,
         slots: int | None = None,
+        image_id: str | None = None,
     ) -> SandboxRecord:
         """Record a new sandbox in `creating`, with the lowest free uid slot and, given a
         `subnet`, the lowest free address in it (its first address is the bridge's). A pooled
         one does not count towards `max_live`. `base_dir`: the default base it is built on.
         `slots`: how many uid slots there are (LimitReached when all are held, also by dying
-        sandboxes not yet released)."""
+        sandboxes not yet released). `image_id`: the image it is made from, Invalid if it
+        has been deleted meanwhile (checked in the same transaction as the delete's check)."""
         with _unique_name(name), self._writer.begin() as conn:
             if not pooled:
                 _check_room(conn, name, max_live)
             state = LifecycleState.WARMING if pooled else LifecycleState.CREATING
             check_transition(None, state)
+            found = image_id is None or conn.execute(_IMAGE_EXISTS, {"image_id": image_id}).first()
+            if not found:
+                raise Invalid(f"image {image_id} is not in the store (deleted meanwhile)")
             values = {
                 "id": id,
                 "name": name,
@@ -572,6 +601,7 @@ class Store:
                 "created_at": now,
                 "expires_at": expires_at,
                 "base_dir": base_dir,
+                "image_id": image_id,
             }
             row = conn.execute(_INSERT_SANDBOX, values).one()
             if slots is not None and row.uid_slot >= slots:  # rolled back with the insert
@@ -878,6 +908,51 @@ class Store:
                 )
             except IntegrityError as exc:
                 raise Conflict(f"the Idempotency-Key {key!r} is already recorded") from exc
+
+    # Images.
+
+    def list_images(self) -> list[ImageRecord]:
+        return self._read(ImageRecord, select(_IMAGES).order_by(_I.created_at, _I.id))
+
+    def save_image(self, record: ImageRecord) -> ImageRecord:
+        """Insert the image, or merge its names into the one with its id; each of its names
+        is taken from any other image that held it (a tag moves to the newest image)."""
+        with self._writer.begin() as conn:
+            for other in conn.execute(select(_IMAGES)).all():
+                if other.id == record.id:
+                    continue
+                kept = [n for n in other.names if n not in record.names]
+                if kept != other.names:
+                    conn.execute(update(_IMAGES).where(_I.id == other.id).values(names=kept))
+            existing = conn.execute(select(_IMAGES).where(_I.id == record.id)).one_or_none()
+            if existing is None:
+                values = {c.key: getattr(record, c.key) for c in _IMAGES.c}
+                row = conn.execute(insert(_IMAGES).values(values).returning(*_IMAGES.c)).one()
+            else:
+                names = list(dict.fromkeys([*existing.names, *record.names]))
+                row = conn.execute(
+                    update(_IMAGES)
+                    .where(_I.id == record.id)
+                    .values(names=names)
+                    .returning(*_IMAGES.c)
+                ).one()
+        return _record(ImageRecord, row)
+
+    def sandbox_image_ids(self) -> set[str]:
+        """The images that sandbox records name."""
+        query = select(_S.image_id).where(_S.image_id.is_not(None)).distinct()
+        with self._engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def delete_image(self, image_id: str) -> list[ImageRecord]:
+        """Forget the image (Conflict while a sandbox record names it); the images left."""
+        with self._writer.begin() as conn:
+            user = conn.execute(_IMAGE_USERS, {"image_id": image_id}).first()
+            if user is not None:
+                raise Conflict(f"image {image_id} is used by sandbox {user.id}")
+            conn.execute(delete(_IMAGES).where(_I.id == image_id))
+            rows = conn.execute(select(_IMAGES)).all()
+        return [_record(ImageRecord, row) for row in rows]
 
     def _execs(self, sandbox_id: str, state: ExecState | None = None) -> list[ExecRecord]:
         query = select(_EXECS).where(_X.sandbox_id == sandbox_id)

@@ -106,6 +106,11 @@ def test_a_generated_client_has_the_stable_names(tmp_path: Path) -> None:
         "files_delete",
         "files_archive_read",
         "files_archive_write",
+        "images_pull",
+        "images_import",
+        "images_list",
+        "images_get",
+        "images_delete",
     }
     problem = (out / "api" / "sandboxes" / "sandboxes_get.py").read_text()
     assert "Problem.from_dict" in problem

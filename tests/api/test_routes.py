@@ -228,4 +228,9 @@ def test_operation_ids_are_stable_client_names() -> None:
         ("POST", "/sandboxes/{ref}/files/move"): "files_move",
         ("GET", "/sandboxes/{ref}/archive"): "files_archive_read",
         ("PUT", "/sandboxes/{ref}/archive"): "files_archive_write",
+        ("POST", "/images/pull"): "images_pull",
+        ("POST", "/images/import"): "images_import",
+        ("GET", "/images"): "images_list",
+        ("GET", "/images/{ref}"): "images_get",
+        ("DELETE", "/images/{ref}"): "images_delete",
     }

@@ -9,11 +9,15 @@ which this daemon (capped at a few sandboxes) does reach.
 Fuzzed creates make real sandboxes, so the document the fuzzer reads is narrowed, never widened,
 where a fuzzed value would reach the host: no `mounts` (a bind of a host path, read-write if
 the fuzzer so chose), no `rootfs`, no published `ports` (they listen on every host address) and
-no `host` network mode; no `Idempotency-Key`, whose reuse with another body is a 422 by
-design; and GET /events only with follow=false (a followed stream never ends). Those are
-covered by their own tests (test_mount_paths.py, test_network.py,
-tests/api/test_schema_rules.py, test_events.py). A sandbox made outside the stateful phase is
-deleted at once (a hook), and everything left is destroyed before the module's leak check.
+no `host` network mode; no POST /images/pull (it would reach whatever registry a fuzzed
+reference names: test_images.py pulls from one on loopback), no POST /images/import (random
+bytes are no image: a 422 for a body the schema, `binary`, allows) and no `image` in a create
+(a valid name of an image the daemon does not have is a 422 too); no `Idempotency-Key`, whose
+reuse with another body is a 422 by design; and GET /events only with follow=false (a followed
+stream never ends). Those are covered by their own tests (test_mount_paths.py,
+test_network.py, tests/api/test_schema_rules.py, test_images.py, test_events.py). A sandbox
+made outside the stateful phase is deleted at once (a hook), and everything left is destroyed
+before the module's leak check.
 """
 
 from __future__ import annotations
@@ -130,6 +134,11 @@ def narrowed(document: dict[str, Any]) -> dict[str, Any]:
     # An Idempotency-Key binds a key to the first body sent with it: the same key with another
     # body is a 422 that no schema can foresee (tests/integration/test_idempotency.py).
     create = narrow["paths"]["/sandboxes"]["post"]
+    # A pull reaches the registry its reference names, wherever that is; an import's body must
+    # be an image archive, and a create's image one in the store (test_images.py has both).
+    del narrow["paths"]["/images/pull"]
+    del narrow["paths"]["/images/import"]
+    del schemas["SandboxCreate"]["properties"]["image"]
     create["parameters"] = [
         p for p in create.get("parameters", []) if p.get("name", "").lower() != "idempotency-key"
     ]

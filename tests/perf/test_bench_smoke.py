@@ -33,7 +33,8 @@ def test_bench_measures_every_row_and_leaves_nothing() -> None:
 
     rows = {row["name"]: row for row in report["latency"]}
     assert list(rows) == [
-        "create_pool", "lifecycle_pool", "create", "create_bridge", "first_exec", "exec",
+        "create_pool", "lifecycle_pool", "create_image", "create", "create_bridge", "first_exec",
+        "exec",
         "exec_spaced", "exec_1mib", "destroy", "lifecycle",
     ]  # fmt: skip
     for name, row in rows.items():

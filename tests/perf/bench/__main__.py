@@ -76,6 +76,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="upload and download a file of N MiB of random bytes; 0 for no such row [200]",
     )
+    bench.add_argument(
+        "--image-mb",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="add a layer of N MiB of random files to the image of the create-from-image row [0]",
+    )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     args = bench.parse_args(argv)
     options = Options(
@@ -86,6 +93,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         args.idle,
         pool=args.pool,
         transfer_mib=args.transfer_mib,
+        image_mb=args.image_mb,
     )
     try:
         return main(args.url, args.token or os.environ.get("SANDBOXD_TOKEN"), options, args.json)

@@ -8,6 +8,9 @@ What is measured, in this order (latencies over one keep-alive connection, one r
 time, after a few untimed warm-up rounds):
   pool              with a warm pool (the daemon's pool_size; --pool for a private daemon):
                     create, and the whole lifecycle, each once the pool is full again (untimed)
+  create (image)    POST /sandboxes {"image": …} of a busybox image the bench imports first
+                    (--image-mb: with a layer of that many MiB more); deleted at
+                    the end, as are its sandboxes
   create            POST /sandboxes {} (all namespaces, network none); the sandboxes stay
   create (bridge)   the same with network.mode bridge; skipped when the daemon answers 422
   first exec        POST /sandboxes/ID/exec {"cmd": ["true"]} (wait mode), once into each of them
@@ -32,17 +35,20 @@ import os
 import platform
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import httpx
 
+from tests.images_build import build_image, oci_layout_tar
 from tests.perf.bench import memory
 from tests.perf.bench.daemon import PrivateDaemon
 from tests.perf.bench.stats import (
@@ -83,6 +89,7 @@ class Options:
     pool_only: bool = False  # measure only the rows of the warm pool
     transfer_mib: int = 200  # the file of the transfer row (0: no such row)
     transfer_rounds: int = 3
+    image_mb: int = 0  # MiB of random files in the image of the create_image row
 
     def max_alive(self) -> int:
         """The most sandboxes of this run alive at once (for a private daemon's limit)."""
@@ -201,6 +208,10 @@ class Bench:
         def create() -> None:
             ids.append(self.create(client))
 
+        # Before the create row, whose sandboxes stay alive for the exec rows: a create costs
+        # more with more sandboxes alive (a bigger mount table to copy), so the two compare
+        # each with the same number alive.
+        rows.append(self.from_image())
         rows.append(measure("create", "create (default options)", create, count))
         rows.append(self.bridge())
         fresh = iter(ids)
@@ -301,6 +312,37 @@ class Bench:
             name, label, lambda: ids.append(self.create(self.client, **bridge)), self.options.count
         )
         self.in_parallel(ids, self.destroy)
+        return row
+
+    def from_image(self) -> Latency:
+        """Creates from an imported image (its layers as the overlay's lower layers): the same
+        work as a default create but for the layers, whatever the image's size."""
+        size = f"{self.options.image_mb} MiB of filler, " if self.options.image_mb else ""
+        name, label = "create_image", f"create from an image ({size}busybox)"
+        reference = f"sandboxd-bench/{self.run_id}:1"
+        with tempfile.TemporaryDirectory() as work:
+            archive = Path(work) / "image.tar"
+            image = build_image(f"bench-{self.run_id}", filler_mb=self.options.image_mb)
+            oci_layout_tar(archive, {"linux/amd64": image})
+            del image
+            with archive.open("rb") as body:
+                response = self.client.post(
+                    "/images/import", params={"reference": reference}, content=body
+                )
+        if response.status_code != 201:
+            return Latency(name, label, skipped=f"import answered {response.status_code}")
+        ids: list[str] = []
+        try:
+            row = measure(
+                name,
+                label,
+                lambda: ids.append(self.create(self.client, image=reference)),
+                self.options.count,
+                warmup=self.options.warmup,
+            )
+        finally:
+            self.in_parallel(ids, self.destroy)
+            self.client.delete(f"/images/{reference}")
         return row
 
     # -- throughput ---------------------------------------------------------------------------
