@@ -126,11 +126,16 @@ class Tmux:
         return self.screen()
 
     def dead_status(self, timeout: float = 30) -> int:
-        def dead() -> bool:
-            return self.tmux("display", "-p", "-t", "t", "#{pane_dead}").strip() == "1"
+        """The pane's command's exit status, once it has ended."""
 
-        assert wait_for(dead, timeout=timeout), f"the pane's command never ended:\n{self.screen()}"
-        return int(self.tmux("display", "-p", "-t", "t", "#{pane_dead_status}").strip())
+        def status() -> str:
+            shown = self.tmux("display", "-p", "-t", "t", "#{pane_dead}:#{pane_dead_status}")
+            dead, _, code = shown.strip().partition(":")
+            return code if dead == "1" and code else ""
+
+        code = wait_for(status, timeout=timeout)
+        assert code, f"the pane's command never ended:\n{self.screen()}"
+        return int(code)
 
     def resize(self, rows: int, cols: int) -> None:
         self.tmux("resize-window", "-t", "t", "-x", str(cols), "-y", str(rows))
