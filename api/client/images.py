@@ -71,6 +71,7 @@ def pull(platform: str | None, reference: str) -> int:
         body["platform"] = platform
     headers = {"Accept": "application/x-ndjson"}
     console = stderr()
+    image: dict[str, Any] | None = None
     with (
         api.stream("POST", "/images/pull", json=body, headers=headers) as response,
         Progress(
@@ -86,20 +87,24 @@ def pull(platform: str | None, reference: str) -> int:
         for line in api.lines(response):
             if "image" in line:
                 image = line["image"]
-                click.echo(f"{reference}: {image['id']}")
-                return 0
+                break
             if "error" in line:
                 error = line["error"]
                 detail = error.get("detail") if isinstance(error, dict) else error
                 raise ApiError(502, str(detail))
             _advance(progress, layers, line)
-    raise click.ClickException("the daemon ended the pull without an image")
+    if image is None:
+        raise click.ClickException("the daemon ended the pull without an image")
+    click.echo(f"{reference}: {image['id']}")
+    return 0
 
 
 def _advance(progress: Progress, layers: dict[str, TaskID], line: dict[str, Any]) -> None:
     """One progress line: whatever names a layer, its bytes so far and its total."""
-    layer = next((str(line[k]) for k in ("layer", "digest", "blob", "id") if line.get(k)), None)
-    if layer is None:
+    counted = ("current", "completed", "downloaded", "bytes")
+    sized = any(isinstance(line.get(k), int) for k in ("total", "size", *counted))
+    layer = line.get("layer") or (line.get("digest") if sized else None)
+    if not layer:
         return
     total = next((line[k] for k in ("total", "size") if isinstance(line.get(k), int)), None)
     done = next(

@@ -67,12 +67,12 @@ def command_line(daemon: Daemon, *args: str) -> str:
 
 @cache
 def app_routes() -> frozenset[str]:
-    """The paths the HTTP app serves, in this checkout."""
+    """The paths the HTTP app serves, in this checkout (as its OpenAPI document lists them)."""
     from api.app import create_app
     from tests.api.fakes import FakeService
 
     app = create_app(FakeService(), token=None, max_body=1024)
-    return frozenset(getattr(route, "path", "") for route in app.routes)
+    return frozenset(app.openapi()["paths"])
 
 
 def needs_route(route: str) -> pytest.MarkDecorator:
@@ -126,12 +126,14 @@ class Tmux:
         return self.screen()
 
     def dead_status(self, timeout: float = 30) -> int:
-        """The pane's command's exit status, once it has ended."""
+        """The pane's command's exit status once it has ended (128+n for a death by signal n)."""
+        shape = "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}"
 
         def status() -> str:
-            shown = self.tmux("display", "-p", "-t", "t", "#{pane_dead}:#{pane_dead_status}")
-            dead, _, code = shown.strip().partition(":")
-            return code if dead == "1" and code else ""
+            dead, code, signal = self.tmux("display", "-p", "-t", "t", shape).strip().split(":")
+            if dead != "1":
+                return ""
+            return code or (str(128 + int(signal)) if signal else "")
 
         code = wait_for(status, timeout=timeout)
         assert code, f"the pane's command never ended:\n{self.screen()}"
