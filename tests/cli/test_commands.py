@@ -8,8 +8,11 @@ import io
 import json
 import os
 import random
+import re
 import socket
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -17,13 +20,17 @@ import pytest
 
 from daemon.config import Source, settings
 from tests.cli.helpers import (
+    Tmux,
+    clean_env,
+    command_line,
     exec_takes_encoding,
+    host,
     needs_route,
     ok,
     one_line_error,
     sandboxd,
 )
-from tests.conftest import Daemon, Daemons
+from tests.conftest import ROOT, Daemon, Daemons, wait_for
 
 pytestmark = pytest.mark.usefixtures("nothing_carries_over")
 
@@ -277,3 +284,52 @@ def test_events_as_json(daemon: Daemon) -> None:
 def test_images_as_json_and_an_unknown_image(daemon: Daemon) -> None:
     assert isinstance(json.loads(ok(sandboxd(daemon, "images", "--format", "json"))), list)
     assert "no-such" in one_line_error(sandboxd(daemon, "rmi", "no-such:1"))
+
+
+@needs_route("/events")
+def test_events_follow_as_json_lines(daemon: Daemon) -> None:
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "api", "events", "--since", "0", "--format", "json"],
+        cwd=ROOT, env=clean_env(SANDBOXD_HOST=host(daemon)), stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        ident = run_detached(daemon)
+        assert follower.stdout is not None
+        seen = []
+        for line in follower.stdout:
+            event = json.loads(line)
+            if event.get("sandbox_id") == ident:
+                seen.append(event["type"])
+                break
+        assert seen == ["sandbox.created"]
+    finally:
+        follower.terminate()
+        follower.wait(30)
+
+
+def test_stats_watch_redraws_with_cpu_percent_until_ctrl_c(daemon: Daemon, tmp_path: Path) -> None:
+    run_detached(daemon, "--name", "cli-watched", "sh", "-c", "while :; do :; done")
+    tmux = Tmux(tmp_path, rows=10, cols=120)
+    try:
+        tmux.start(command_line(daemon, "stats", "--watch", "--interval", "0.5", "cli-watched"))
+        # A percentage needs two samples: the table has been drawn again.
+        assert wait_for(lambda: re.search(r"cli-watched\s+\d+\.\d%", tmux.screen()), 60)
+        tmux.send("C-c")
+        assert tmux.dead_status() == 0
+    finally:
+        tmux.kill()
+
+
+@needs_route("/sandboxes/{ref}/archive")
+def test_cp_shows_bytes_and_rate_on_a_terminal(daemon: Daemon, tmp_path: Path) -> None:
+    ident = run_detached(daemon)
+    big = tmp_path / "big.bin"
+    big.write_bytes(random.randbytes(32 << 20))
+    tmux = Tmux(tmp_path, rows=10, cols=120)
+    try:
+        tmux.start(command_line(daemon, "cp", str(big), f"{ident}:/tmp/big.bin"))
+        assert tmux.dead_status(timeout=120) == 0, tmux.screen()
+        screen = tmux.screen()
+    finally:
+        tmux.kill()
+    assert re.search(r"33\.\d/33\.\d MB", screen) and re.search(r"[\d.]+ [kMG]?B/s", screen), screen
