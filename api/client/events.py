@@ -18,6 +18,7 @@ from api.client.transport import Client
 
 @click.command(
     "events",
+    short_help="Print events as they happen",
     help="Print events as they happen (after replaying those since --since SEQ). With "
     "--no-follow, print what is kept and stop.",
     epilog=examples(

@@ -25,6 +25,7 @@ ends a shell), and it follows this window's size."""
 
 @click.command(
     "exec",
+    short_help="Run a command in a running sandbox",
     help=HELP,
     epilog=examples(
         "sandboxd exec web ls -la /",

@@ -39,6 +39,7 @@ owned by root inside; files copied out by the user running `cp`."""
 
 @click.command(
     "cp",
+    short_help="Copy files or trees between here and a sandbox",
     help=HELP,
     epilog=examples(
         "sandboxd cp ./app web:/srv/          # the tree app/ into /srv/app",

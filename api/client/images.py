@@ -25,6 +25,7 @@ CHUNK = 1 << 20
 
 @click.command(
     "images",
+    short_help="List images",
     help="List the images in the daemon's store.",
     epilog=examples("sandboxd images", "sandboxd images --format json | jq '.[].names'"),
 )
@@ -56,6 +57,7 @@ def images(quiet: bool, fmt: str) -> int:
 
 @click.command(
     "pull",
+    short_help="Fetch an image from a registry",
     help="Fetch an image from its registry into the daemon's store, with a bar per layer.",
     epilog=examples(
         "sandboxd pull docker.io/library/alpine:3.20",
@@ -129,6 +131,7 @@ def _advance(progress: Progress, layers: dict[str, TaskID], line: dict[str, Any]
 
 @click.command(
     "import",
+    short_help="Add an image from an OCI or docker-save tar",
     help="Add an image from a tar: an OCI image layout, or what `docker save` or `podman "
     "save` wrote.",
     epilog=examples(
@@ -174,6 +177,7 @@ def import_image(file: Path, reference: str) -> int:
 
 @click.command(
     "rmi",
+    short_help="Remove images",
     help="Remove images from the store (refused while a sandbox uses one).",
     epilog=examples("sandboxd rmi app:1", "sandboxd rmi sha256:3f5c…"),
 )

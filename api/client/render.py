@@ -22,7 +22,11 @@ _DURATION = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def stdout() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    """Our stdout; into a pipe, lines as long as they are (a script cuts them, not us)."""
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 1000
+    return console
 
 
 def stderr() -> Console:
@@ -31,9 +35,11 @@ def stderr() -> Console:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """A plain table in Docker's manner: headers in capitals, no borders."""
-    grid = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    grid = Table(
+        box=None, pad_edge=False, show_edge=False, header_style="bold", show_header=any(headers)
+    )
     for header in headers:
-        grid.add_column(header, overflow="fold")
+        grid.add_column(header, no_wrap=True, overflow="ellipsis")
     for row in rows:
         grid.add_row(*row)
     stdout().print(grid)

@@ -44,6 +44,7 @@ when it ends. -p implies --network bridge."""
 
 @click.command(
     "run",
+    short_help="Create a sandbox and run a command in it",
     help=RUN_HELP,
     epilog=examples(
         "sandboxd run --rm sh -c 'echo hello; uname -a'",
@@ -190,6 +191,7 @@ def _print_logs(api: Client, ref: str, params: dict[str, str]) -> None:
 
 @click.command(
     "logs",
+    short_help="Print a sandbox's main-command output",
     help="Print the output of a sandbox's main command (kept until the sandbox is removed).",
     epilog=examples("sandboxd logs web", "sandboxd logs -f --tail 20 web"),
 )
@@ -209,6 +211,7 @@ def logs(follow: bool, tail: int | None, since: str | None, stream: str | None, 
 
 @click.command(
     "ps",
+    short_help="List sandboxes",
     help="List running sandboxes (all of them with -a), oldest first.",
     epilog=examples("sandboxd ps", "sandboxd ps -a --label team=ci", "sandboxd ps -aq"),
 )
@@ -254,6 +257,7 @@ def _ps_row(item: dict[str, Any]) -> list[str]:
 
 @click.command(
     "inspect",
+    short_help="Print sandboxes or images as JSON",
     help="Print sandboxes (or images) as JSON, in an array as `docker inspect` does.",
     epilog=examples("sandboxd inspect web", "sandboxd inspect web | jq '.[0].network.ip'"),
 )
@@ -277,6 +281,7 @@ def inspect(refs: tuple[str, ...]) -> int:
 
 @click.command(
     "rm",
+    short_help="Remove sandboxes",
     help="Remove sandboxes: their processes, files, links and records. A running one only "
     "with -f, as `docker rm` asks.",
     epilog=examples(
@@ -302,6 +307,7 @@ def rm(force: bool, refs: tuple[str, ...]) -> int:
 
 @click.command(
     "stats",
+    short_help="Resource use of sandboxes",
     help="Resource use of running sandboxes (or of those named), read from their cgroups.",
     epilog=examples("sandboxd stats", "sandboxd stats --watch web", "sandboxd stats --format json"),
 )

@@ -12,6 +12,7 @@ from api.client.render import FORMATS, as_json, table
 
 @click.command(
     "info",
+    short_help="Show the daemon's version, host and counts",
     help="Show the daemon's version, its host's kernel and cgroups, and its sandboxes' counts.",
     epilog=examples("sandboxd info", "sandboxd info --format json | jq .version"),
 )
@@ -34,6 +35,7 @@ def info(fmt: str) -> int:
 
 @click.command(
     "completion",
+    short_help="Print the shell completion script",
     help="Print the shell completion script for bash, zsh or fish.",
     epilog=examples(
         'eval "$(sandboxd completion bash)"     # in ~/.bashrc',
