@@ -3,6 +3,7 @@ Docker namesakes behave."""
 
 from __future__ import annotations
 
+import base64
 import sys
 import time
 from typing import Any
@@ -181,11 +182,14 @@ def _follow_to_end(api: Client, sandbox: dict[str, Any]) -> int:
 
 
 def _print_logs(api: Client, ref: str, params: dict[str, str]) -> None:
-    with api.stream("GET", path("sandboxes", ref, "logs"), params=params) as response:
+    """The log's lines as the bytes written (base64 on the wire: the logs route and its
+    `encoding` came in the same release)."""
+    where = path("sandboxes", ref, "logs")
+    with api.stream("GET", where, params={**params, "encoding": "base64"}) as response:
         for event in api.lines(response):
             if "data" in event:
                 out = sys.stderr.buffer if event.get("stream") == "stderr" else sys.stdout.buffer
-                out.write(str(event["data"]).encode())
+                out.write(base64.b64decode(event["data"]))
                 out.flush()
 
 

@@ -333,3 +333,9 @@ def test_cp_shows_bytes_and_rate_on_a_terminal(daemon: Daemon, tmp_path: Path) -
     finally:
         tmux.kill()
     assert re.search(r"33\.\d/33\.\d MB", screen) and re.search(r"[\d.]+ [kMG]?B/s", screen), screen
+
+
+@needs_route("/sandboxes/{ref}/logs")
+def test_logs_are_the_bytes_written(daemon: Daemon) -> None:
+    ident = run_detached(daemon, "printf", "\\377\\000\\n")
+    assert sandboxd(daemon, "logs", "-f", ident).stdout == b"\xff\x00\n"
