@@ -4,6 +4,7 @@ Docker namesakes behave."""
 from __future__ import annotations
 
 import base64
+import signal
 import sys
 import time
 from typing import Any
@@ -23,7 +24,6 @@ from api.client.render import (
     parse_duration,
     parse_size,
     sandbox_exit,
-    short_id,
     size,
     stderr,
     stdout,
@@ -328,11 +328,16 @@ def stats(watch: bool, interval: float, fmt: str, refs: tuple[str, ...]) -> int:
         else:
             stdout().print(_stats_table(samples, {}, 0.0))
         return 0
+    # Ctrl-C ends the loop between two samples, never in the middle of a request or a redraw
+    # (an exception there could leave a lock of httpx or rich held). The handler only sets a
+    # flag: taking a lock in a signal handler can deadlock with the code it interrupted.
+    stop: list[bool] = []
+    previous = signal.signal(signal.SIGINT, lambda _s, _f: stop.append(True))
     before: dict[str, float] = {}
     last = time.monotonic()
     try:
         with Live(console=stdout(), auto_refresh=False) as live:
-            while True:
+            while not stop:
                 samples, now = _sample(api, refs), time.monotonic()
                 if fmt == "json":
                     as_json([{"id": s["id"], "name": s["name"], **s["stats"]} for s in samples])
@@ -341,8 +346,9 @@ def stats(watch: bool, interval: float, fmt: str, refs: tuple[str, ...]) -> int:
                 before = {s["id"]: s["stats"].get("cpu_seconds") or 0.0 for s in samples}
                 last = now
                 time.sleep(interval)
-    except KeyboardInterrupt:
-        return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
 
 
 def _sample(api: Client, refs: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -374,7 +380,7 @@ def _stats_table(samples: list[dict[str, Any]], before: dict[str, float], span: 
         if cpu is not None and sample["id"] in before and span > 0:
             percent = f"{100 * (cpu - before[sample['id']]) / span:.1f}%"
         grid.add_row(
-            short_id(sample["id"]),
+            sample["id"],
             sample["name"],
             percent,
             "-" if cpu is None else f"{cpu:.2f}s",
