@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter;
 # chromium and its driver, for the dashboard's tests in a real browser (tests/browser/); a
-# static busybox, a registry and skopeo, for the image tests (tests/integration/test_images.py).
-packages=(libseccomp2 chromium chromium-driver busybox-static docker-registry skopeo)
+# static busybox, a registry and skopeo, for the image tests (tests/integration/test_images.py);
+# tmux, for the client's interactive terminal tests (tests/cli/).
+packages=(libseccomp2 chromium chromium-driver busybox-static docker-registry skopeo tmux)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||
