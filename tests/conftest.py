@@ -40,6 +40,8 @@ SYS_NET = Path("/sys/class/net")
 # A process in a sandbox's cgroup (NAME/sb_ID/...) that is not the module's belongs to
 # another daemon (another test run's, or one on default settings, whose uid range may
 # overlap a test daemon's region): the module's own are found by their cgroup's name.
+# Which PID 1 the daemons run (tests/native runs a part of the suite with "native").
+SUPERVISOR = os.environ.get("SANDBOXD_TEST_SUPERVISOR", "python")
 OTHER_SANDBOX = re.compile(r"/sb_[0-9a-f]{16}(/|$)", re.MULTILINE)
 
 
@@ -89,10 +91,13 @@ class Daemon:
         # A cgroup, a bridge and a subnet of its own: daemons sharing a cgroup would remove
         # each other's sandboxes, and a bridge belongs to one state directory.
         self.config.write_text(
-            ""
-            if self.derived
-            else f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
-            f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
+            (
+                ""
+                if self.derived
+                else f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
+                f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
+            )
+            + f'supervisor = "{SUPERVISOR}"\n'
         )
         # This checkout's code (python -m api, from ROOT), whatever `sandboxd` is installed.
         command = [
@@ -380,3 +385,11 @@ def nothing_carries_over(daemon: Daemon) -> Iterator[None]:
     if daemon.proc is None:
         daemon.start()
     daemon.destroy_all()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The native PID 1 is built from source at install; a checkout builds it here (gcc)."""
+    from daemon.sandbox import native
+
+    if native.stale():
+        native.build()

@@ -570,6 +570,7 @@ class SandboxManager:
             shm_bytes=min(self.config.shm_bytes, disk_bytes),
             log_dir=self.main_logs.prepare(record.id) if spec.cmd is not None else None,
             log_limit=self.config.log_limit,
+            supervisor=self.config.supervisor,
         )
 
     def _applied(self, spec: SandboxCreate) -> SandboxCreate:
