@@ -56,8 +56,10 @@ class Daemon:
         bridge: str,
         subnet: str,
         derived: bool = False,
+        supervisor: str = SUPERVISOR,
     ) -> None:
         self.root = root
+        self.supervisor = supervisor
         # Derived: the daemon gets none of the four below and claims its own (they are read
         # from GET /info once it serves).
         self.derived = derived
@@ -97,7 +99,7 @@ class Daemon:
                 else f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
                 f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
             )
-            + f'supervisor = "{SUPERVISOR}"\n'
+            + f'supervisor = "{self.supervisor}"\n'
         )
         # This checkout's code (python -m api, from ROOT), whatever `sandboxd` is installed.
         command = [
@@ -301,7 +303,8 @@ def _pids() -> list[int]:
 class Daemons:
     """The module's daemons; the leak check runs when the module is done with them."""
 
-    def __init__(self) -> None:
+    def __init__(self, supervisor: str = SUPERVISOR) -> None:
+        self.supervisor = supervisor  # the PID 1 of their sandboxes: python or native
         self.root = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
         os.chmod(self.root, 0o755)
         self.started: list[Daemon] = []
@@ -317,7 +320,9 @@ class Daemons:
         uid_base = UID_BASE + self.regions[index] * SLOTS_PER_DAEMON * 65536
         cgroup_name = self.root.name + (f"-{index}" if index else "")
         bridge = f"sbt{random.randrange(16**8):08x}"
-        daemon = Daemon(root, uid_base, cgroup_name, bridge, free_subnet(), derived)
+        daemon = Daemon(
+            root, uid_base, cgroup_name, bridge, free_subnet(), derived, self.supervisor
+        )
         self.started.append(daemon)
         return daemon.start(*args)
 
@@ -365,8 +370,14 @@ class Daemons:
 
 
 @pytest.fixture(scope="module")
-def daemons() -> Iterator[Daemons]:
-    factory = Daemons()
+def supervisor() -> str:
+    """The PID 1 of the module's sandboxes (tests/native overrides it)."""
+    return SUPERVISOR
+
+
+@pytest.fixture(scope="module")
+def daemons(supervisor: str) -> Iterator[Daemons]:
+    factory = Daemons(supervisor)
     yield factory
     leaks = factory.close()
     assert not leaks, "left on the machine:\n" + "\n".join(leaks)

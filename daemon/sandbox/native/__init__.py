@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -49,7 +50,9 @@ def open_binary() -> int:
     return os.open(BINARY, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def become(binary_fd: int, config: dict[str, object], seccomp_bpf: bytes, fds: list[int]) -> None:
+def become(
+    binary_fd: int, config: Mapping[str, object], seccomp_bpf: bytes, fds: list[int]
+) -> None:
     """Exec the native PID 1 (never returns, or raises OSError): `config` and the filter go
     in memfds, `fds` (named by number in `config`) stay open across the exec."""
     filter_fd = os.memfd_create("seccomp-bpf", 0)

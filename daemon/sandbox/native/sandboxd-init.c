@@ -1767,7 +1767,6 @@ _Noreturn static void report_setup_error(const char *message, int number)
 /* Tests: each line of stdin decoded as a request, and how: "ok TYPE" or "error TEXT". */
 static int parse_only(void)
 {
-    struct buf line = {0};
     char chunk[4096];
     ssize_t n;
     struct buf all = {0};
@@ -1780,7 +1779,10 @@ static int parse_only(void)
         struct request r;
         char error[512];
         struct buf out = {0};
-        if (decode(all.data + at, end - at, &r, error, sizeof(error))) {
+        /* Each line in a buffer of its own size, so ASan sees a read past its end. */
+        char *line_copy = xcalloc(end - at ? end - at : 1, 1);
+        memcpy(line_copy, all.data + at, end - at);
+        if (decode(line_copy, end - at, &r, error, sizeof(error))) {
             buf_printf(&out, "ok %s", r.type);
             if (strcmp(r.type, "input") == 0) {
                 buf_str(&out, " ");
@@ -1798,10 +1800,10 @@ static int parse_only(void)
         write_all(1, out.data, out.len);
         buf_free(&out);
         request_free(&r);
+        free(line_copy);
         at = end + 1;
     }
     buf_free(&all);
-    buf_free(&line);
     return 0;
 }
 
