@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter.
-packages=(libseccomp2)
+# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter; gcc and
+# a static libc, to build the native PID 1 (daemon/sandbox/native/).
+packages=(libseccomp2 gcc libc6-dev)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||
