@@ -367,7 +367,7 @@ class Config(BaseSettings):
             "KIND",
             choices=SUPERVISORS,
         ),
-    ] = "python"
+    ] = "native"
     cgroup_parent: Annotated[
         str,
         BeforeValidator(_choice(CGROUP_PARENTS)),

@@ -40,8 +40,8 @@ SYS_NET = Path("/sys/class/net")
 # A process in a sandbox's cgroup (NAME/sb_ID/...) that is not the module's belongs to
 # another daemon (another test run's, or one on default settings, whose uid range may
 # overlap a test daemon's region): the module's own are found by their cgroup's name.
-# Which PID 1 the daemons run (tests/native runs a part of the suite with "native").
-SUPERVISOR = os.environ.get("SANDBOXD_TEST_SUPERVISOR", "python")
+# Which PID 1 the daemons run (unset: the daemon's default; tests/native says "native").
+SUPERVISOR = os.environ.get("SANDBOXD_TEST_SUPERVISOR")
 OTHER_SANDBOX = re.compile(r"/sb_[0-9a-f]{16}(/|$)", re.MULTILINE)
 
 
@@ -56,7 +56,7 @@ class Daemon:
         bridge: str,
         subnet: str,
         derived: bool = False,
-        supervisor: str = SUPERVISOR,
+        supervisor: str | None = SUPERVISOR,
     ) -> None:
         self.root = root
         self.supervisor = supervisor
@@ -99,7 +99,7 @@ class Daemon:
                 else f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
                 f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
             )
-            + f'supervisor = "{self.supervisor}"\n'
+            + (f'supervisor = "{self.supervisor}"\n' if self.supervisor else "")
         )
         # This checkout's code (python -m api, from ROOT), whatever `sandboxd` is installed.
         command = [
@@ -303,7 +303,7 @@ def _pids() -> list[int]:
 class Daemons:
     """The module's daemons; the leak check runs when the module is done with them."""
 
-    def __init__(self, supervisor: str = SUPERVISOR) -> None:
+    def __init__(self, supervisor: str | None = SUPERVISOR) -> None:
         self.supervisor = supervisor  # the PID 1 of their sandboxes: python or native
         self.root = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
         os.chmod(self.root, 0o755)
@@ -370,13 +370,13 @@ class Daemons:
 
 
 @pytest.fixture(scope="module")
-def supervisor() -> str:
+def supervisor() -> str | None:
     """The PID 1 of the module's sandboxes (tests/native overrides it)."""
     return SUPERVISOR
 
 
 @pytest.fixture(scope="module")
-def daemons(supervisor: str) -> Iterator[Daemons]:
+def daemons(supervisor: str | None) -> Iterator[Daemons]:
     factory = Daemons(supervisor)
     yield factory
     leaks = factory.close()

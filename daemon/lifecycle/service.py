@@ -75,6 +75,7 @@ from daemon.network.bridge import BridgeNetwork
 from daemon.network.ports import PublishedPorts
 from daemon.protocol import (
     MAIN_EXEC,
+    NATIVE,
     SOCKET_NAME,
     STAGING_DIR,
     SUPERVISOR_ERROR_FILE,
@@ -85,7 +86,7 @@ from daemon.protocol import (
     ProtocolError,
     SpawnRequest,
 )
-from daemon.sandbox import hardening
+from daemon.sandbox import hardening, native
 from daemon.shapes import (
     Encoding,
     Exec,
@@ -123,6 +124,11 @@ class SandboxManager:
             hardening.check()
         except hardening.HardeningUnavailable as exc:
             raise ConfigError(str(exc)) from exc
+        if config.supervisor == NATIVE and not os.access(native.BINARY, os.X_OK):
+            raise ConfigError(
+                f"supervisor = native, but {native.BINARY} is missing: it is built when the "
+                "package is installed (needs gcc and a static libc), or set supervisor = python"
+            )
         # One daemon (or recover) at a time on a state directory; and not on a database that
         # is not the one kept with the sandboxes on disk: the stray sweep would destroy them.
         self._lock: int | None = recovery.lock(config.state_dir)
