@@ -26,6 +26,9 @@ class BuildPyWithNative(build_py):
         builder = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(builder)
         output = Path(self.build_lib) / "daemon" / "sandbox" / "native" / "sandboxd-init"
+        if getattr(self, "editable_mode", False):
+            # An editable install runs the package from this tree: the binary goes here.
+            output = builder.BINARY
         self.announce(f"compiling {output}", level=2)
         builder.build(output)
 
