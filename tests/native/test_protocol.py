@@ -6,6 +6,7 @@ the test is the daemon. Run with the static binary and with the ASan/UBSan one."
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -31,6 +32,15 @@ class Init:
         assert mount is not None
         self.root = Path(tempfile.mkdtemp(prefix="sandboxd-init-test-"))
         self.cgroup = mount / f"sandboxd-init-test-{random.randrange(16**8):08x}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn: socket.socket | None = None
+        try:
+            self.start(binary, cmd)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, binary: Path, cmd: list[str] | None) -> None:
         self.cgroup.mkdir()
         (self.root / "execs").mkdir()
         (self.root / "log").mkdir()
@@ -75,6 +85,11 @@ class Init:
             os.close(fd)
         self.conn = self.connect()
 
+    @property
+    def link(self) -> socket.socket:
+        assert self.conn is not None
+        return self.conn
+
     def connect(self) -> socket.socket:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.settimeout(20)
@@ -83,10 +98,10 @@ class Init:
         return conn
 
     def send(self, **message: Any) -> None:
-        self.conn.sendall(json.dumps(message).encode() + b"\n")
+        self.link.sendall(json.dumps(message).encode() + b"\n")
 
     def send_raw(self, line: bytes) -> None:
-        self.conn.sendall(line + b"\n")
+        self.link.sendall(line + b"\n")
 
     def receive(self) -> dict[str, Any]:
         line = self.reader.readline()
@@ -109,7 +124,13 @@ class Init:
         return self.root / "execs" / exec_id
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
+        if self.proc is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.cgroup.rmdir()
+            shutil.rmtree(self.root)
+            return
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
@@ -207,6 +228,13 @@ def test_signal_input_and_live_output(init: Init) -> None:
     assert init.until("exited", "sleep")["status"]["signal"] == "SIGTERM"
 
 
+def test_stdin_text_reaches_the_process_whole(init: Init) -> None:
+    init.receive()
+    init.exec("in", ["cat"], stdin="a\x00b ☃\n")
+    init.until("exited", "in")
+    assert (init.mailbox("in") / "stdout").read_bytes() == "a\x00b ☃\n".encode()
+
+
 def test_output_past_the_limit_is_truncated(init: Init) -> None:
     init.receive()
     init.exec("big", ["sh", "-c", "head -c 5000 /dev/zero"])
@@ -255,7 +283,7 @@ def test_a_new_connection_gets_a_hello_with_what_runs_and_what_finished(init: In
     init.until("exited", "done")
     init.exec("long", ["sleep", "60"])
     pid = init.until("started", "long")["pid"]
-    init.conn.close()
+    init.link.close()
     init.conn = init.connect()
     hello = init.receive()
     assert hello["running"] == {"long": pid} and hello["finished"] == ["done"]
@@ -267,8 +295,8 @@ def test_the_main_command_ending_ends_everything(binary: Path) -> None:
         assert init.receive()["type"] == "hello"
         init.until("started", "main")
         assert init.until("exited", "main")["status"]["exit_code"] == 7
-        init.proc.wait(10)  # PID 1 exits, its namespace's processes killed
-        assert init.proc.returncode == 0
+        assert init.proc is not None
+        assert init.proc.wait(10) == 0  # PID 1 exits, its namespace's processes killed
         assert (init.mailbox("main") / "stdout").read_bytes() == b"main\n"
         assert (init.root / "log" / "stdout").stat().st_size == 12 + len(b"main\n")
     finally:

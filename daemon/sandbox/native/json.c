@@ -123,7 +123,7 @@ static size_t utf8_length(const unsigned char *s, size_t left)
     return n;
 }
 
-static bool parse_string(struct parser *p, char **out, size_t *out_len)
+static bool parse_string(struct parser *p, char **out, size_t *out_len, bool allow_nul)
 {
     struct buf b = {0};
     p->at++; /* the opening quote */
@@ -174,9 +174,9 @@ static bool parse_string(struct parser *p, char **out, size_t *out_len)
             buf_free(&b);
             return fail(p, "lone surrogate in a string");
         }
-        if (cp == 0) {
+        if (cp == 0 && !allow_nul) { /* a member name: compared as a C string */
             buf_free(&b);
-            return fail(p, "NUL in a string");
+            return fail(p, "NUL in a member name");
         }
         put_utf8(&b, cp);
     }
@@ -277,7 +277,7 @@ static bool parse_container(struct parser *p, struct json *v, bool object)
             if (p->at >= p->end || *p->at != '"')
                 return fail(p, "expected a member name");
             v->keys[v->count] = NULL;
-            if (!parse_string(p, &v->keys[v->count], &key_len))
+            if (!parse_string(p, &v->keys[v->count], &key_len, false))
                 return false;
             v->count++; /* owned from here, freed with the tree on failure */
             skip_space(p);
@@ -323,7 +323,7 @@ static bool parse_value(struct parser *p, struct json *v)
         return literal(p, "false");
     case '"':
         v->kind = JSON_STRING;
-        return parse_string(p, &v->string, &v->length);
+        return parse_string(p, &v->string, &v->length, true);
     case '[':
         return parse_container(p, v, false);
     case '{':

@@ -16,7 +16,7 @@ struct json {
     bool integral; /* a number written without fraction or exponent that fits int64 */
     int64_t integer;
     double number;
-    char *string; /* JSON_STRING: UTF-8, NUL-terminated (length in `length`) */
+    char *string; /* JSON_STRING: UTF-8, NUL-terminated; `length` counts a \u0000 inside */
     size_t length;
     size_t count; /* array items or object members */
     struct json *items;

@@ -565,7 +565,7 @@ static bool decode(const char *line, size_t len, struct request *r, char *error,
     const struct json *type = json_get(r->tree, "type");
     static const char *const known[] = {"spawn", "spawned", "setup_error", "hello", "started",
                                         "exited", "error", "subscribed", "output", NULL};
-    if (type == NULL || type->kind != JSON_STRING) {
+    if (type == NULL || type->kind != JSON_STRING || strlen(type->string) != type->length) {
         snprintf(error, size, "unknown message type");
         return false;
     }
