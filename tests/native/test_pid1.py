@@ -39,5 +39,7 @@ def test_a_main_command_that_ends_ends_the_sandbox(daemon: Daemon) -> None:
     box = daemon.create(cmd=["sh", "-c", "sleep 100 & sleep 100 & echo bye; exit 3"])
     done = daemon.await_state(f"/sandboxes/{box['id']}", "exited")
     assert done["exit"]["exit_code"] == 3, done
-    wait_for(lambda: not any((t / box["id"]).exists() for t in cgroup_dirs(daemon.cgroup_name)))
+    assert wait_for(
+        lambda: not any((t / box["id"]).exists() for t in cgroup_dirs(daemon.cgroup_name))
+    )
     daemon.client.delete(f"/sandboxes/{box['id']}")

@@ -22,6 +22,7 @@ import pytest
 
 from daemon.linux import cgroups
 from daemon.sandbox import hardening, native
+from tests.conftest import wait_for
 
 
 class Init:
@@ -258,11 +259,9 @@ def test_a_terminal_with_its_size_and_a_resize(init: Init) -> None:
     script = "stty size; read line; stty size"
     init.exec("t", ["sh", "-c", script], tty=True, interactive=True, rows=30, cols=100)
     init.until("started", "t")
-    init.send(type="subscribe", id="t")
-    seen = b""
-    while b"30 100" not in seen:
-        message = init.until("output", "t")
-        seen += base64.b64decode(message["data"])
+    # Its first answer is in the mailbox (it may come before any SUBSCRIBE could).
+    stdout = init.mailbox("t") / "stdout"
+    assert wait_for(lambda: b"30 100" in stdout.read_bytes())
     init.send(type="resize", id="t", rows=40, cols=120)
     init.send(type="input", id="t", data=base64.b64encode(b"go\n").decode())
     init.until("exited", "t")
