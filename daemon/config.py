@@ -54,6 +54,7 @@ MAX_DISK_BYTES = 1 << 44  # 16 TiB: more is surely a mistake for a filesystem in
 _MAX_IFNAME = 15
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+SUPERVISORS = ("python", "native")
 CGROUP_PARENTS = ("root", "delegated")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -416,6 +417,16 @@ class Config(BaseSettings):
         BeforeValidator(_choice(LOG_FORMATS)),
         Doc("text, or json: one object a line", "FORMAT", choices=LOG_FORMATS),
     ] = "text"
+    supervisor: Annotated[
+        str,
+        BeforeValidator(_choice(SUPERVISORS)),
+        Doc(
+            "PID 1 of new sandboxes: python (a fork of the zygote) or native (a small static "
+            "C program built with the package, exec'd once the sandbox is set up)",
+            "KIND",
+            choices=SUPERVISORS,
+        ),
+    ] = "native"
     cgroup_parent: Annotated[
         str,
         BeforeValidator(_choice(CGROUP_PARENTS)),

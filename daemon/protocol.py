@@ -88,6 +88,7 @@ EXECS_DIR = "execs"
 STATUS_FILE = "status.json"
 SUPERVISOR_ERROR_FILE = "supervisor_error"
 STAGING_DIR = "staging"
+NATIVE = "native"  # SpawnRequest.supervisor: B execs daemon/sandbox/native/sandboxd-init
 NET = "net"  # the zygote argument that makes it the one for bridged sandboxes
 # How long B, its setup failed, waits for the daemon's connection to say so (the daemon
 # connects as soon as the zygote has answered, and waits for an answer as long).
@@ -192,6 +193,9 @@ class SpawnRequest:
     # the bytes of each stream kept there. None: no cmd, no log.
     log_dir: str | None = None
     log_limit: int = 1 << 20
+    # Which PID 1 runs the sandbox: "python" (daemon/sandbox/supervisor.py, a fork of the
+    # zygote) or NATIVE (the same protocol in C, exec'd by B once its root is built).
+    supervisor: str = "python"
 
 
 @dataclass

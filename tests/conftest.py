@@ -40,6 +40,8 @@ SYS_NET = Path("/sys/class/net")
 # A process in a sandbox's cgroup (NAME/sb_ID/...) that is not the module's belongs to
 # another daemon (another test run's, or one on default settings, whose uid range may
 # overlap a test daemon's region): the module's own are found by their cgroup's name.
+# Which PID 1 the daemons run (unset: the daemon's default; tests/native says "native").
+SUPERVISOR = os.environ.get("SANDBOXD_TEST_SUPERVISOR")
 OTHER_SANDBOX = re.compile(r"/sb_[0-9a-f]{16}(/|$)", re.MULTILINE)
 
 
@@ -54,8 +56,10 @@ class Daemon:
         bridge: str,
         subnet: str,
         derived: bool = False,
+        supervisor: str | None = SUPERVISOR,
     ) -> None:
         self.root = root
+        self.supervisor = supervisor
         # Derived: the daemon gets none of the four below and claims its own (they are read
         # from GET /info once it serves).
         self.derived = derived
@@ -89,10 +93,13 @@ class Daemon:
         # A cgroup, a bridge and a subnet of its own: daemons sharing a cgroup would remove
         # each other's sandboxes, and a bridge belongs to one state directory.
         self.config.write_text(
-            ""
-            if self.derived
-            else f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
-            f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
+            (
+                ""
+                if self.derived
+                else f'uid_base = {self.uid_base}\ncgroup_name = "{self.cgroup_name}"\n'
+                f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
+            )
+            + (f'supervisor = "{self.supervisor}"\n' if self.supervisor else "")
         )
         # This checkout's code (python -m api, from ROOT), whatever `sandboxd` is installed.
         command = [
@@ -296,7 +303,8 @@ def _pids() -> list[int]:
 class Daemons:
     """The module's daemons; the leak check runs when the module is done with them."""
 
-    def __init__(self) -> None:
+    def __init__(self, supervisor: str | None = SUPERVISOR) -> None:
+        self.supervisor = supervisor  # the PID 1 of their sandboxes: python or native
         self.root = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
         os.chmod(self.root, 0o755)
         self.started: list[Daemon] = []
@@ -312,7 +320,9 @@ class Daemons:
         uid_base = UID_BASE + self.regions[index] * SLOTS_PER_DAEMON * 65536
         cgroup_name = self.root.name + (f"-{index}" if index else "")
         bridge = f"sbt{random.randrange(16**8):08x}"
-        daemon = Daemon(root, uid_base, cgroup_name, bridge, free_subnet(), derived)
+        daemon = Daemon(
+            root, uid_base, cgroup_name, bridge, free_subnet(), derived, self.supervisor
+        )
         self.started.append(daemon)
         return daemon.start(*args)
 
@@ -360,8 +370,14 @@ class Daemons:
 
 
 @pytest.fixture(scope="module")
-def daemons() -> Iterator[Daemons]:
-    factory = Daemons()
+def supervisor() -> str | None:
+    """The PID 1 of the module's sandboxes (tests/native overrides it)."""
+    return SUPERVISOR
+
+
+@pytest.fixture(scope="module")
+def daemons(supervisor: str | None) -> Iterator[Daemons]:
+    factory = Daemons(supervisor)
     yield factory
     leaks = factory.close()
     assert not leaks, "left on the machine:\n" + "\n".join(leaks)
@@ -380,3 +396,11 @@ def nothing_carries_over(daemon: Daemon) -> Iterator[None]:
     if daemon.proc is None:
         daemon.start()
     daemon.destroy_all()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The native PID 1 is built from source at install; a checkout builds it here (gcc)."""
+    from daemon.sandbox import native
+
+    if native.stale():
+        native.build()

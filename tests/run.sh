@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter;
-# chromium and its driver, for the dashboard's tests in a real browser (tests/browser/); a
-# static busybox, a registry and skopeo, for the image tests (tests/integration/test_images.py);
-# tmux, for the client's interactive terminal tests (tests/cli/).
-packages=(libseccomp2 chromium chromium-driver busybox-static docker-registry skopeo tmux)
+# Debian packages the tests use beside Python's: libseccomp, for every sandbox's filter; gcc and
+# a static libc, to build the native PID 1 (daemon/sandbox/native/); chromium and its driver,
+# for the dashboard's tests in a real browser (tests/browser/); a static busybox, a registry
+# and skopeo, for the image tests (tests/integration/test_images.py); tmux, for the client's
+# interactive terminal tests (tests/cli/).
+packages=(libseccomp2 gcc libc6-dev chromium chromium-driver busybox-static docker-registry skopeo tmux)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||

@@ -81,6 +81,7 @@ from daemon.network.bridge import BridgeNetwork
 from daemon.network.ports import PublishedPorts
 from daemon.protocol import (
     MAIN_EXEC,
+    NATIVE,
     SOCKET_NAME,
     STAGING_DIR,
     SUPERVISOR_ERROR_FILE,
@@ -91,7 +92,7 @@ from daemon.protocol import (
     ProtocolError,
     SpawnRequest,
 )
-from daemon.sandbox import hardening
+from daemon.sandbox import hardening, native
 from daemon.shapes import (
     Encoding,
     Exec,
@@ -129,6 +130,11 @@ class SandboxManager:
             hardening.check()
         except hardening.HardeningUnavailable as exc:
             raise ConfigError(str(exc)) from exc
+        if config.supervisor == NATIVE and not os.access(native.BINARY, os.X_OK):
+            raise ConfigError(
+                f"supervisor = native, but {native.BINARY} is missing: it is built when the "
+                "package is installed (needs gcc and a static libc), or set supervisor = python"
+            )
         # One daemon (or recover) at a time on a state directory; and not on a database that
         # is not the one kept with the sandboxes on disk: the stray sweep would destroy them.
         self._lock: int | None = recovery.lock(config.state_dir)
@@ -620,6 +626,7 @@ class SandboxManager:
             shm_bytes=min(self.config.shm_bytes, disk_bytes),
             log_dir=self.main_logs.prepare(record.id) if spec.cmd is not None else None,
             log_limit=self.config.log_limit,
+            supervisor=self.config.supervisor,
         )
 
     def _applied(self, spec: SandboxCreate) -> SandboxCreate:

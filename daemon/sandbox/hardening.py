@@ -155,6 +155,16 @@ def prepare() -> None:
     _program = seccomp.Program(compile_program())
 
 
+def program_bytes() -> bytes:
+    """The compiled filter (struct sock_filter[]), for the native PID 1 to load per exec."""
+    return _prepared().bpf
+
+
+def last_capability() -> int:
+    """The highest capability number this kernel knows (set by prepare())."""
+    return max((*_dropped_capabilities, *KEPT_CAPABILITIES.values()))
+
+
 def _prepared() -> seccomp.Program:
     if _program is None:
         raise RuntimeError("hardening.prepare() was not called: refusing to run unconfined")

@@ -23,6 +23,7 @@ import sys
 
 from daemon.linux import cgroups, syscalls
 from daemon.protocol import (
+    NATIVE,
     NET,
     SETUP_REPORT_WAIT,
     SUPERVISOR_ERROR_FILE,
@@ -33,7 +34,7 @@ from daemon.protocol import (
     decode,
     encode,
 )
-from daemon.sandbox import build, hardening
+from daemon.sandbox import build, hardening, native
 from daemon.sandbox.supervisor import Supervisor, install_signal_handlers
 
 OOM_SCORE_SUPERVISOR = -1000  # never chosen by the OOM killer
@@ -167,6 +168,8 @@ def _supervisor(
         with contextlib.suppress(PermissionError), open("/proc/self/oom_score_adj", "w") as f:
             f.write(str(OOM_SCORE_SUPERVISOR))
         syscalls.set_name("sandboxd-sup")
+        # The native PID 1 lies on the host: opened now, as pivot_root hides it.
+        binary_fd = native.open_binary() if req.supervisor == NATIVE else None
         step = "root"
         ptmx_fd = build.build_root(req, userns_fd, base_userns_fd)
         if base_userns_fd is not None:
@@ -179,6 +182,8 @@ def _supervisor(
         step = "kernel files"
         hardening.protect_kernel_files(req.uid_base or 0)
         step = "supervisor"
+        if binary_fd is not None:
+            _exec_native(req, binary_fd, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, log_fd)
         wakeup_r = install_signal_handlers()
         supervisor = Supervisor(
             req, listener, run_fd, cgroup_fds, userns_fd, ptmx_fd, wakeup_r, log_fd
@@ -194,6 +199,40 @@ def _supervisor(
         _report(run_fd, SUPERVISOR_ERROR_FILE, f"{type(exc).__name__}: {exc}")
     finally:
         os._exit(1)
+
+
+def _exec_native(
+    req: SpawnRequest,
+    binary_fd: int,
+    listener: socket.socket,
+    run_fd: int,
+    cgroup_fds: cgroups.SandboxCgroups,
+    userns_fd: int | None,
+    ptmx_fd: int,
+    log_fd: int | None,
+) -> None:
+    """B becomes the native PID 1 (daemon/sandbox/native/sandboxd-init.c): the same fds
+    and request, and the filter this zygote compiled. Returns only by raising OSError."""
+    config = {
+        "listener": listener.fileno(),
+        "run": run_fd,
+        "tree": cgroup_fds.tree,
+        "memory": cgroup_fds.memory,
+        "memory_per_exec": cgroup_fds.memory_per_exec,
+        "userns": userns_fd,
+        "ptmx": ptmx_fd,
+        "log": log_fd,
+        "uid_base": req.uid_base,
+        "output_limit": req.output_limit,
+        "log_limit": req.log_limit,
+        "keep_caps": hardening.KEPT_MASK,
+        "cap_last": hardening.last_capability(),
+        "cmd": req.cmd,
+        "env": req.env,
+    }
+    fds = [listener.fileno(), run_fd, *cgroup_fds.fds(), ptmx_fd]
+    fds += [fd for fd in (userns_fd, log_fd) if fd is not None]
+    native.become(binary_fd, config, hardening.program_bytes(), fds)
 
 
 def _lock_imports() -> None:
