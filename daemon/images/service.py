@@ -26,6 +26,7 @@ from daemon.images.archive import ArchiveError, read_archive
 from daemon.images.manifests import ManifestError, Resolved
 from daemon.images.reference import normal_name, parse
 from daemon.images.store import DigestMismatch, ImageFiles, LayerError
+from daemon.lifecycle.events import EventType
 from daemon.lifecycle.running import utcnow
 from daemon.shapes import ExecCreate, Image, ImageConfig, SandboxCreate
 from daemon.store.database import ImageRecord, Store
@@ -171,7 +172,7 @@ class ImageService:
                 path.unlink(missing_ok=True)
             names = [name] if name else [n for t in resolved.names if (n := normal_name(t))]
             resolved.names = names
-            image = await self._install(resolved, Invalid)
+            image = await self._install(resolved, Invalid, EventType.IMAGE_IMPORTED)
             ok = True
             log.info("image %s imported", image.id, extra={"names": image.names})
             return image
@@ -195,7 +196,7 @@ class ImageService:
             except (ManifestError, DigestMismatch) as exc:
                 raise RegistryError(f"cannot pull {reference}: {exc}") from exc
             resolved.names = [ref.name] if ref.tag else []
-            image = await self._install(resolved, RegistryError)
+            image = await self._install(resolved, RegistryError, EventType.IMAGE_PULLED)
             ok = True
             log.info("image %s pulled", image.id, extra={"reference": reference})
             return image
@@ -213,7 +214,9 @@ class ImageService:
             raise
         return Path(name)
 
-    async def _install(self, resolved: Resolved, error: type[Invalid | RegistryError]) -> Image:
+    async def _install(
+        self, resolved: Resolved, error: type[Invalid | RegistryError], event: EventType
+    ) -> Image:
         """Unpack the layers not unpacked yet, then record the image."""
         for layer in resolved.layers:
             try:
@@ -229,7 +232,7 @@ class ImageService:
             config=resolved.config,
             created_at=utcnow(),
         )
-        return image_view(self.store.save_image(record))
+        return image_view(self.store.save_image(record, event))
 
     # -- delete -------------------------------------------------------------------------------
 

@@ -914,10 +914,13 @@ class Store:
     def list_images(self) -> list[ImageRecord]:
         return self._read(ImageRecord, select(_IMAGES).order_by(_I.created_at, _I.id))
 
-    def save_image(self, record: ImageRecord) -> ImageRecord:
+    def save_image(
+        self, record: ImageRecord, event: EventType = EventType.IMAGE_IMPORTED
+    ) -> ImageRecord:
         """Insert the image, or merge its names into the one with its id; each of its names
-        is taken from any other image that held it (a tag moves to the newest image)."""
-        with self._writer.begin() as conn:
+        is taken from any other image that held it (a tag moves to the newest image). With
+        its `event` (imported or pulled), in the same step."""
+        with self._write() as conn:
             for other in conn.execute(select(_IMAGES)).all():
                 if other.id == record.id:
                     continue
@@ -936,6 +939,8 @@ class Store:
                     .values(names=names)
                     .returning(*_IMAGES.c)
                 ).one()
+            data = {"names": list(row.names), "digest": row.digest}
+            _emit(conn, event, image_id=row.id, data=data)
         return _record(ImageRecord, row)
 
     def sandbox_image_ids(self) -> set[str]:
@@ -946,11 +951,16 @@ class Store:
 
     def delete_image(self, image_id: str) -> list[ImageRecord]:
         """Forget the image (Conflict while a sandbox record names it); the images left."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             user = conn.execute(_IMAGE_USERS, {"image_id": image_id}).first()
             if user is not None:
                 raise Conflict(f"image {image_id} is used by sandbox {user.id}")
-            conn.execute(delete(_IMAGES).where(_I.id == image_id))
+            gone = conn.execute(
+                delete(_IMAGES).where(_I.id == image_id).returning(_I.names, _I.digest)
+            ).one_or_none()
+            if gone is not None:
+                data = {"names": list(gone.names), "digest": gone.digest}
+                _emit(conn, EventType.IMAGE_REMOVED, image_id=image_id, data=data)
             rows = conn.execute(select(_IMAGES)).all()
         return [_record(ImageRecord, row) for row in rows]
 

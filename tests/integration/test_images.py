@@ -354,3 +354,27 @@ def test_a_restart_keeps_the_images_and_their_sandboxes(
     out = daemon.sh(box["id"], "pwd; cat /app/hello.txt")
     assert out["stdout"] == "/app\nhello from the image\n", out
     assert len(list((daemon.state_dir / "images" / "layers").iterdir())) == 2
+
+
+def _last_seq(daemon: Daemon) -> int:
+    kept = daemon.client.get("/events", params={"follow": "false"}).json()["items"]
+    return int(kept[-1]["seq"]) if kept else 0
+
+
+def _image_events(daemon: Daemon, image_id: str, since: int) -> list[str]:
+    params = {"follow": "false", "type": "image", "since": str(since)}
+    events = daemon.client.get("/events", params=params).json()
+    return [e["type"] for e in events["items"] if e["image_id"] == image_id]
+
+
+def test_imports_pulls_and_removals_are_events(
+    daemon: Daemon, oci_tar: Path, registry: Registry
+) -> None:
+    since = _last_seq(daemon)
+    imported = import_tar(daemon, oci_tar, "test/told:1").json()
+    assert daemon.client.delete("/images/test/told:1").status_code == 204
+    assert _image_events(daemon, imported["id"], since) == ["image.imported", "image.removed"]
+    since = _last_seq(daemon)
+    pulled = pull(daemon, f"{registry.host}/test/app:1").json()
+    assert _image_events(daemon, pulled["id"], since) == ["image.pulled"]
+    assert daemon.client.delete(f"/images/{pulled['id']}").status_code == 204
