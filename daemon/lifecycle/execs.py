@@ -27,7 +27,13 @@ from typing import BinaryIO, Literal
 
 from daemon import logs
 from daemon.errors import Conflict, SandboxError, SupervisorUnresponsive
-from daemon.lifecycle.following import STREAMS, Follower, OutputCursor, read_prefix
+from daemon.lifecycle.following import (
+    STREAMS,
+    Follower,
+    OutputCursor,
+    Subscription,
+    read_prefix,
+)
 from daemon.lifecycle.mailbox import empty_slot, killed_exec_fields, read_output, read_status
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import ExecState, LifecycleState
@@ -258,18 +264,18 @@ class Execs:
                 link.send(Subscribe(exec_id))
                 # SUBSCRIBED answers come in the order of the SUBSCRIBEs: so does the queue.
                 live.subscribing.setdefault(exec_id, deque()).append(follower)
-                offsets = await link.answer(follower.offsets, "a subscription")
+                subscription = await link.answer(follower.subscribed, "a subscription")
             except SupervisorUnresponsive as exc:  # no live output: what the files hold so far
                 log.warning("sandbox %s: exec %s: %s", live.id, exec_id, exc)
                 for stream in STREAMS:
                     if text := cursor.feed(stream, 0, read_prefix(path / stream)):
                         yield ExecOutput(stream=stream, data=text)
                 return
-            if offsets is None:
+            if subscription is None:
                 return
             for stream in STREAMS:
-                text = cursor.feed(stream, 0, read_prefix(path / stream, offsets[stream]))
-                cursor.seen[stream] = offsets[stream]  # what lay past the limit is gone
+                text = cursor.feed(stream, 0, subscription.prefix[stream])
+                cursor.seen[stream] = subscription.offsets[stream]  # past the limit: gone
                 if text:
                     yield ExecOutput(stream=stream, data=text)
             while (chunk := await follower.queue.get()) is not None:
@@ -317,8 +323,10 @@ class Execs:
             waiting = live.subscribing.get(message.id)
             if waiting:
                 follower = waiting.popleft()
-                if not follower.offsets.done():
-                    follower.offsets.set_result(message.offsets)
+                if not follower.subscribed.done():
+                    # Read now: an EXITED right behind it would empty the files (following.py).
+                    path = Path(exec_dir(str(live.run_dir), message.id))
+                    follower.subscribed.set_result(Subscription.read(path, message.offsets))
         elif isinstance(message, Exited) and message.id != MAIN_EXEC:
             self.collect(live, message.id)
         elif isinstance(message, ErrorReply):

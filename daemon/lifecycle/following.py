@@ -4,6 +4,10 @@ A follower first gets the output that is already in the exec's files, up to the 
 supervisor gave when it subscribed it, then every chunk the supervisor relays after them, and
 at last whatever the stored record holds beyond what it has seen (the record is complete up
 to the output limit, so a follower that fell behind still ends with all that was kept).
+
+The files are read when SUBSCRIBED is handled, not later by the follower's task: the EXITED
+that may follow at once moves the exec to the store and empties its files before that task
+runs again, and the bytes before the offsets would be lost to it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,21 @@ QUEUE_CHUNKS = 256
 Chunk = tuple[str, int, bytes]  # stream, offset of its first byte, bytes
 
 
-def _offsets_future() -> asyncio.Future[dict[str, int] | None]:
+@dataclass(frozen=True)
+class Subscription:
+    """What SUBSCRIBED gave a follower: the offset of the first byte it will relay of each
+    stream, and the bytes before it that the exec's files held (fewer past the limit)."""
+
+    offsets: dict[str, int]
+    prefix: dict[str, bytes]
+
+    @classmethod
+    def read(cls, path: Path, offsets: dict[str, int]) -> Subscription:
+        """The subscription of the exec whose files are in `path`, read now."""
+        return cls(offsets, {s: read_prefix(path / s, offsets[s]) for s in STREAMS})
+
+
+def _subscription_future() -> asyncio.Future[Subscription | None]:
     return asyncio.get_running_loop().create_future()
 
 
@@ -31,7 +49,7 @@ class Follower:
     """One client following one exec."""
 
     queue: asyncio.Queue[Chunk | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_CHUNKS))
-    offsets: asyncio.Future[dict[str, int] | None] = field(default_factory=_offsets_future)
+    subscribed: asyncio.Future[Subscription | None] = field(default_factory=_subscription_future)
 
     def push(self, chunk: Chunk) -> None:
         with contextlib.suppress(asyncio.QueueFull):  # too slow: a gap, seen by its offset
@@ -39,8 +57,8 @@ class Follower:
 
     def end(self) -> None:
         """The exec ended (or its sandbox did): no more chunks will come."""
-        if not self.offsets.done():
-            self.offsets.set_result(None)
+        if not self.subscribed.done():
+            self.subscribed.set_result(None)
         if self.queue.full():
             self.queue.get_nowait()  # the end must arrive; a chunk lost is a gap like any
         self.queue.put_nowait(None)

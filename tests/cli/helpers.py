@@ -88,10 +88,19 @@ def exec_takes_encoding() -> bool:
 
 class Tmux:
     """A tmux server of our own (its own socket), one session of a fixed size; panes stay
-    after their command exits, so that its status can be read."""
+    after their command exits, so that its screen can be read.
+
+    A command's exit status is written to a file by the shell that runs it, not read from
+    tmux: tmux built with libutempter (Debian's) runs utempter's helper when the pane's
+    terminal closes, with SIGCHLD at its default for that while, and a command that ends in
+    that window (it closes the terminal as it exits) is never reaped, so tmux never learns
+    its status. The shell traps SIGINT (a handler: the command gets the default back at
+    exec) so that a Ctrl-C for the command leaves the shell to record how it ended.
+    """
 
     def __init__(self, directory: Path, rows: int = 24, cols: int = 80) -> None:
         self.socket = directory / "tmux.sock"
+        self.status = directory / "tmux.status"
         self.rows, self.cols = rows, cols
         config = directory / "tmux.conf"
         config.write_text("set -g remain-on-exit on\nset -g history-limit 5000\n")
@@ -105,9 +114,11 @@ class Tmux:
         return result.stdout
 
     def start(self, command: str) -> None:
+        status = shlex.quote(str(self.status))
+        line = f"trap : INT; {command}; echo $? > {status}.new && mv {status}.new {status}"
         self.tmux(
             "new-session", "-d", "-s", "t", "-x", str(self.cols), "-y", str(self.rows),
-            "-c", str(ROOT), command,
+            "-c", str(ROOT), line,
         )  # fmt: skip
 
     def send(self, *keys: str) -> None:
@@ -127,17 +138,9 @@ class Tmux:
 
     def dead_status(self, timeout: float = 30) -> int:
         """The pane's command's exit status once it has ended (128+n for a death by signal n)."""
-        shape = "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}"
-
-        def status() -> str:
-            dead, code, signal = self.tmux("display", "-p", "-t", "t", shape).strip().split(":")
-            if dead != "1":
-                return ""
-            return code or (str(128 + int(signal)) if signal else "")
-
-        code = wait_for(status, timeout=timeout)
-        assert code, f"the pane's command never ended:\n{self.screen()}"
-        return int(code)
+        ended = wait_for(self.status.exists, timeout=timeout)
+        assert ended, f"the pane's command never ended:\n{self.screen()}"
+        return int(self.status.read_text())
 
     def resize(self, rows: int, cols: int) -> None:
         self.tmux("resize-window", "-t", "t", "-x", str(cols), "-y", str(rows))

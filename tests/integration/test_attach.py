@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -76,3 +78,26 @@ def test_attach_to_an_unknown_exec(daemon: Daemon, box: dict[str, Any]) -> None:
     with attach(daemon, box, "ex_nope") as ws:
         error = json.loads(ws.recv(timeout=5))
     assert error["error"]["status"] == 404
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "base64"])
+def test_attached_output_of_an_exec_ending_at_once_is_all_there(
+    daemon: Daemon, box: dict[str, Any], encoding: str
+) -> None:
+    # Attached as it ends: it may end between the SUBSCRIBED and the follower reading the
+    # bytes before the subscription's offsets, which must still come.
+    def attached(_: int) -> list[dict[str, Any]]:
+        started = daemon.sh(box["id"], "echo out; echo err >&2", wait=False, encoding=encoding)
+        with attach(daemon, box, started["id"]) as ws:
+            return [json.loads(message) for message in ws]
+
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(attached, range(100)))
+    for events in runs:
+        assert events[-1]["exit"]["exit_code"] == 0, events
+        for stream, wanted in (("stdout", b"out\n"), ("stderr", b"err\n")):
+            pieces = [e["data"] for e in events if e.get("stream") == stream]
+            if encoding == "base64":
+                assert b"".join(base64.b64decode(p) for p in pieces) == wanted, events
+            else:
+                assert "".join(pieces).encode() == wanted, events

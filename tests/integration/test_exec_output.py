@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,36 @@ def test_streamed_output_beyond_the_limit_is_live_but_the_record_bounded(
             final = event
     assert final["exit"]["stdout_truncated"] is True and len(final["exit"]["stdout"]) == MIB
     assert MIB <= received <= 3_000_000
+
+
+def joined(events: list[dict[str, Any]], stream: str, encoding: str) -> bytes:
+    """The bytes of one stream as the lines carried them, in their order."""
+    pieces = [e["data"] for e in events if e.get("stream") == stream]
+    if encoding == "base64":
+        return b"".join(base64.b64decode(p) for p in pieces)
+    return "".join(pieces).encode()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "base64"])
+def test_a_streamed_exec_that_ends_at_once_loses_no_output(
+    daemon: Daemon, box: dict[str, Any], encoding: str
+) -> None:
+    # Its subscription is answered just before it ends, and its end may be handled before
+    # the follower reads the bytes up to the subscription's offsets: they must still come.
+    # Eight at a time, so that the daemon's loop has other work between the two.
+    body = {"cmd": ["sh", "-c", "echo out; echo err >&2"], "encoding": encoding}
+
+    def streamed(_: int) -> list[dict[str, Any]]:
+        with daemon.client.stream(
+            "POST", f"/sandboxes/{box['id']}/exec", json=body, headers=NDJSON
+        ) as response:
+            assert response.status_code == 200
+            return [json.loads(line) for line in response.iter_lines()]
+
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(streamed, range(100)))
+    for events in runs:
+        assert "exit" in events[-1], events
+        assert events[-1]["exit"]["encoding"] == encoding
+        assert joined(events, "stdout", encoding) == b"out\n", events
+        assert joined(events, "stderr", encoding) == b"err\n", events

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -314,14 +315,29 @@ def test_an_extended_ttl_survives_a_restart(daemons: Daemons) -> None:
     daemon = daemons.new()
     box = daemon.create(ttl_seconds=1)
     url = f"/sandboxes/{box['id']}/ttl"
-    expires_at = daemon.client.post(url, json={"ttl_seconds": 5}).json()["expires_at"]
+    # Extended far enough that no restart, however slow, reaches it.
+    expires_at = daemon.client.post(url, json={"ttl_seconds": 3600}).json()["expires_at"]
     daemon.stop(signal.SIGKILL)
-    time.sleep(1.5)  # past the first expiry, not the second
+    past(box["expires_at"])  # the first expiry passes while no daemon runs
     daemon.start()
-    assert daemon.client.get(f"/sandboxes/{box['id']}").json()["expires_at"] == expires_at
-    assert wait_for(lambda: gone(daemon, box["id"]), timeout=10)
+    after = daemon.client.get(f"/sandboxes/{box['id']}").json()
+    assert (after["state"], after["expires_at"]) == ("running", expires_at)
+    # The stored expiry is what a restarted daemon enforces: one that passed while it was
+    # down ends the sandbox once it is back.
+    short = daemon.client.post(url, json={"ttl_seconds": 1}).json()["expires_at"]
+    daemon.stop(signal.SIGKILL)
+    past(short)
+    daemon.start()
+    assert wait_for(lambda: gone(daemon, box["id"]), timeout=30)
     assert not daemon.leaks()
     daemon.stop()  # the leak check of the module's first daemon would count this one
+
+
+def past(instant: str) -> None:
+    """Return once the wall clock is past `instant` (an RFC 3339 time of the API)."""
+    moment = datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    while datetime.now(UTC) <= moment:
+        time.sleep(0.1)
 
 
 def test_ttl_expired_shows_while_the_sandbox_is_torn_down(daemon: Daemon) -> None:
