@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, Daemons
-from tests.images_build import BuiltImage, build_image, docker_archive_tar, oci_layout_tar
+from tests.images_build import (
+    BuiltImage,
+    LayerTar,
+    build_image,
+    docker_archive_tar,
+    oci_layout_tar,
+)
 from tests.registry import TOKEN, BearerProxy, Registry
 
 pytestmark = pytest.mark.usefixtures("nothing_carries_over")
@@ -113,6 +119,25 @@ def test_the_images_env_cwd_and_user_are_the_defaults(
         box["id"], "pwd; id -u; touch /home/app/new; stat -c %u /home/app/new", cwd="/", user="0"
     )
     assert out["stdout"].splitlines() == ["/", "0", "0"], out
+
+
+def test_an_images_etc_linked_to_a_host_directory_is_not_read(
+    daemon: Daemon, climb: str, tmp_path: Path
+) -> None:
+    host = tmp_path / "host-etc"
+    host.mkdir()
+    (host / "passwd").write_text("hostonly:x:4242:4242::/:/bin/sh\n")
+    image = build_image(climb, user="hostonly")
+    linked = LayerTar()
+    linked.symlink("etc", str(host))
+    image.layers.append(linked.bytes())
+    path = tmp_path / "linked.tar"
+    oci_layout_tar(path, {"linux/amd64": image})
+    response = import_tar(daemon, path, "test/linked:1")
+    assert response.status_code == 201, response.text
+    box = daemon.create(image="test/linked:1")
+    out = daemon.sh(box["id"], "id -u; id -g", cwd="/")
+    assert "4242" not in out["stdout"], out  # the host's passwd named nobody of the image
 
 
 def test_the_store_is_root_only_with_raw_owners(daemon: Daemon, imported: dict[str, Any]) -> None:
