@@ -13,6 +13,9 @@ request again with those credentials. HTTPS always, but for loopback registries 
 `insecure_registries` (Docker's rule). A connection dropped mid-blob is taken up where it
 stopped when the registry answers a Range request (else the blob starts over), up to
 _ATTEMPTS times; what was received is checked whole, and never kept if it does not match.
+Every body is bounded before it is in memory: a Content-Encoding is decoded here a piece at a
+time (a 500 KiB gzip can hold 500 MiB), the token service's answer is capped at _MAX_TOKEN and
+a manifest at MAX_JSON, and a redirect's body is dropped unread.
 """
 
 from __future__ import annotations
