@@ -80,13 +80,16 @@ class BearerProxy:
     """An HTTP proxy to `upstream` that answers 401 with a Bearer challenge to any request
     without the token, and hands the token out at /token (only for `credentials`, if set).
     `drop_blobs`: the first GET of each blob sends half the blob and closes the connection.
-    `corrupt_blobs`: every blob is sent with a byte changed."""
+    `corrupt_blobs`: every blob is sent with a byte changed. `token_bomb`: a gzip body the token
+    service answers with (Content-Encoding: gzip), after a redirect if `token_redirect`."""
 
     def __init__(self, upstream: str, credentials: tuple[str, str] | None = None) -> None:
         self.upstream = upstream
         self.credentials = credentials
         self.drop_blobs = False
         self.corrupt_blobs = False
+        self.token_bomb: bytes | None = None
+        self.token_redirect = False
         self.dropped: set[str] = set()
         self.token_requests: list[dict[str, Any]] = []
         self.ranges: list[str] = []
@@ -110,8 +113,8 @@ class BearerProxy:
 
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
-                if url.path == "/token":
-                    self._token(url.query)
+                if url.path in ("/token", "/token-moved"):
+                    self._token(url.path, url.query)
                 elif self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     realm = f"http://{proxy.host}/token"
                     challenge = f'Bearer realm="{realm}",service="test-registry"'
@@ -122,10 +125,18 @@ class BearerProxy:
             def do_HEAD(self) -> None:
                 self._answer(405, b"")
 
-            def _token(self, query: str) -> None:
+            def _token(self, path: str, query: str) -> None:
                 params = {k: v[0] for k, v in parse_qs(query).items()}
                 params["authorization"] = self.headers.get("Authorization")
                 proxy.token_requests.append(params)
+                if proxy.token_bomb is not None:
+                    gzip = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+                    if proxy.token_redirect and path == "/token":
+                        moved = f"http://{proxy.host}/token-moved?{query}"
+                        self._answer(302, proxy.token_bomb, {**gzip, "Location": moved})
+                    else:
+                        self._answer(200, proxy.token_bomb, gzip)
+                    return
                 if proxy.credentials is not None:
                     user, password = proxy.credentials
                     expected = base64.b64encode(f"{user}:{password}".encode()).decode()

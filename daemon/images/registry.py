@@ -13,6 +13,9 @@ request again with those credentials. HTTPS always, but for loopback registries 
 `insecure_registries` (Docker's rule). A connection dropped mid-blob is taken up where it
 stopped when the registry answers a Range request (else the blob starts over), up to
 _ATTEMPTS times; what was received is checked whole, and never kept if it does not match.
+Every body is bounded before it is in memory: a Content-Encoding is decoded here a piece at a
+time (a 500 KiB gzip can hold 500 MiB), the token service's answer is capped at _MAX_TOKEN and
+a manifest at MAX_JSON, and a redirect's body is dropped unread.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Callable
+import zlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,10 @@ from daemon.images.store import BlobWriter, DigestMismatch, ImageFiles
 Progress = Callable[[dict[str, Any]], None]
 _ACCEPT = ", ".join((*MANIFESTS, *INDEXES))
 _ATTEMPTS = 4
+_MAX_TOKEN = 64 << 10  # a token service's answer larger than this, decoded, is refused
+_PIECE = 256 << 10  # bytes decoded from a compressed body at a time
+# The encodings a body is decoded from, by us, a bounded piece at a time (the zlib wbits)
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _PROGRESS_STEP = 1 << 20  # a progress line per MiB of a layer, and at its end
 _DOCKER_HUB_API = "registry-1.docker.io"
 _DOCKER_HUB_AUTH_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io")
@@ -67,7 +75,12 @@ class Client:
         scheme = "http" if _plain_http(ref.registry, self.insecure) else "https"
         credentials = self._credentials(ref.registry)
         timeout = httpx.Timeout(30.0, read=60.0)
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as http:
+        async with httpx.AsyncClient(
+            timeout=timeout,
+            follow_redirects=True,
+            transport=_BodilessRedirects(),
+            headers={"Accept-Encoding": "gzip, deflate"},
+        ) as http:
             session = _Session(http, f"{scheme}://{host}/v2/{ref.repository}", ref, credentials)
             return await _pull(session, ref, platform, files, progress)
 
@@ -154,7 +167,7 @@ async def _receive(
         elif response.status_code != 206 or not writer.size:
             raise RegistryError(f"blob {digest}: the registry answered {response.status_code}")
         reported = writer.size
-        async for chunk in response.aiter_bytes():
+        async for chunk in _decoded(response, f"blob {digest}"):
             writer.write(chunk)
             if writer.size > size:
                 raise DigestMismatch(f"{digest}: more than its {size} bytes")
@@ -187,13 +200,13 @@ class _Session:
                 raise RegistryError(
                     f"the manifest {target}: the registry answered {response.status_code}"
                 )
-            data = b""
-            async for chunk in response.aiter_bytes():
+            data = bytearray()
+            async for chunk in _decoded(response, f"the manifest {target}"):
                 data += chunk
                 if len(data) > MAX_JSON:
                     raise RegistryError(f"the manifest {target} is too large")
             media_type = response.headers.get("content-type", "").split(";")[0].strip() or None
-            return data, media_type
+            return bytes(data), media_type
 
     def stream(self, path: str, headers: dict[str, str]) -> _Streamed:
         return _Streamed(self, path, headers)
@@ -238,22 +251,35 @@ class _Session:
         if "service" in params:
             query["service"] = params["service"]
         headers = {} if self.credentials is None else {"Authorization": _basic(self.credentials)}
+        realm = params["realm"]
         try:
-            response = await self.http.get(params["realm"], params=query, headers=headers)
+            body = await self._token_answer(realm, query, headers)
         except httpx.HTTPError as exc:
-            raise RegistryError(f"the token service {params['realm']}: {exc}") from exc
-        if response.status_code != 200:
-            raise RegistryError(
-                f"the token service {params['realm']} answered {response.status_code}"
-            )
+            raise RegistryError(f"the token service {realm}: {exc}") from exc
         try:
-            body = response.json()
-            token = body.get("token") or body.get("access_token")
+            document = json.loads(body)
+            token = document.get("token") or document.get("access_token")
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
-            raise RegistryError(f"the token service {params['realm']} gave no token")
+            raise RegistryError(f"the token service {realm} gave no token")
         self.authorization = f"Bearer {token}"
+
+    async def _token_answer(
+        self, realm: str, query: dict[str, str], headers: dict[str, str]
+    ) -> bytes:
+        """The token service's answer, streamed: a hostile one could be huge once decoded."""
+        async with self.http.stream("GET", realm, params=query, headers=headers) as response:
+            if response.status_code != 200:
+                raise RegistryError(f"the token service {realm} answered {response.status_code}")
+            body = bytearray()
+            async for chunk in _decoded(response, f"the token service {realm}"):
+                body += chunk
+                if len(body) > _MAX_TOKEN:
+                    raise RegistryError(
+                        f"the token service {realm} answered more than {_MAX_TOKEN} bytes"
+                    )
+            return bytes(body)
 
 
 class _Streamed:
@@ -270,6 +296,56 @@ class _Streamed:
     async def __aexit__(self, *_exc: object) -> None:
         if self.response is not None:
             await self.response.aclose()
+
+
+class _BodilessRedirects(httpx.AsyncBaseTransport):
+    """The HTTP transport, but a redirect's body is dropped unread: httpx reads (and decodes)
+    the whole body of each redirect it follows, which a hostile registry could make huge."""
+
+    def __init__(self) -> None:
+        self.transport = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.transport.handle_async_request(request)
+        if not (300 <= response.status_code < 400 and "location" in response.headers):
+            return response
+        await response.aclose()
+        headers = [
+            (key, value)
+            for key, value in response.headers.multi_items()
+            if key.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(response.status_code, headers=headers, request=request)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+async def _decoded(response: httpx.Response, what: str) -> AsyncIterator[bytes]:
+    """The body of `response` decoded from its Content-Encoding by us, at most _PIECE bytes
+    at a time (httpx would decode a whole network read at once: a 64 KiB gzip of zeros is
+    64 MiB), so that a caller's size limit binds before the memory is spent."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        async for chunk in response.aiter_raw():
+            yield chunk
+        return
+    if encoding not in _ENCODINGS:
+        raise RegistryError(f"{what}: an encoding not asked for: {encoding}")
+    decoder = zlib.decompressobj(_ENCODINGS[encoding])
+    async for chunk in response.aiter_raw():
+        while not decoder.eof:
+            try:
+                piece = decoder.decompress(chunk, _PIECE)
+            except zlib.error as exc:
+                raise RegistryError(f"{what}: not {encoding}: {exc}") from exc
+            chunk = decoder.unconsumed_tail
+            if piece:
+                yield piece
+            if not chunk and len(piece) < _PIECE:  # a full piece may leave output in zlib
+                break
+    if not decoder.eof:
+        raise RegistryError(f"{what}: the {encoding} body ends early")
 
 
 def _basic(credentials: tuple[str, str]) -> str:

@@ -15,6 +15,7 @@ import asyncio
 import builtins
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from daemon.images.reference import normal_name, parse
 from daemon.images.store import DigestMismatch, ImageFiles, LayerError
 from daemon.lifecycle.events import EventType
 from daemon.lifecycle.running import utcnow
+from daemon.linux import syscalls
 from daemon.shapes import ExecCreate, Image, ImageConfig, SandboxCreate
 from daemon.store.database import ImageRecord, Store
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SHORT_ID = 12  # the shortest id prefix taken for an image, as Docker shows ids
+_MAX_ETC_FILE = 1 << 20  # an /etc/passwd or /etc/group larger than this is not read
 
 
 class ImageService:
@@ -101,9 +104,9 @@ class ImageService:
         """The lower directories of a sandbox made from the image `image_id`, top first."""
         return self.lower_layers(self.find(image_id))
 
-    def exec_defaults(self, image_id: str, spec: ExecCreate) -> ExecCreate:
+    async def exec_defaults(self, image_id: str, spec: ExecCreate) -> ExecCreate:
         """An exec in a sandbox made from an image: the image's working_dir and user where
-        the exec names none."""
+        the exec names none (its /etc/passwd and /etc/group read in a worker thread)."""
         try:
             record = self.find(image_id)
         except NotFound:
@@ -112,9 +115,10 @@ class ImageService:
         working_dir = str(record.config.get("working_dir") or "")
         if "cwd" not in spec.model_fields_set and working_dir.startswith("/"):
             update["cwd"] = working_dir
-        user = self.default_user(record)
-        if "user" not in spec.model_fields_set and user is not None:
-            update["user"] = user
+        if "user" not in spec.model_fields_set:
+            user = await asyncio.to_thread(self.default_user, record)
+            if user is not None:
+                update["user"] = user
         return spec.model_copy(update=update) if update else spec
 
     def lower_layers(self, record: ImageRecord) -> builtins.list[str]:
@@ -123,7 +127,7 @@ class ImageService:
 
     def default_user(self, record: ImageRecord) -> str | None:
         """The image's user as uid[:gid], names looked up in the image's /etc/passwd and
-        /etc/group; None if it names none (or one the image does not have)."""
+        /etc/group; None if it names none (or one the image does not have). Blocking."""
         user = str(record.config.get("user") or "")
         if not user:
             return None
@@ -137,15 +141,13 @@ class ImageService:
         return f"{uid}:{gid}" if gid else uid
 
     def _lookup(self, record: ImageRecord, table: str, name: str, column: int) -> str | None:
-        for layer in self.lower_layers(record):  # the top layer's file is the one seen
-            path = Path(layer) / "etc" / table
-            if path.is_symlink() or not path.is_file():
-                continue
-            for line in path.read_text(errors="replace").splitlines():
-                fields = line.split(":")
-                if len(fields) > column and fields[0] == name and fields[column].isdigit():
-                    return fields[column]
+        data = image_file(self.lower_layers(record), "etc", table)
+        if data is None:
             return None
+        for line in data.decode(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) > column and fields[0] == name and fields[column].isdigit():
+                return fields[column]
         return None
 
     # -- import and pull ----------------------------------------------------------------------
@@ -294,3 +296,68 @@ def image_view(record: ImageRecord) -> Image:
         created_at=record.created_at,
         config=ImageConfig.model_validate(record.config),
     )
+
+
+def image_file(layers: builtins.list[str], directory: str, name: str) -> bytes | None:
+    """DIRECTORY/NAME of the image whose unpacked `layers` (top first) are given, as the
+    sandbox's overlay shows it; None if it has none, or none that is a regular file of at most
+    _MAX_ETC_FILE bytes. Each layer is a root of its own: a link is followed in its layer,
+    never out of it (a layer's `etc -> /somewhere` names the image's /somewhere, not the
+    host's). Blocking."""
+    for layer in layers:
+        root = os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            top = _lstat(root, directory)
+            if top is None:
+                continue  # the layers below decide
+            if stat.S_ISLNK(top.st_mode):
+                return _read_in(root, f"{directory}/{name}")
+            if not stat.S_ISDIR(top.st_mode):
+                return None  # a whiteout or a file: it hides the directories below
+            entry = _lstat(root, f"{directory}/{name}")
+            if entry is not None:
+                if stat.S_ISCHR(entry.st_mode) and entry.st_rdev == 0:
+                    return None  # whited out
+                return _read_in(root, f"{directory}/{name}")
+            if _opaque(os.path.join(layer, directory)):
+                return None  # the layers below are hidden
+        finally:
+            os.close(root)
+    return None
+
+
+def _lstat(root: int, path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path, dir_fd=root, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _opaque(directory: str) -> bool:
+    try:
+        return os.getxattr(directory, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _read_in(root: int, path: str) -> bytes | None:
+    """The regular file `path` with `root` as its root (links and `..` included), at most
+    _MAX_ETC_FILE bytes; O_NONBLOCK: a fifo there must not hang the open."""
+    resolve = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
+    try:
+        fd = syscalls.openat2(root, path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY, 0, resolve)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = bytearray()
+        while len(data) <= _MAX_ETC_FILE:
+            chunk = os.read(fd, _MAX_ETC_FILE + 1 - len(data))
+            if not chunk:
+                return bytes(data)
+            data += chunk
+        log.warning("an image's %s is larger than %d bytes: not read", path, _MAX_ETC_FILE)
+        return None
+    finally:
+        os.close(fd)

@@ -794,7 +794,7 @@ class SandboxManager:
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
         image_id = self.store.get_sandbox(ref).image_id
         if image_id is not None:  # the image's working_dir and user, where the exec names none
-            spec = self.images.exec_defaults(image_id, spec)
+            spec = await self.images.exec_defaults(image_id, spec)
         return await self.execs.exec(ref, spec)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:

@@ -25,6 +25,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 _PASSWD_LIMIT = 1 << 20
+_MAX_ID = 0xFFFFFFFE  # (uid_t)-1 is no id
 
 
 def become(
@@ -33,6 +34,7 @@ def become(
     sandbox_cgroups: cgroups.SandboxCgroups,
     userns_fd: int | None,
     joined: bool = True,
+    id_range: int = 65536,
 ) -> None:
     """Child, in the sandbox, host root: set up the process and exec it. Never returns."""
     code = EXIT_NOT_EXECUTABLE
@@ -73,6 +75,11 @@ def become(
         hardening.drop_capabilities()
         gid, home = _passwd_entry(req.uid)
         gid = req.gid if req.gid is not None else gid
+        # Ids the user namespace maps only: a gid of 4294967295 in /etc/passwd is (gid_t)-1,
+        # "no change" to setresgid, which would leave the exec in group 0.
+        max_id = id_range - 1 if userns_fd is not None else _MAX_ID
+        if not (0 <= req.uid <= max_id and 0 <= gid <= max_id):
+            raise ValueError(f"credentials: uid {req.uid} or gid {gid} is out of 0..{max_id}")
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(req.uid, req.uid, req.uid)

@@ -298,7 +298,9 @@ class Supervisor:
             self.not_started(req, running, child_stdio, exc)
             return
         if pid == 0:  # Child, in the sandbox, host root: becomes the exec's process.
-            spawn.become(child_req, child_stdio, self.cgroups, self.userns_fd, joined)
+            spawn.become(
+                child_req, child_stdio, self.cgroups, self.userns_fd, joined, self.req.id_range
+            )
         for fd in set(child_stdio):
             os.close(fd)
         running.pid = pid

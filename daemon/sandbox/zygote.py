@@ -223,6 +223,7 @@ def _exec_native(
         "ptmx": ptmx_fd,
         "log": log_fd,
         "uid_base": req.uid_base,
+        "id_range": req.id_range,
         "output_limit": req.output_limit,
         "log_limit": req.log_limit,
         "keep_caps": hardening.KEPT_MASK,

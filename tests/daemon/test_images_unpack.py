@@ -12,6 +12,7 @@ import pytest
 
 from daemon.images.manifests import ManifestError, pick_platform
 from daemon.images.reference import ReferenceError, parse
+from daemon.images.service import image_file
 from daemon.images.store import DigestMismatch, ImageFiles
 from daemon.images.unpack import LayerError, unpack_layer
 from tests.images_build import LayerTar
@@ -130,3 +131,60 @@ def test_plain_http_only_for_loopback_and_insecure_registries() -> None:
     for host in ("registry.lan:5000", "10.0.0.1:5000", "docker.io", "localhost.example"):
         assert not _plain_http(host, set()), host
     assert _plain_http("registry.lan:5000", {"registry.lan:5000"})
+
+
+def _layers(tmp_path: Path, *tars: LayerTar) -> list[str]:
+    """The unpacked layers of `tars` (bottom first), top first as the overlay takes them."""
+    paths = []
+    for index, layer in enumerate(tars):
+        (tmp_path / str(index)).mkdir(parents=True)
+        paths.append(str(unpack(tmp_path / str(index), layer)))
+    return paths[::-1]
+
+
+def test_an_image_file_is_read_as_the_overlay_shows_it_never_outside(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "passwd").write_text("hostonly:x:4242:4242::/:/bin/sh\n")
+    base = LayerTar()
+    base.dir("etc")
+    base.file("etc/passwd", b"base\n")
+    base.file("etc/group", b"base group\n")
+    base.dir("elsewhere")
+    base.file("elsewhere/passwd", b"in the image\n")
+    assert image_file(_layers(tmp_path / "a", base), "etc", "passwd") == b"base\n"
+    # A link out of the layer is followed inside it: the host's file is never read
+    linked = LayerTar()
+    linked.symlink("etc", str(host))
+    assert image_file(_layers(tmp_path / "b", base, linked), "etc", "passwd") is None
+    linked = LayerTar()
+    linked.symlink("etc", "../../../elsewhere")
+    linked.dir("elsewhere")
+    linked.file("elsewhere/passwd", b"top's own\n")
+    assert image_file(_layers(tmp_path / "c", base, linked), "etc", "passwd") == b"top's own\n"
+    # An upper etc without the file: the lower's; a whiteout, or an opaque etc, hides it
+    upper = LayerTar()
+    upper.dir("etc")
+    upper.file("etc/.wh.passwd", b"")
+    layers = _layers(tmp_path / "d", base, upper)
+    assert image_file(layers, "etc", "passwd") is None
+    assert image_file(layers, "etc", "group") == b"base group\n"
+    opaque = LayerTar()
+    opaque.dir("etc")
+    opaque.file("etc/.wh..wh..opq", b"")
+    assert image_file(_layers(tmp_path / "e", base, opaque), "etc", "group") is None
+    gone = LayerTar()
+    gone.file(".wh.etc", b"")
+    assert image_file(_layers(tmp_path / "f", base, gone), "etc", "group") is None
+
+
+def test_an_image_file_that_is_no_regular_file_or_too_large_is_not_read(tmp_path: Path) -> None:
+    layer = LayerTar()
+    layer.dir("etc")
+    layer.symlink("etc/passwd", "/proc/self/environ")
+    layer.file("etc/group", b"x" * ((1 << 20) + 1))
+    layers = _layers(tmp_path, layer)
+    assert image_file(layers, "etc", "passwd") is None
+    assert image_file(layers, "etc", "group") is None
+    os.mkfifo(Path(layers[0]) / "etc" / "fifo")
+    assert image_file(layers, "etc", "fifo") is None  # and the open did not hang

@@ -68,6 +68,22 @@ def test_cwd_user_and_stdin(daemon: Daemon, box: dict[str, Any]) -> None:
     assert daemon.exec(box["id"], ["cat"])["stdout"] == ""
 
 
+def test_ids_the_sandbox_does_not_map_fail_the_exec(daemon: Daemon, box: dict[str, Any]) -> None:
+    # gid 4294967295 is (gid_t)-1: to setresgid "no change", which would leave the exec in
+    # group 0; an id past the sandbox's 65536 is none of its own either
+    lines = "minus:x:4321:4294967295::/:/bin/sh\nwide:x:4322:65536::/:/bin/sh\n"
+    script = f"cp /etc/passwd /etc/passwd.orig && printf '{lines}' >> /etc/passwd"
+    assert daemon.sh(box["id"], script, user="0")["exit_code"] == 0
+    try:
+        for user in ("4321", "4322", "65536", "0:65536"):
+            result = daemon.sh(box["id"], "echo ran; id -g", user=user)
+            assert result["exit_code"] == 126, (user, result)
+            assert result["stdout"] == "" and "sandboxd: cannot start" in result["stderr"]
+        assert daemon.sh(box["id"], "id -g", user="65535")["stdout"] == "65535\n"
+    finally:
+        daemon.sh(box["id"], "mv /etc/passwd.orig /etc/passwd", user="0")
+
+
 def test_output_of_any_bytes_is_decoded_with_replacement(
     daemon: Daemon, box: dict[str, Any]
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, Daemons
-from tests.images_build import BuiltImage, build_image, docker_archive_tar, oci_layout_tar
-from tests.registry import BearerProxy, Registry
+from tests.images_build import (
+    BuiltImage,
+    LayerTar,
+    build_image,
+    docker_archive_tar,
+    oci_layout_tar,
+)
+from tests.registry import TOKEN, BearerProxy, Registry
 
 pytestmark = pytest.mark.usefixtures("nothing_carries_over")
 
@@ -112,6 +119,25 @@ def test_the_images_env_cwd_and_user_are_the_defaults(
         box["id"], "pwd; id -u; touch /home/app/new; stat -c %u /home/app/new", cwd="/", user="0"
     )
     assert out["stdout"].splitlines() == ["/", "0", "0"], out
+
+
+def test_an_images_etc_linked_to_a_host_directory_is_not_read(
+    daemon: Daemon, climb: str, tmp_path: Path
+) -> None:
+    host = tmp_path / "host-etc"
+    host.mkdir()
+    (host / "passwd").write_text("hostonly:x:4242:4242::/:/bin/sh\n")
+    image = build_image(climb, user="hostonly")
+    linked = LayerTar()
+    linked.symlink("etc", str(host))
+    image.layers.append(linked.bytes())
+    path = tmp_path / "linked.tar"
+    oci_layout_tar(path, {"linux/amd64": image})
+    response = import_tar(daemon, path, "test/linked:1")
+    assert response.status_code == 201, response.text
+    box = daemon.create(image="test/linked:1")
+    out = daemon.sh(box["id"], "id -u; id -g", cwd="/")
+    assert "4242" not in out["stdout"], out  # the host's passwd named nobody of the image
 
 
 def test_the_store_is_root_only_with_raw_owners(daemon: Daemon, imported: dict[str, Any]) -> None:
@@ -297,6 +323,41 @@ def test_an_anonymous_bearer_token_is_fetched_and_used(daemon: Daemon, proxy: Be
     assert proxy.token_requests[0]["service"] == "test-registry"
     assert proxy.token_requests[0]["scope"] == "repository:test/app:pull"
     assert proxy.token_requests[0]["authorization"] is None
+
+
+@pytest.fixture(scope="module")
+def token_bomb() -> bytes:
+    """A 500 KiB gzip of a 512 MiB token answer: the right token, then spaces (valid JSON)."""
+    gzip = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [gzip.compress(f'{{"token": "{TOKEN}"'.encode())]
+    spaces = b" " * (1 << 20)
+    parts += [gzip.compress(spaces) for _ in range(512)]
+    parts += [gzip.compress(b"}"), gzip.flush()]
+    return b"".join(parts)
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+@pytest.mark.parametrize("redirected", [False, True], ids=["answer", "redirect"])
+def test_a_huge_token_answer_is_refused_without_the_daemon_growing(
+    daemon: Daemon, proxy: BearerProxy, token_bomb: bytes, redirected: bool
+) -> None:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    proxy.token_bomb, proxy.token_redirect = token_bomb, redirected
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the RSS of now
+    before = _kib(pid, "VmHWM")
+    response = pull(daemon, f"{proxy.host}/test/app:1")
+    grown = _kib(pid, "VmHWM") - before
+    assert grown < 64 << 10, f"the daemon grew by {grown >> 10} MiB"
+    assert response.status_code == 502, response.text
+    assert "token service" in response.json()["detail"]
+    assert daemon.client.get("/images").json()["items"] == []
 
 
 def test_basic_credentials_from_registry_auth(

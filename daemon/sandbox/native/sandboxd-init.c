@@ -61,6 +61,7 @@ struct config {
     int listener, run, tree, memory, userns, ptmx, log, seccomp;
     bool memory_per_exec;
     long long uid_base; /* -1: no user namespace */
+    long long id_range; /* the ids 0..id_range-1 the user namespace maps */
     unsigned long long output_limit, log_limit, keep_caps;
     int cap_last;
     char **cmd; /* NULL: no main command */
@@ -1192,6 +1193,15 @@ static void child(const struct exec_request *req, char **envp, int stdio[3], boo
     passwd_entry(req->uid, &gid, home, sizeof(home));
     if (req->gid >= 0)
         gid = req->gid;
+    /* Ids the user namespace maps only: a gid of 4294967295 in /etc/passwd is (gid_t)-1,
+     * "no change" to setresgid, which would leave the exec in group 0. */
+    long long max_id = cfg.userns >= 0 ? cfg.id_range - 1 : 0xFFFFFFFELL;
+    if (req->uid > max_id || gid < 0 || gid > max_id) {
+        char reason[160];
+        snprintf(reason, sizeof(reason), "credentials: uid %lld or gid %lld is out of 0..%lld",
+                 req->uid, gid, max_id);
+        fail_child(EXIT_NOT_EXECUTABLE, "sandboxd: cannot start %s: %s\n", req->cmd[0], reason);
+    }
     if (setgroups(0, NULL) < 0 || setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) < 0 ||
         setresuid((uid_t)req->uid, (uid_t)req->uid, (uid_t)req->uid) < 0)
         fail_step(req, "credentials");
@@ -1711,6 +1721,7 @@ static const char *read_config(int fd)
     cfg.seccomp = config_fd(root, "seccomp", &ok);
     cfg.memory_per_exec = get_bool(root, "memory_per_exec", &ok);
     cfg.uid_base = get_int(root, "uid_base", -1, &ok);
+    cfg.id_range = get_int(root, "id_range", 65536, &ok);
     cfg.output_limit = (unsigned long long)get_int(root, "output_limit", 0, &ok);
     cfg.log_limit = (unsigned long long)get_int(root, "log_limit", 0, &ok);
     cfg.keep_caps = (unsigned long long)get_int(root, "keep_caps", 0, &ok);
