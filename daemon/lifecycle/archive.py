@@ -11,9 +11,14 @@ In: the upload is spooled to a file without a name (O_TMPFILE) in the target dir
 the sandbox's own disk, that nothing inside can open, let alone change; every header
 is checked, and only then is anything made. Refused (422), before any write: absolute names,
 `..`, symlinks whose target leaves the directory, hard links to anything but a member path
-below it, device nodes, ids the sandbox does not map, and a tar that cannot be read. Every
-member is then made through the sandbox's root, by fd, and files, links and FIFOs replace
-what is there by rename. A disk that fills (507) takes back what this upload made.
+below it or to a member that is not a regular file, device nodes, ids the sandbox does not
+map, and a tar that cannot be read. Every member is then made through the sandbox's root, by
+fd, and files, links and FIFOs replace what is there by rename. Each is made under a temp
+name the sandbox can see and swap: its owner, mode and times are set through the fd of the
+inode made, never by that name (a by-name chmod follows a symlink, as host root). A hard
+link is made from an fd of its source, checked to be a regular file (else 422 at that
+member), and keeps the source's attributes. A disk that fills (507) takes back what this
+upload made.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from daemon.errors import InsufficientStorage, Invalid, SandboxError
+from daemon.errors import Conflict, InsufficientStorage, Invalid, SandboxError
 from daemon.lifecycle.rooted import (
     CHUNK,
     SandboxRoot,
@@ -42,6 +47,7 @@ from daemon.lifecycle.rooted import (
     write_all,
     write_chunks,
 )
+from daemon.linux import syscalls as sc
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +281,7 @@ def _leaves(directory: str, name: str, target: str) -> bool:
 def _check(root: SandboxRoot, directory: str, members: list[tarfile.TarInfo]) -> int:
     """Every header against the rules (module docstring); the bytes the files will take."""
     total = 0
+    regular: dict[str, bool] = {}  # member name: whether a regular file (or a link to one)
     for member in members:
         name = _member_name(member.name)
         if member.ischr() or member.isblk():
@@ -285,8 +292,18 @@ def _check(root: SandboxRoot, directory: str, members: list[tarfile.TarInfo]) ->
         if member.issym() and _leaves(directory, name, member.linkname):
             target = member.linkname
             raise Invalid(f"tar member {member.name!r} links to {target}, out of {directory}")
-        if member.islnk() and not _member_name(member.linkname):
-            raise Invalid(f"tar member {member.name!r} is a hard link to the directory")
+        if member.islnk():
+            source = _member_name(member.linkname)
+            if not source:
+                raise Invalid(f"tar member {member.name!r} is a hard link to the directory")
+            if not regular.get(source, True):  # a source out of the tar is checked when linked
+                raise Invalid(
+                    f"tar member {member.name!r} is a hard link to {member.linkname!r},"
+                    " which is not a regular file"
+                )
+        regular[name] = member.isreg() or (
+            member.islnk() and regular.get(_member_name(member.linkname), True)
+        )
         root.host_id(member.uid)
         root.host_id(member.gid)
         if member.isreg():
@@ -344,12 +361,12 @@ def _extract(
             else:
                 temp = f".{base[:200]}.sandboxd-{secrets.token_hex(6)}"
                 try:
-                    _make_temp(root, tar, member, directory, parent, temp, mode)
-                    os.chown(temp, uid, gid, dir_fd=parent, follow_symlinks=False)
-                    if not member.issym():
-                        os.chmod(temp, mode, dir_fd=parent)  # after chown, which clears setuid
-                    mtime = int(member.mtime)
-                    os.utime(temp, (mtime, mtime), dir_fd=parent, follow_symlinks=False)
+                    made_fd = _make_temp(root, tar, member, directory, parent, temp)
+                    if made_fd is not None:
+                        try:
+                            _set_attributes(made_fd, member, uid, gid, mode)
+                        finally:
+                            os.close(made_fd)
                     root.replace(parent, temp, base)
                 except BaseException:
                     with contextlib.suppress(OSError):
@@ -397,42 +414,80 @@ def _make_temp(
     directory: str,
     parent: int,
     temp: str,
-    mode: int,
-) -> None:
+) -> int | None:
+    """Make `member` as `temp` in `parent`: an fd of the very inode made, checked to be of the
+    member's kind, to set its owner, mode and times through; None for a hard link, whose
+    inode is its source's and keeps its attributes.
+
+    The name `temp` is the sandbox's to see and rename over the moment it exists: after the
+    make, nothing is done by that name but the final rename (no chmod, chown or utime that
+    could follow a symlink swapped in, as host root, to a host file)."""
     with root.creating():
-        _make_temp_as_root_inside(root, tar, member, directory, parent, temp)
-
-
-def _make_temp_as_root_inside(
-    root: SandboxRoot,
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
-    directory: str,
-    parent: int,
-    temp: str,
-) -> None:
-    if member.issym():
-        os.symlink(member.linkname, temp, dir_fd=parent)
-    elif member.islnk():
-        source = posixpath.join(directory, _member_name(member.linkname))
-        source_dir, source_name = root.parent(source)
-        try:
-            os.link(
-                source_name, temp, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False
-            )
-        finally:
-            os.close(source_dir)
-    elif member.isfifo():
-        os.mkfifo(temp, 0o600, dir_fd=parent)
-    else:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temp, flags, 0o600, dir_fd=parent)
-        try:
-            contents = tar.extractfile(member)
-            assert contents is not None
-            _copy(contents, fd)
-        finally:
+        if member.islnk():
+            _link_temp(root, member, directory, parent, temp)
+            return None
+        if member.isreg():
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(temp, flags, 0o600, dir_fd=parent)
+            try:
+                contents = tar.extractfile(member)
+                assert contents is not None
+                _copy(contents, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        if member.issym():
+            os.symlink(member.linkname, temp, dir_fd=parent)
+            expected = stat.S_IFLNK
+        else:
+            os.mkfifo(temp, 0o600, dir_fd=parent)
+            expected = stat.S_IFIFO
+        # O_PATH opens neither a FIFO (no wait for a writer) nor a symlink's target.
+        fd = os.open(temp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        if stat.S_IFMT(os.fstat(fd).st_mode) != expected:
             os.close(fd)
+            raise Conflict(f"{temp} was replaced inside the sandbox while it was made")
+        return fd
+
+
+def _link_temp(
+    root: SandboxRoot, member: tarfile.TarInfo, directory: str, parent: int, temp: str
+) -> None:
+    """`temp` as a hard link to the member's source, which must be a regular file: linked
+    from an fd of the inode checked, so a source the sandbox swaps meanwhile (for a symlink,
+    say) is never what gets linked."""
+    source = posixpath.join(directory, _member_name(member.linkname))
+    source_dir, source_name = root.parent(source)
+    try:
+        fd = os.open(source_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=source_dir)
+    finally:
+        os.close(source_dir)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Invalid(
+                f"tar member {member.name!r} is a hard link to {member.linkname!r},"
+                " which is not a regular file"
+            )
+        sc.link_fd(fd, parent, temp)
+    finally:
+        os.close(fd)
+
+
+def _set_attributes(fd: int, member: tarfile.TarInfo, uid: int, gid: int, mode: int) -> None:
+    """Owner, mode and times of the inode `fd` holds (the one _make_temp made and checked)."""
+    mtime = int(member.mtime)
+    if member.isreg():
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)  # after chown, which clears setuid and setgid
+        os.utime(fd, (mtime, mtime))
+        return
+    sc.chown_fd(fd, uid, gid)
+    if member.isfifo():
+        # fchmod refuses an O_PATH fd; the fd's /proc link leads to its inode, a FIFO (checked
+        # by fstat), which is no symlink: nothing further is followed.
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    sc.utime_fd(fd, mtime, mtime)
 
 
 def _copy(source: IO[bytes], fd: int) -> None:

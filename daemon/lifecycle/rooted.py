@@ -94,6 +94,19 @@ def as_error(exc: OSError, path: str) -> SandboxError | OSError:
     return exc
 
 
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def _as_datetime(seconds: float) -> datetime:
+    """A file's time as a datetime, clamped to datetime's years 1 to 9999: a time set inside
+    (utime to 1e14 s) is any 64-bit number, and must not fail a listing."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, ValueError, OSError):
+        return _LATEST if seconds > 0 else _EARLIEST
+
+
 def _pidfd_exited(pidfd: int) -> bool:
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
@@ -230,7 +243,7 @@ class SandboxRoot:
             mode=f"{stat.S_IMODE(st.st_mode):04o}",
             uid=self.inside_id(st.st_uid),
             gid=self.inside_id(st.st_gid),
-            mtime=datetime.fromtimestamp(st.st_mtime, UTC),
+            mtime=_as_datetime(st.st_mtime),
             target=target,
         )
 
@@ -367,8 +380,11 @@ class SandboxRoot:
 
     # -- writing a file -----------------------------------------------------------------------
 
-    def create_temp(self, parent: int, name: str) -> str:
-        """A new, empty, private file beside `name`, for a write that replaces it by rename."""
+    def create_temp(self, parent: int, name: str) -> tuple[str, int]:
+        """A new, empty, private file beside `name`, for a write that replaces it by rename:
+        its name and the fd that made it (O_EXCL: that very inode). Use the fd, never the
+        name, but to rename it: the sandbox can swap anything (a FIFO, a symlink) in under
+        it meanwhile."""
         while True:
             temp = f".{name[:200]}.sandboxd-{secrets.token_hex(6)}"
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -379,8 +395,31 @@ class SandboxRoot:
                 continue
             except FileNotFoundError as exc:  # the directory is there: e.g. in /proc
                 raise Conflict(f"no file can be made in the directory of {name}") from exc
-            os.close(fd)
-            return temp
+            return temp, fd
+
+    def _start_write(
+        self, parent: int, name: str, path: str, mode: int, uid: int, gid: int
+    ) -> tuple[str, int]:
+        """The temp file of a write (name, fd), its owner and mode set through the fd."""
+        with translated(path):
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                    raise Conflict(f"{path} is a directory")
+            temp, fd = self.create_temp(parent, name)
+            try:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)  # after chown, which clears setuid and setgid
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=parent)
+                raise
+            return temp, fd
+
+    def _finish_write(self, parent: int, temp: str, name: str, path: str) -> tuple[Entry, bool]:
+        with translated(path):
+            created = self.replace(parent, temp, name)
+            return self.entry_at(parent, name, path), created
 
     async def write(
         self,
@@ -392,7 +431,8 @@ class SandboxRoot:
     ) -> tuple[Entry, bool]:
         """Write the file `path` from `chunks`, replacing it by rename (a reader sees the old
         file or the new, never half of one); its Entry and whether it is new. Missing parents
-        are made. On any failure, nothing of the write is left."""
+        are made. On any failure, nothing of the write is left. Every blocking call is in a
+        worker thread: what the sandbox puts in the way (a FIFO) holds up this write only."""
         host_uid, host_gid = self.host_id(uid), self.host_id(gid)
         if path == "/":
             raise Conflict("/ is a directory")
@@ -400,24 +440,15 @@ class SandboxRoot:
         with translated(path):
             parent = await asyncio.to_thread(self.make_dirs, head)
         try:
-            with translated(path):
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
-                        raise Conflict(f"{path} is a directory")
-                temp = self.create_temp(parent, name)
+            temp, fd = await asyncio.to_thread(
+                self._start_write, parent, name, path, mode, host_uid, host_gid
+            )
             try:
-                with translated(path):
-                    fd = os.open(temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
                 try:
-                    with translated(path):
-                        os.fchown(fd, host_uid, host_gid)
-                        os.fchmod(fd, mode)  # after chown, which clears setuid and setgid
                     await write_chunks(fd, chunks, path)
                 finally:
                     os.close(fd)
-                with translated(path):
-                    created = self.replace(parent, temp, name)
-                    return self.entry_at(parent, name, path), created
+                return await asyncio.to_thread(self._finish_write, parent, temp, name, path)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(temp, dir_fd=parent)

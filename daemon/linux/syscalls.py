@@ -2,7 +2,9 @@
 capabilities and seccomp.
 
 Python 3.11 has no unshare/setns, and no Python version has mount, pivot_root, open_tree,
-mount_setattr or move_mount. Each wrapper raises OSError with the errno, like os does.
+mount_setattr or move_mount, nor the AT_EMPTY_PATH forms of linkat, fchownat and utimensat
+(which act on the inode an O_PATH fd holds, a symlink included, never on a name). Each
+wrapper raises OSError with the errno, like os does.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
 AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
@@ -188,6 +191,28 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
 def renameat2(olddirfd: int, old: str, newdirfd: int, new: str, flags: int = 0) -> None:
     result = _libc.syscall(_NR["renameat2"], olddirfd, _path(old), newdirfd, _path(new), flags)
     _check(result, f"rename {old} to {new}")
+
+
+def link_fd(fd: int, newdirfd: int, new: str) -> None:
+    """A new name `new` in `newdirfd` for the inode `fd` holds (needs CAP_DAC_READ_SEARCH)."""
+    _check(_libc.linkat(fd, b"", newdirfd, _path(new), AT_EMPTY_PATH), f"link {new}")
+
+
+def chown_fd(fd: int, uid: int, gid: int) -> None:
+    """The owner of the inode `fd` holds, also for an O_PATH fd (of a symlink or FIFO)."""
+    flags = AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW
+    _check(_libc.fchownat(fd, b"", uid, gid, flags), "chown")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utime_fd(fd: int, atime: int, mtime: int) -> None:
+    """The times of the inode `fd` holds, also for an O_PATH fd (of a symlink or FIFO)."""
+    times = (_Timespec * 2)(_Timespec(atime, 0), _Timespec(mtime, 0))
+    flags = AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW
+    _check(_libc.utimensat(fd, b"", times, flags), "utime")
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:

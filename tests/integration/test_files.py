@@ -453,3 +453,175 @@ def test_a_writable_bind_takes_every_operation_with_ids_as_inside(
     )
     assert daemon.client.delete(base, params={"path": "/rw/t/x"}).status_code == 204
     assert sorted(p.name for p in source.rglob("*")) == ["a", "t"]
+
+
+# -- a hostile sandbox racing the temp names ----------------------------------------------------
+
+# Runs inside, as root inside: over every entry of TARGET that KIND picks ("temp": the
+# daemon's `.NAME.sandboxd-HEX` names; "src": the names starting with src), renames a new
+# symlink to the host path CANARY, as fast as it can, until STOP exists. Counts its swaps in
+# COUNT.
+SWAPPER = r"""
+import os, sys, time
+target, kind, canary, stop, count = sys.argv[1:6]
+swaps = 0
+open(count, "w").write("ready")
+end = time.monotonic() + 300
+while time.monotonic() < end and not os.path.exists(stop):
+    for name in os.listdir(target):
+        picked = name.startswith("src") if kind == "src" else (
+            name.startswith(".") and ".sandboxd-" in name)
+        path = os.path.join(target, name)
+        if not picked or os.path.islink(path):
+            continue
+        link = os.path.join(target, f"..swap{swaps}")
+        try:
+            os.symlink(canary, link)
+            os.rename(link, path)
+            swaps += 1
+        except OSError:
+            pass
+    open(count, "w").write(str(swaps))
+"""
+
+
+@pytest.fixture
+def canary(daemon: Daemon) -> Iterator[Path]:
+    """A host file no sandbox may change: mode 0600, root's, old times."""
+    path = daemon.root / "canary"
+    path.write_bytes(b"HOST")
+    os.chmod(path, 0o600)
+    os.chown(path, 0, 0)
+    os.utime(path, (1_000_000, 1_000_000))
+    yield path
+    path.unlink()
+
+
+def as_found(path: Path) -> tuple[int, int, int, int, int, bytes]:
+    """Mode, owner, mtime and ctime (which any chmod, chown or utime moves; a read does not),
+    and the contents."""
+    st = path.lstat()
+    return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns, path.read_bytes()
+
+
+def start_swapper(daemon: Daemon, box: str, target: str, kind: str, canary: Path) -> None:
+    inside(daemon, box, f"mkdir -p {target}")
+    args = [target, kind, str(canary), "/tmp/stop-swapper", "/tmp/swaps"]
+    daemon.exec(box, ["python3", "-c", SWAPPER, *args], wait=False)
+    wait_until(lambda: inside(daemon, box, "cat /tmp/swaps 2>/dev/null || true") != "")
+
+
+def wait_until(predicate: Any) -> None:
+    for _ in range(600):
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("never came to be")
+
+
+def put_archive(daemon: Daemon, ref: str, path: str, body: bytes) -> Any:
+    pieces = (body[i : i + MiB] for i in range(0, len(body), MiB))
+    return daemon.client.put(
+        f"/sandboxes/{ref}/archive",
+        params={"path": path},
+        content=pieces,
+        headers={"Content-Length": str(len(body))},
+        timeout=300,
+    )
+
+
+def test_a_symlink_renamed_over_a_members_temp_name_changes_no_host_file(
+    daemon: Daemon, box: str, canary: Path
+) -> None:
+    """The temp name of a member being copied is the sandbox's to see: a symlink to a host
+    file renamed over it must not lead the member's chmod (as host root) to that file."""
+    before = as_found(canary)
+    start_swapper(daemon, box, "/up", "temp", canary)
+    body = tar_of((member("big", mode=0o777, uid=0, gid=0, mtime=5), b"\1" * (64 * MiB)))
+    replaced = 0
+    for _ in range(3):
+        response = put_archive(daemon, box, "/up", body)
+        assert response.status_code == 204, response.text
+        assert as_found(canary) == before
+        # The symlink swapped in is what the rename put in place: the race was run.
+        replaced += inside(daemon, box, "test -L /up/big && echo y; rm -f /up/big") == "y\n"
+    inside(daemon, box, "touch /tmp/stop-swapper")
+    assert replaced > 0
+    assert as_found(canary) == before
+
+
+def test_a_hard_links_source_swapped_for_a_symlink_is_refused(
+    daemon: Daemon, box: str, canary: Path
+) -> None:
+    """A hard link's source is swapped for a symlink to a host file while a filler member is
+    copied: the link is refused (422), never made to the symlink, and no host file changes."""
+    before = as_found(canary)
+    start_swapper(daemon, box, "/hl", "src", canary)
+    body = tar_of(
+        (member("src", mode=0o644), b"s"),
+        (member("filler"), b"\0" * (32 * MiB)),  # time for the sandbox to swap `src`
+        (member("hard", tarfile.LNKTYPE, linkname="src", mode=0o777, uid=0, gid=0), None),
+    )
+    statuses = []
+    for _ in range(3):
+        response = put_archive(daemon, box, "/hl", body)
+        assert response.status_code in (204, 422), response.text
+        statuses.append(response.status_code)
+        assert as_found(canary) == before
+        inside(daemon, box, "rm -f /hl/src /hl/hard /hl/filler")
+    inside(daemon, box, "touch /tmp/stop-swapper")
+    assert 422 in statuses
+    assert as_found(canary) == before
+
+
+def test_hard_links_to_what_is_not_a_regular_file_are_refused(daemon: Daemon, box: str) -> None:
+    inside(daemon, box, "mkdir -p /hl && ln -s /etc/passwd /hl/there && mkfifo /hl/fifo")
+    to_member = tar_of(
+        (member("s", tarfile.SYMTYPE, linkname="x"), None),
+        (member("h", tarfile.LNKTYPE, linkname="s"), None),
+    )
+    response = daemon.client.put(
+        f"/sandboxes/{box}/archive", params={"path": "/hl"}, content=to_member
+    )
+    assert response.status_code == 422, response.text
+    assert inside(daemon, box, "ls -A /hl") == "fifo\nthere\n"  # refused before any write
+    for source in ("there", "fifo"):
+        to_existing = tar_of((member("h", tarfile.LNKTYPE, linkname=source), None))
+        response = daemon.client.put(
+            f"/sandboxes/{box}/archive", params={"path": "/hl"}, content=to_existing
+        )
+        assert response.status_code == 422, response.text
+        assert inside(daemon, box, "ls -A /hl") == "fifo\nthere\n"
+
+
+def test_members_get_owner_mode_and_times_through_their_fd(daemon: Daemon, box: str) -> None:
+    body = tar_of(
+        (member("f", mode=0o4751, uid=7, gid=8, mtime=1000), b"f"),
+        (member("p", tarfile.FIFOTYPE, mode=0o640, uid=9, gid=10, mtime=2000), None),
+        (member("l", tarfile.SYMTYPE, linkname="f", uid=11, gid=12, mtime=3000), None),
+        (member("h", tarfile.LNKTYPE, linkname="f", mode=0o600, uid=1, gid=1), None),
+    )
+    inside(daemon, box, "mkdir /attrs")
+    response = daemon.client.put(
+        f"/sandboxes/{box}/archive", params={"path": "/attrs"}, content=body
+    )
+    assert response.status_code == 204, response.text
+    seen = inside(daemon, box, "cd /attrs && stat -c '%n %a %u %g %Y %F %h' f p l h")
+    assert seen.splitlines() == [
+        "f 4751 7 8 1000 regular file 2", "p 640 9 10 2000 fifo 1",
+        "l 777 11 12 3000 symbolic link 1", "h 4751 7 8 1000 regular file 2",
+    ]  # fmt: skip
+
+
+def test_a_file_time_out_of_range_still_lists_and_stats(daemon: Daemon, box: str) -> None:
+    inside(
+        daemon,
+        box,
+        "mkdir /tmp/t && cd /tmp/t && touch far early && python3 -c "
+        "\"import os; os.utime('far', (0, 1e14)); os.utime('early', (0, -1e14))\"",
+    )
+    listed = daemon.client.get(f"/sandboxes/{box}/files/list", params={"path": "/tmp/t"})
+    assert listed.status_code == 200, listed.text
+    times = {e["name"]: e["mtime"] for e in listed.json()["items"]}
+    assert times["far"].startswith("9999-12-31") and times["early"].startswith("0001-01-01")
+    assert stat(daemon, box, "/tmp/t/far").status_code == 200
