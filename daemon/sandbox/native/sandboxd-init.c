@@ -272,7 +272,12 @@ struct status {
     const char *signal;
     bool timed_out, stdout_truncated, stderr_truncated, oom_killed;
     double finished_at;
+    long long oom_kills; /* kills its memory cgroup counted while it ran, each told once */
 };
+
+/* OOM kills already told with an exec's status: on a sandbox-wide count (cgroup v1), the main
+ * cmd's status leaves them out. */
+static long long oom_kills_reported;
 
 static void status_json(struct buf *m, const struct status *s)
 {
@@ -282,10 +287,10 @@ static void status_json(struct buf *m, const struct status *s)
         buf_printf(m, "{\"exit_code\": null, \"signal\": \"%s\"", s->signal);
     buf_printf(m,
                ", \"timed_out\": %s, \"stdout_truncated\": %s, \"stderr_truncated\": %s, "
-               "\"finished_at\": %.6f, \"oom_killed\": %s}",
+               "\"finished_at\": %.6f, \"oom_killed\": %s, \"oom_kills\": %lld}",
                s->timed_out ? "true" : "false", s->stdout_truncated ? "true" : "false",
                s->stderr_truncated ? "true" : "false", s->finished_at,
-               s->oom_killed ? "true" : "false");
+               s->oom_killed ? "true" : "false", s->oom_kills);
 }
 
 /* status.json appears whole or not at all: written aside, then renamed into place. */
@@ -1379,8 +1384,19 @@ static void finish(size_t index)
         s.exit_code = WEXITSTATUS(e->wait_status);
     /* The OOM killer's victim dies of SIGKILL, its memory cgroup having counted the kill
      * first. Killed so, while the count rose, and not by its deadline: the OOM killer's. */
+    long long counted = oom_kills(e->id) - e->oom_kills_before;
+    counted = counted > 0 ? counted : 0;
     s.oom_killed = WIFSIGNALED(e->wait_status) && WTERMSIG(e->wait_status) == SIGKILL &&
-                   !e->timed_out && oom_kills(e->id) > e->oom_kills_before;
+                   !e->timed_out && counted > 0;
+    /* Every kill the count saw is told once: with the exec it ran under, or with the main cmd
+     * (which, on a sandbox-wide count, leaves out those told with execs). */
+    s.oom_kills = counted;
+    if (!(main_started && e->pid == main_pid)) {
+        oom_kills_reported += counted;
+    } else if (!cfg.memory_per_exec) {
+        long long rest = counted - oom_kills_reported;
+        s.oom_kills = rest > (s.oom_killed ? 1 : 0) ? rest : (s.oom_killed ? 1 : 0);
+    }
     if (write_status(e->id, &s) < 0) {
         char error[300];
         os_error(error, sizeof(error), errno);
