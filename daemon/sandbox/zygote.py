@@ -39,6 +39,14 @@ from daemon.sandbox.supervisor import Supervisor, install_signal_handlers
 
 OOM_SCORE_SUPERVISOR = -1000  # never chosen by the OOM killer
 
+# The user namespaces through which the base layers are idmapped (0 inside = a sandbox's uid
+# base alone), one per uid base, made once and kept: no process ever lives in one, it is
+# only a mapping for mount_setattr, so the next sandbox of the same uid range can use it
+# again, and a create saves the fork that makes one. A bounded set, the least recently used
+# let go first: each is an fd, and B closes them all but its own.
+_IDMAPS_MAX = 256
+_idmaps: dict[int, int] = {}
+
 
 def main() -> None:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -66,6 +74,12 @@ def main() -> None:
 
 def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
     """Fork A, which forks B (the supervisor): B's host pid and start time, or why not."""
+    idmap = None
+    if req.uid_base is not None:
+        try:
+            idmap = _idmap(req.uid_base)
+        except OSError as exc:
+            return SetupError.of("user namespace", exc)
     setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
     # A is born in the sandbox's init leaf: from its first instruction, it and all it forks
     # are the sandbox's (and, on cgroup v2, under its limits).
@@ -73,7 +87,7 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
     if pid == 0:
         os.close(setup_r)
         os.close(zygote_fd)
-        _intermediate(req, setup_w, joined)
+        _intermediate(req, setup_w, joined, idmap)
     os.close(setup_w)
     try:
         with os.fdopen(setup_r, "rb") as pipe:
@@ -88,11 +102,22 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
     return reply
 
 
+def _idmap(uid_base: int) -> int:
+    """The fd of the user namespace mapping 0 to `uid_base` alone, made on first use."""
+    fd = _idmaps.pop(uid_base, None)
+    if fd is None:
+        if len(_idmaps) >= _IDMAPS_MAX:  # the least recently used (dicts keep order)
+            os.close(_idmaps.pop(next(iter(_idmaps))))
+        fd = build.create_user_namespace(uid_base, 1)
+    _idmaps[uid_base] = fd  # the most recently used, last
+    return fd
+
+
 def _send(fd: int, message: Message) -> None:
     os.write(fd, encode(message))  # one write under PIPE_BUF: whole, never interleaved
 
 
-def _intermediate(req: SpawnRequest, setup_w: int, joined: bool) -> None:
+def _intermediate(req: SpawnRequest, setup_w: int, joined: bool, idmap: int | None) -> None:
     """A, a fork of the zygote, host root in host namespaces: steps 1-5 of daemon.sandbox.build."""
     step = "cgroups"
     try:
@@ -107,7 +132,7 @@ def _intermediate(req: SpawnRequest, setup_w: int, joined: bool) -> None:
         step = "user namespace"
         if req.uid_base is not None:
             userns_fd = build.create_user_namespace(req.uid_base, req.id_range)
-            base_userns_fd = build.create_user_namespace(req.uid_base, 1)
+            base_userns_fd = idmap
         step = "supervisor socket"
         listener = build.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -123,6 +123,38 @@ def test_base_is_owned_by_root_inside(daemon: Daemon, box: dict[str, Any]) -> No
     assert out(daemon, box, "python3 -c 'print(6*7)'").strip() == "42"
 
 
+def _lean_zygote_usernses(daemon: Daemon) -> set[str]:
+    """The user namespaces whose fds the zygote of non-bridged sandboxes holds."""
+    assert daemon.proc is not None
+    children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text()
+    for pid in children.split():
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"daemon.sandbox.zygote" in words and b"net" not in words:
+            fds = Path(f"/proc/{pid}/fd")
+            links = {os.readlink(fd) for fd in fds.iterdir()}
+            return {link for link in links if link.startswith("user:[")}
+    raise AssertionError(f"no zygote among {children}")
+
+
+def test_the_base_idmap_is_made_once_per_uid_range(daemon: Daemon) -> None:
+    """The user namespace the base layers are idmapped through maps one uid alone and holds
+    no process: the zygote keeps one per uid range, and a later sandbox of that range (its
+    slot freed and handed out again) is idmapped through the same one, and owns its base."""
+    held = _lean_zygote_usernses(daemon)
+    first = daemon.create()
+    uid_map = out(daemon, first, "cat /proc/self/uid_map").split()
+    daemon.client.delete(f"/sandboxes/{first['id']}")
+    made = _lean_zygote_usernses(daemon)
+    assert made and len(made - held) <= 1, (held, made)
+    again = daemon.create()
+    try:
+        if out(daemon, again, "cat /proc/self/uid_map").split() == uid_map:  # the same range
+            assert _lean_zygote_usernses(daemon) == made
+        assert out(daemon, again, "stat -c %u:%g /etc/passwd /").split() == ["0:0"] * 2
+    finally:
+        daemon.client.delete(f"/sandboxes/{again['id']}")
+
+
 def test_host_is_seen_only_as_an_unprivileged_user_would(
     daemon: Daemon, box: dict[str, Any]
 ) -> None:
