@@ -187,11 +187,26 @@ def _early_log_settings(args: argparse.Namespace) -> tuple[str, str]:
 
 def _migrate(args: argparse.Namespace) -> int:
     from api.serve import private_dir
+    from daemon.lifecycle import claims, recovery
     from daemon.store.database import migrate
 
     config = load_config(_settings(args), os.environ)
     private_dir(config.state_dir)
-    migrate(config.state_dir / "sandboxd.db")
+    # As serve does: not while a daemon holds the state directory, and not over a database
+    # that is not the one kept with the sandboxes on disk (a new one would be trusted next).
+    try:
+        recovery.lock(config.state_dir)
+    except claims.StateDirBusy as exc:
+        print(f"sandboxd: error: refusing to migrate: {exc}", file=sys.stderr)
+        return 1
+    try:
+        recovery.preflight(config)
+        migrate(config.state_dir / "sandboxd.db")
+    except recovery.RecoveryNeeded as exc:
+        print(f"sandboxd: error: refusing to migrate: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        recovery.unlock(config.state_dir)
     return 0
 
 

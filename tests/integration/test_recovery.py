@@ -142,6 +142,31 @@ def test_a_deleted_database_is_refused(daemon: Daemon) -> None:
     assert not daemon.leaks()
 
 
+def test_migrate_refuses_an_untrusted_database_as_serve_does(daemon: Daemon) -> None:
+    """`sandboxd migrate` on an emptied database with live sandboxes on disk would make a new
+    database that the next start trusts: it refuses, and changes nothing."""
+    boxes = two_sandboxes(daemon)
+    daemon.stop(signal.SIGKILL)
+    os.truncate(database(daemon), 0)
+    migrated = subprocess.run(
+        [sys.executable, "-m", "api", "migrate", "--config", str(daemon.config),
+         "--state-dir", str(daemon.state_dir)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert migrated.returncode == 1, migrated.stderr
+    assert "refusing to migrate" in migrated.stderr and "recover --adopt" in migrated.stderr
+    assert "Traceback" not in migrated.stderr
+    assert database(daemon).stat().st_size == 0  # not migrated over them
+    assert all(alive(box) for box in boxes)
+    said = refused(daemon)
+    assert said is not None and "refusing to start" in said
+    result = recover(daemon, "--remove")
+    assert result.returncode == 0, result.stderr
+    assert all(gone(box) for box in boxes)
+    daemon.start()
+    assert not daemon.leaks()
+
+
 def test_a_damaged_database_is_refused_in_one_line(daemon: Daemon) -> None:
     boxes = two_sandboxes(daemon)
     daemon.stop()
