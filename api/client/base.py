@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import click
@@ -40,3 +41,16 @@ def examples(*lines: str) -> str:
 def no_route(exc: ApiError) -> bool:
     """The daemon has no such endpoint (an older daemon), as opposed to no such object."""
     return exc.status in (404, 405) and exc.detail.startswith(("no route for", "GET is not"))
+
+
+def each(refs: Iterable[str], act: Callable[[str], str]) -> int:
+    """`act` on every ref in turn, printing what it returns; one that fails is said on stderr
+    and the rest still run, as `docker rm a b` does: exit status 1 if any failed."""
+    failed = 0
+    for ref in refs:
+        try:
+            click.echo(act(ref))
+        except ApiError as exc:
+            click.echo(f"sandboxd: error: {exc.detail}", err=True)
+            failed += 1
+    return 1 if failed else 0

@@ -16,7 +16,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from api.client.base import client, examples
+from api.client.base import client, each, examples
 from api.client.render import FORMATS, ago, as_json, short_id, size, stderr, table
 from api.client.transport import ApiError, image_path
 
@@ -184,12 +184,9 @@ def import_image(file: Path, reference: str) -> int:
 @click.argument("refs", nargs=-1, required=True)
 def rmi(refs: tuple[str, ...]) -> int:
     api = client()
-    failed = 0
-    for ref in refs:
-        try:
-            api.delete(image_path(ref))
-            click.echo(f"removed {ref}")
-        except ApiError as exc:
-            click.echo(f"sandboxd: error: {exc.detail}", err=True)
-            failed += 1
-    return 1 if failed else 0
+
+    def remove(ref: str) -> str:
+        api.delete(image_path(ref))
+        return f"removed {ref}"
+
+    return each(refs, remove)

@@ -13,7 +13,7 @@ import click
 from rich.live import Live
 from rich.table import Table
 
-from api.client.base import client, examples, no_route
+from api.client.base import client, each, examples, no_route
 from api.client.execs import run_in
 from api.client.render import (
     FORMATS,
@@ -296,17 +296,14 @@ def inspect(refs: tuple[str, ...]) -> int:
 @click.argument("refs", nargs=-1, required=True)
 def rm(force: bool, refs: tuple[str, ...]) -> int:
     api = client()
-    failed = 0
-    for ref in refs:
-        try:
-            if not force and api.get(path("sandboxes", ref))["state"] in ("creating", "running"):
-                raise ApiError(409, f"{ref} is running: stop it first, or use rm -f")
-            api.delete(path("sandboxes", ref))
-            click.echo(ref)
-        except ApiError as exc:
-            click.echo(f"sandboxd: error: {exc.detail}", err=True)
-            failed += 1
-    return 1 if failed else 0
+
+    def remove(ref: str) -> str:
+        if not force and api.get(path("sandboxes", ref))["state"] in ("creating", "running"):
+            raise ApiError(409, f"{ref} is running: stop it first, or use rm -f")
+        api.delete(path("sandboxes", ref))
+        return ref
+
+    return each(refs, remove)
 
 
 @click.command(

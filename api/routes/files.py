@@ -3,9 +3,9 @@ archives of them out and in; bodies streamed both ways (not bound by --max-body)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import closing
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -20,7 +20,10 @@ from daemon.shapes import (
     EntryList,
     MkdirRequest,
     MoveRequest,
+    SandboxFiles,
 )
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/sandboxes/{ref}", tags=["files"])
 
@@ -61,6 +64,16 @@ def _binary_response(media_type: str, description: str) -> dict[int | str, dict[
     }
 
 
+async def _opened(files: SandboxFiles, opening: Awaitable[T]) -> T:
+    """A download's stream, which closes the sandbox's root when it ends; the root closed
+    here if the stream cannot even start (no such path, not a file)."""
+    try:
+        return await opening
+    except BaseException:
+        files.close()
+        raise
+
+
 async def _body(request: Request) -> AsyncIterator[bytes]:
     async for chunk in request.stream():
         yield chunk
@@ -77,11 +90,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
 )
 async def read(ref: str, path: PathQuery, service: Service) -> Response:
     files = service.files(ref)
-    try:
-        size, chunks = await files.read(path)
-    except BaseException:
-        files.close()
-        raise
+    size, chunks = await _opened(files, files.read(path))
     headers = {"Content-Length": str(size)}
     return StreamingResponse(chunks, media_type=OCTETS, headers=headers)
 
@@ -201,11 +210,7 @@ async def delete(ref: str, path: PathQuery, service: Service, recursive: bool = 
 )
 async def archive_read(ref: str, path: PathQuery, service: Service) -> Response:
     files = service.files(ref)
-    try:
-        chunks = await files.archive(path)
-    except BaseException:
-        files.close()
-        raise
+    chunks = await _opened(files, files.archive(path))
     return StreamingResponse(chunks, media_type=TAR)
 
 
