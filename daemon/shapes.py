@@ -13,6 +13,7 @@ import os
 import re
 import signal as signal_module
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
 from typing import Annotated, Any, Literal, Protocol
@@ -682,6 +683,19 @@ class ExecOutput(BaseModel):
 LogStream = Literal["stdout", "stderr"]
 
 
+@dataclass(frozen=True)
+class LogQuery:
+    """Which lines of a main command's log to read (GET /sandboxes/{ref}/logs's query): the
+    last `tail` of them at or after `since`, of one stream or both; with `follow`, then
+    those that come, until the command ends."""
+
+    follow: bool = False
+    tail: int | None = None
+    since: datetime | None = None
+    stream: LogStream | None = None
+    encoding: Encoding = "utf-8"
+
+
 class LogLine(BaseModel):
     """A line of a sandbox's main-command log (NDJSON): a line, or the part of one that was
     read at once, with the time it was read."""
@@ -857,16 +871,7 @@ class SandboxService(Protocol):
         read off the event loop; raises NotFound at once."""
         ...
 
-    def logs(
-        self,
-        ref: str,
-        *,
-        follow: bool = False,
-        tail: int | None = None,
-        since: datetime | None = None,
-        stream: LogStream | None = None,
-        encoding: Encoding = "utf-8",
-    ) -> AsyncIterator[LogLine]:
+    def logs(self, ref: str, query: LogQuery) -> AsyncIterator[LogLine]:
         """The main command's log as lines (see daemon/lifecycle/cmd_logs.py); raises
         NotFound at once."""
         ...

@@ -19,6 +19,7 @@ from daemon.lifecycle.states import SandboxState
 from daemon.shapes import (
     Encoding,
     LogLine,
+    LogQuery,
     LogStream,
     Sandbox,
     SandboxCreate,
@@ -184,9 +185,7 @@ async def logs(
     ] = "utf-8",
 ) -> Response:
     after = None if since is None else _rfc3339(since)
-    lines = service.logs(
-        ref, follow=follow, tail=tail, since=after, stream=stream, encoding=encoding
-    )
+    lines = service.logs(ref, LogQuery(follow, tail, after, stream, encoding))
     return StreamingResponse(_as_ndjson(lines), media_type=NDJSON)
 
 

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from daemon.errors import NotFound
 from daemon.lifecycle.running import LiveSandbox
 from daemon.sandbox.logfile import OLDER, read_records
-from daemon.shapes import Encoding, LogLine, LogStream
+from daemon.shapes import Encoding, LogLine, LogQuery, LogStream
 from daemon.store.database import SandboxRecord, Store
 
 STREAMS: tuple[LogStream, ...] = ("stdout", "stderr")
@@ -69,35 +69,17 @@ class MainLogs:
             except NotFound:
                 await self.remove(path.name)
 
-    def read(
-        self,
-        ref: str,
-        *,
-        follow: bool = False,
-        tail: int | None = None,
-        since: datetime | None = None,
-        stream: LogStream | None = None,
-        encoding: Encoding = "utf-8",
-    ) -> AsyncIterator[LogLine]:
-        """The log's lines, oldest first: the last `tail` of them at or after `since`, of one
-        stream or both; with `follow`, then those that come, until the command ends. NotFound
-        now (not at the first line) for a sandbox that does not exist."""
-        record = self._get_store().get_sandbox(ref)
-        streams = STREAMS if stream is None else (stream,)
-        return self._read(record, follow, tail, since, streams, encoding)
+    def read(self, ref: str, query: LogQuery) -> AsyncIterator[LogLine]:
+        """The log's lines the query asks, oldest first. NotFound now (not at the first
+        line) for a sandbox that does not exist."""
+        return self._read(self._get_store().get_sandbox(ref), query)
 
-    async def _read(
-        self,
-        record: SandboxRecord,
-        follow: bool,
-        tail: int | None,
-        since: datetime | None,
-        streams: tuple[LogStream, ...],
-        encoding: Encoding,
-    ) -> AsyncIterator[LogLine]:
+    async def _read(self, record: SandboxRecord, query: LogQuery) -> AsyncIterator[LogLine]:
         live = self.live.get(record.id)
+        tail, encoding = query.tail, query.encoding
         # Compared as shown: a time is shown to the microsecond, and a client passes it back.
-        after = _micros(since) if since is not None else None
+        after = _micros(query.since) if query.since is not None else None
+        streams = STREAMS if query.stream is None else (query.stream,)
         cursors = [_Cursor(self.directory / record.id, name) for name in streams]
         try:
             pieces = _merged([await asyncio.to_thread(c.first, self.limit) for c in cursors])
@@ -106,7 +88,7 @@ class MainLogs:
                 pieces = pieces[max(0, len(pieces) - tail) :] if tail else []
             for piece in pieces:
                 yield _line(piece, encoding)
-            if not follow or record.spec.get("cmd") is None:
+            if not query.follow or record.spec.get("cmd") is None:
                 return
             while True:
                 # Whether it ended is asked before reading: what it wrote last is then read.

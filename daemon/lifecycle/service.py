@@ -94,14 +94,13 @@ from daemon.protocol import (
 )
 from daemon.sandbox import hardening, native
 from daemon.shapes import (
-    Encoding,
     Exec,
     ExecCreate,
     ExecExit,
     ExecOutput,
     Info,
     LogLine,
-    LogStream,
+    LogQuery,
     PoolCounts,
     Sandbox,
     SandboxCounts,
@@ -816,19 +815,8 @@ class SandboxManager:
 
     # -- main-command logs (daemon/lifecycle/cmd_logs.py) -------------------------------------
 
-    def logs(
-        self,
-        ref: str,
-        *,
-        follow: bool = False,
-        tail: int | None = None,
-        since: datetime | None = None,
-        stream: LogStream | None = None,
-        encoding: Encoding = "utf-8",
-    ) -> AsyncIterator[LogLine]:
-        return self.main_logs.read(
-            ref, follow=follow, tail=tail, since=since, stream=stream, encoding=encoding
-        )
+    def logs(self, ref: str, query: LogQuery) -> AsyncIterator[LogLine]:
+        return self.main_logs.read(ref, query)
 
     # -- files (daemon/lifecycle/files.py) ----------------------------------------------------
 
