@@ -39,13 +39,18 @@ from daemon.sandbox.supervisor import Supervisor, install_signal_handlers
 
 OOM_SCORE_SUPERVISOR = -1000  # never chosen by the OOM killer
 
-# The user namespaces through which the base layers are idmapped (0 inside = a sandbox's uid
-# base alone), one per uid base, made once and kept: no process ever lives in one, it is
-# only a mapping for mount_setattr, so the next sandbox of the same uid range can use it
-# again, and a create saves the fork that makes one. A bounded set, the least recently used
-# let go first: each is an fd, and B closes them all but its own.
-_IDMAPS_MAX = 256
-_idmaps: dict[int, int] = {}
+# A sandbox's two user namespaces, made once per uid range and kept: the one its processes
+# live in (0..65535 inside = its range) and the one its base layers are idmapped through (0
+# inside = its uid base alone). A create whose range was used before forks no throwaway
+# child to make them. Sharing one with the range's earlier sandboxes is safe because a user
+# namespace keeps nothing of a process once the process is gone, and a sandbox can give it
+# nothing that lasts: every other namespace of a sandbox is made new and owned by the host's,
+# and the keyring calls, the one way to leave state in a user namespace, are denied by the
+# seccomp filter (daemon/sandbox/hardening.py). A range is handed out again only once every
+# process of its last sandbox is dead (the teardown's release step). Bounded, the least
+# recently used let go first: each is an fd, and B closes all but its own.
+_USERNS_MAX = 512
+_usernses: dict[tuple[int, int], int] = {}  # (uid base, count) -> fd
 
 
 def main() -> None:
@@ -74,10 +79,10 @@ def main() -> None:
 
 def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
     """Fork A, which forks B (the supervisor): B's host pid and start time, or why not."""
-    idmap = None
+    usernses: tuple[int | None, int | None] = (None, None)
     if req.uid_base is not None:
         try:
-            idmap = _idmap(req.uid_base)
+            usernses = (_userns(req.uid_base, req.id_range), _userns(req.uid_base, 1))
         except OSError as exc:
             return SetupError.of("user namespace", exc)
     setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
@@ -87,7 +92,7 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
     if pid == 0:
         os.close(setup_r)
         os.close(zygote_fd)
-        _intermediate(req, setup_w, joined, idmap)
+        _intermediate(req, setup_w, joined, usernses)
     os.close(setup_w)
     try:
         with os.fdopen(setup_r, "rb") as pipe:
@@ -102,14 +107,14 @@ def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
     return reply
 
 
-def _idmap(uid_base: int) -> int:
-    """The fd of the user namespace mapping 0 to `uid_base` alone, made on first use."""
-    fd = _idmaps.pop(uid_base, None)
+def _userns(uid_base: int, count: int) -> int:
+    """The fd of the user namespace mapping 0..count-1 to uid_base.., made on first use."""
+    fd = _usernses.pop((uid_base, count), None)
     if fd is None:
-        if len(_idmaps) >= _IDMAPS_MAX:  # the least recently used (dicts keep order)
-            os.close(_idmaps.pop(next(iter(_idmaps))))
-        fd = build.create_user_namespace(uid_base, 1)
-    _idmaps[uid_base] = fd  # the most recently used, last
+        if len(_usernses) >= _USERNS_MAX:  # the least recently used (dicts keep order)
+            os.close(_usernses.pop(next(iter(_usernses))))
+        fd = build.create_user_namespace(uid_base, count)
+    _usernses[uid_base, count] = fd  # the most recently used, last
     return fd
 
 
@@ -117,7 +122,9 @@ def _send(fd: int, message: Message) -> None:
     os.write(fd, encode(message))  # one write under PIPE_BUF: whole, never interleaved
 
 
-def _intermediate(req: SpawnRequest, setup_w: int, joined: bool, idmap: int | None) -> None:
+def _intermediate(
+    req: SpawnRequest, setup_w: int, joined: bool, usernses: tuple[int | None, int | None]
+) -> None:
     """A, a fork of the zygote, host root in host namespaces: steps 1-5 of daemon.sandbox.build."""
     step = "cgroups"
     try:
@@ -128,11 +135,6 @@ def _intermediate(req: SpawnRequest, setup_w: int, joined: bool, idmap: int | No
         for path in req.join:
             cgroups.write_file(f"{path}/cgroup.procs", b"0")
         cgroup_fds = cgroups.SandboxCgroups.open(req.cgroup, req.memory_cgroup, req.memory_per_exec)
-        userns_fd = base_userns_fd = None
-        step = "user namespace"
-        if req.uid_base is not None:
-            userns_fd = build.create_user_namespace(req.uid_base, req.id_range)
-            base_userns_fd = idmap
         step = "supervisor socket"
         listener = build.listen_supervisor_socket(req.run_dir)
         run_fd = os.open(req.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -153,7 +155,7 @@ def _intermediate(req: SpawnRequest, setup_w: int, joined: bool, idmap: int | No
         pid = os.fork()
         if pid == 0:
             os.close(setup_w)  # B reports to the daemon itself (see _supervisor)
-            _supervisor(req, listener, run_fd, cgroup_fds, (userns_fd, base_userns_fd), log_fd)
+            _supervisor(req, listener, run_fd, cgroup_fds, usernses, log_fd)
         # B is our child: until we exit, its pid cannot name another process.
         start = syscalls.process_start_time(pid, proc_fd)
         if start is None:

@@ -136,20 +136,22 @@ def _lean_zygote_usernses(daemon: Daemon) -> set[str]:
     raise AssertionError(f"no zygote among {children}")
 
 
-def test_the_base_idmap_is_made_once_per_uid_range(daemon: Daemon) -> None:
-    """The user namespace the base layers are idmapped through maps one uid alone and holds
-    no process: the zygote keeps one per uid range, and a later sandbox of that range (its
-    slot freed and handed out again) is idmapped through the same one, and owns its base."""
+def test_user_namespaces_are_made_once_per_uid_range(daemon: Daemon) -> None:
+    """A sandbox's user namespace and the one its base is idmapped through are the zygote's,
+    made for its uid range on first use; a later sandbox of that range (its slot freed and
+    handed out again) lives in the same ones, and owns its base as before."""
     held = _lean_zygote_usernses(daemon)
     first = daemon.create()
     uid_map = out(daemon, first, "cat /proc/self/uid_map").split()
-    daemon.client.delete(f"/sandboxes/{first['id']}")
+    lives_in = out(daemon, first, "readlink /proc/self/ns/user").strip()
     made = _lean_zygote_usernses(daemon)
-    assert made and len(made - held) <= 1, (held, made)
+    assert lives_in in made and len(made - held) <= 2, (lives_in, held, made)
+    daemon.client.delete(f"/sandboxes/{first['id']}")
     again = daemon.create()
     try:
         if out(daemon, again, "cat /proc/self/uid_map").split() == uid_map:  # the same range
             assert _lean_zygote_usernses(daemon) == made
+            assert out(daemon, again, "readlink /proc/self/ns/user").strip() == lives_in
         assert out(daemon, again, "stat -c %u:%g /etc/passwd /").split() == ["0:0"] * 2
     finally:
         daemon.client.delete(f"/sandboxes/{again['id']}")
