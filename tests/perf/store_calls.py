@@ -7,8 +7,8 @@ Runs in: this process, unprivileged; the database lives in a temporary directory
 removed at the end. Each round is one sandbox's life as the service drives it (create,
 transition to running, set base_dir, get by id and by name, an exec recorded and finished,
 read back, transition to exited, then to destroying, delete), then a pooled sandbox's (created
-pooled, taken by a create), beside a few bystander sandboxes that keep their rows, so the lookups do not run on
-an empty table.
+pooled, taken by a create), beside a few bystander sandboxes that keep their rows, so the
+lookups do not run on an empty table.
 """
 
 from __future__ import annotations

@@ -42,9 +42,7 @@ class DaemonError(RuntimeError):
 class PrivateDaemon:
     """One `sandboxd serve` on a temporary directory: socket, state and run directories."""
 
-    def __init__(
-        self, max_sandboxes: int, pool: int = 0, program: list[str] | None = None
-    ) -> None:
+    def __init__(self, max_sandboxes: int, pool: int = 0, program: list[str] | None = None) -> None:
         self.max_sandboxes, self.pool = max_sandboxes, pool
         # What runs `serve`: sandboxd itself, or a wrapper that becomes it (tests/perf/steps.py).
         self.program = program or [sys.executable, "-m", "api"]
