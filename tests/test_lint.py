@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
     [
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
-        ["mypy", "daemon", "api", "tests/perf/bench"],
+        ["mypy", "daemon", "api", "tests/perf"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
 )

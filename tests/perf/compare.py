@@ -1,7 +1,11 @@
 """sandboxd beside podman (its REST API), crun and bubblewrap: the bench's workloads against
 each of them that is installed, in the same run, each figure printed beside ours with the ratio.
 
-    python3 tests/perf/compare.py [--count 100] [--idle 100] [--json]     (as root)
+    python3 tests/perf/compare.py [--count 100] [--idle 50] [--pool 4] [--json]     (as root)
+
+Then each of the project's targets (TARGETS: create, pooled create, exec, destroy, lifecycle,
+execs per second at 16 clients, memory per idle sandbox with the service's share and the
+service's memory, both with 50 alive), our figure, whether it is met, each peer's beside it.
 
 Runs in: this process, as root. Ours first, through the bench (tests/perf/bench) on a private
 daemon in the host's namespaces. Then the peers, from a private mount namespace this process
@@ -190,7 +194,9 @@ def _idle_memory(
         time.sleep(_SETTLE_SECONDS)
         available_after = memory.mem_available_kib()
         kernel_after = memory.kernel_kib()
-        pss_after, readable = memory.pss_kib(peer.pids(handles))
+        service = set(peer.service_pids())
+        pss_after, readable = memory.pss_kib(service | set(peer.pids(handles)))
+        service_alive = memory.pss_kib(service)[0]
     finally:
         for handle in handles:
             worker.destroy(handle)
@@ -201,13 +207,17 @@ def _idle_memory(
         ),
         "kernel_mib_per_sandbox": round((kernel_after - kernel_before) / count / 1024, 3),
         "pss_mib_per_sandbox": round((pss_after - service_before) / count / 1024, 3),
+        "pss_total_mib_per_sandbox": round(pss_after / count / 1024, 3),
         "service_pss_mib": round(service_before / 1024, 3),
+        "service_pss_alive_mib": round(service_alive / 1024, 3),
         "processes_counted": readable,
         "create_seconds": round(created, 2),
     }
 
 
 # -- the comparison ---------------------------------------------------------------------------
+
+Getter = Callable[[dict[str, Any]], float | None]
 
 LATENCY_FIGURES = [
     ("create", "create"),
@@ -248,10 +258,9 @@ def comparison(ours: dict[str, Any], peers: dict[str, dict[str, Any]]) -> list[l
         if _latency(mine, "p50")(ours) is None:
             continue
         for q in ("p50", "p99"):
-            ours_get, peers_get = _latency(mine, q), _latency(theirs, q)
             add(
                 f"{label}, {q} ms",
-                lambda report, o=ours_get, p=peers_get: o(report) if report is ours else p(report),
+                _ours_or_theirs(ours, _latency(mine, q), _latency(theirs, q)),
                 higher_is_better=False,
             )
     for level in ours["throughput"]:
@@ -262,10 +271,21 @@ def comparison(ours: dict[str, Any], peers: dict[str, dict[str, Any]]) -> list[l
         for key, label in (
             ("mem_available_mib_per_sandbox", "MiB of MemAvailable"),
             ("pss_mib_per_sandbox", "MiB of PSS"),
+            ("pss_total_mib_per_sandbox", "MiB of PSS, with the service's share,"),
         ):
             add(f"{label} per idle sandbox, {k} alive", _memory_at(k, key), higher_is_better=False)
-        add(f"service PSS MiB, {k} alive", _memory_at(k, "service_pss_mib"), higher_is_better=False)
+        add(f"service PSS MiB, {k} alive", _service_alive(k), higher_is_better=False)
+        add(
+            f"service PSS MiB, before the {k} were made",
+            _memory_at(k, "service_pss_mib"),
+            higher_is_better=False,
+        )
     return rows
+
+
+def _ours_or_theirs(ours: dict[str, Any], mine: Getter, theirs: Getter) -> Getter:
+    """`mine` of our report, `theirs` of a peer's: a row whose figure differs by who runs it."""
+    return lambda report: mine(report) if report is ours else theirs(report)
 
 
 def _latency(name: str, q: str) -> Callable[[dict[str, Any]], float | None]:
@@ -292,11 +312,88 @@ def _memory_at(count: int, key: str) -> Callable[[dict[str, Any]], float | None]
     return get
 
 
+def _service_alive(count: int) -> Callable[[dict[str, Any]], float | None]:
+    """The service's PSS with `count` alive; a report from before that figure has only the
+    one measured before they were made."""
+    alive, before = _memory_at(count, "service_pss_alive_mib"), _memory_at(count, "service_pss_mib")
+
+    def get(report: dict[str, Any]) -> float | None:
+        value = alive(report)
+        return before(report) if value is None else value
+
+    return get
+
+
 def _ratio(mine: float | None, theirs: float | None, higher_is_better: bool) -> str | None:
     if mine is None or theirs is None or mine <= 0 or theirs <= 0:
         return None
     ratio = mine / theirs if higher_is_better else theirs / mine
     return f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x"
+
+
+# The project's targets: (row, target as written, limit, higher is better, our figure, a peer's
+# figure to set beside it). The memory rows are at TARGET_IDLE sandboxes alive (--idle).
+TARGET_IDLE = 50
+TARGET_CLIENTS = 16
+TARGETS: list[tuple[str, str, float, bool, Getter, Getter]] = [
+    ("create (fresh) p50, ms", "<= 5", 5.0, False, _latency("create", "p50"),
+     _latency("create", "p50")),
+    ("create from the warm pool p50, ms", "<= 2", 2.0, False, _latency("create_pool", "p50"),
+     _latency("create", "p50")),
+    ("exec `true` p50 with its exit code back, ms", "<= 2", 2.0, False, _latency("exec", "p50"),
+     _latency("exec", "p50")),
+    ("destroy p50, ms", "<= 4", 4.0, False, _latency("destroy", "p50"),
+     _latency("destroy", "p50")),
+    ("destroy p99, ms", "<= 15", 15.0, False, _latency("destroy", "p99"),
+     _latency("destroy", "p99")),
+    ("create → exec → destroy p50, ms", "<= 12", 12.0, False, _latency("lifecycle", "p50"),
+     _latency("lifecycle", "p50")),
+    (f"execs/s with {TARGET_CLIENTS} clients", ">= 800", 800.0, True,
+     _throughput_at(TARGET_CLIENTS), _throughput_at(TARGET_CLIENTS)),
+    (f"MiB per idle sandbox, PSS with the service's share, {TARGET_IDLE} alive", "<= 1", 1.0,
+     False, _memory_at(TARGET_IDLE, "pss_total_mib_per_sandbox"),
+     _memory_at(TARGET_IDLE, "pss_total_mib_per_sandbox")),
+    (f"service MiB (daemon + zygotes PSS), {TARGET_IDLE} alive", "<= 40", 40.0, False,
+     _service_alive(TARGET_IDLE), _service_alive(TARGET_IDLE)),
+]  # fmt: skip
+
+
+def target_rows(ours: dict[str, Any], peers: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """Rows of [row, target, ours, met, then value and ratio for each peer]. met is "yes",
+    "no" or "not measured"; the pool row's peer figure is its plain create (it has no pool)."""
+    rows: list[list[Any]] = []
+    for label, target, limit, higher_is_better, mine_get, theirs_get in TARGETS:
+        mine = mine_get(ours)
+        if mine is None:
+            met = "not measured"
+        else:
+            met = "yes" if (mine >= limit if higher_is_better else mine <= limit) else "no"
+        row: list[Any] = [label, target, mine, met]
+        for report in peers.values():
+            theirs = theirs_get(report) if "skipped" not in report else None
+            row += [theirs, _ratio(mine, theirs, higher_is_better)]
+        rows.append(row)
+    return rows
+
+
+def render_targets(result: dict[str, Any]) -> list[str]:
+    peers = result["peers"]
+    rows = target_rows(result["sandboxd"], peers)
+    headers = ["target", "aim", "sandboxd", "met"]
+    for name in peers:
+        headers += [name, "x"]
+    met = sum(row[3] == "yes" for row in rows)
+    missing = [row[0] for row in rows if row[3] == "not measured"]
+    lines = [
+        format_table(headers, rows),
+        "",
+        f"targets met: {met} of {len(rows)}"
+        + (f"; not measured: {', '.join(missing)}" if missing else "")
+        + (f" (the pool row needs --pool, the memory rows --idle {TARGET_IDLE}, "
+           f"the execs/s row --concurrency {TARGET_CLIENTS})" if missing else ""),
+        "the warm pool's row has each peer's plain create beside it (they have no pool).",
+    ]  # fmt: skip
+    return lines
 
 
 def render_comparison(result: dict[str, Any]) -> str:
@@ -324,6 +421,7 @@ def render_comparison(result: dict[str, Any]) -> str:
             lines.append(f"{name}: not measured: {report['skipped']}")
         elif "note" in report:
             lines.append(f"{name}: {report['note']}")
+    lines += ["", *render_targets(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -347,7 +445,9 @@ PEER_NOTES = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    options = Options(args.count, args.warmup, args.concurrency, args.duration, args.idle)
+    options = Options(
+        args.count, args.warmup, args.concurrency, args.duration, args.idle, transfer_mib=0
+    )
 
     def say(message: str) -> None:
         print(f"compare: {message}", file=sys.stderr, flush=True)
@@ -356,7 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     ours = run_bench(None, None, options)
     if args.pool:
         say(f"sandboxd with a warm pool of {args.pool} (another private daemon)")
-        pooled = Options(args.count, args.warmup, [], args.duration, [], args.pool, pool_only=True)
+        pooled = Options(
+            args.count,
+            args.warmup,
+            [],
+            args.duration,
+            [],
+            args.pool,
+            pool_only=True,
+            transfer_mib=0,
+        )
         ours["latency"] += run_bench(None, None, pooled)["latency"]
     result: dict[str, Any] = {"sandboxd": ours, "peers": {}}
     work = Path(tempfile.mkdtemp(prefix="sandboxd-compare-"))
@@ -371,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["targets"] = [
+        dict(zip(["row", "target", "sandboxd", "met"], row[:4], strict=True))
+        for row in target_rows(ours, result["peers"])
+    ]
     sys.stdout.write(
         json.dumps(result, indent=2) + "\n" if args.json else render_comparison(result)
     )
@@ -451,7 +564,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first [5]")
     parser.add_argument("--concurrency", type=counts, default=[1, 4, 16], help="[1,4,16]")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per level [5]")
-    parser.add_argument("--idle", type=counts, default=[100], help="idle sandboxes [100]")
+    parser.add_argument(
+        "--idle", type=counts, default=[TARGET_IDLE], help=f"idle sandboxes [{TARGET_IDLE}]"
+    )
     parser.add_argument(
         "--peers",
         type=lambda text: [p for p in text.split(",") if p],
@@ -459,7 +574,10 @@ def _parser() -> argparse.ArgumentParser:
         help="which peers, of podman, crun, bwrap [all]",
     )
     parser.add_argument(
-        "--pool", type=int, default=0, help="also measure our creates from a warm pool of N [0]"
+        "--pool",
+        type=int,
+        default=4,
+        help="also measure our creates from a warm pool of N, on a second daemon (0: not) [4]",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser

@@ -6,9 +6,9 @@ method, in milliseconds, without the daemon around it.
 Runs in: this process, unprivileged; the database lives in a temporary directory that is
 removed at the end. Each round is one sandbox's life as the service drives it (create,
 transition to running, set base_dir, get by id and by name, an exec recorded and finished,
-read back, transition to exited, delete), then a pooled sandbox's (created pooled, taken by
-a create), beside a few bystander sandboxes that keep their rows, so the lookups do not run on
-an empty table.
+read back, transition to exited, then to destroying, delete), then a pooled sandbox's (created
+pooled, taken by a create), beside a few bystander sandboxes that keep their rows, so the
+lookups do not run on an empty table.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from daemon.lifecycle.states import SandboxState  # noqa: E402
+from daemon.lifecycle.states import LifecycleState  # noqa: E402
 from daemon.store.database import Store  # noqa: E402
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def run(rounds: int) -> dict[str, list[float]]:
                     id=f"sb_by{i}", name=f"by-{i}", hostname="h", spec=SPEC, max_live=1000,
                     now=now, expires_at=None, subnet=SUBNET,
                 )  # fmt: skip
-                store.transition(f"sb_by{i}", SandboxState.RUNNING, pid=100 + i, started_at=now)
+                store.transition(f"sb_by{i}", LifecycleState.RUNNING, pid=100 + i, started_at=now)
                 store.insert_exec(id=f"ex_by{i}", sandbox_id=f"sb_by{i}", cmd=["true"], now=now)
             for i in range(rounds):
                 one_life(store, times, i, now)
@@ -83,7 +83,7 @@ def one_life(store: Store, times: dict[str, list[float]], i: int, now: datetime)
         expires_at=now + timedelta(hours=1), subnet=SUBNET,
     ))  # fmt: skip
     timed(times, "transition", lambda: store.transition(
-        sid, SandboxState.RUNNING, pid=4242, pid_start=99, started_at=now
+        sid, LifecycleState.RUNNING, pid=4242, pid_start=99, started_at=now
     ))  # fmt: skip
     timed(times, "update_sandbox", lambda: store.update_sandbox(sid, base_dir="/run/x"))
     timed(times, "get_sandbox", lambda: store.get_sandbox(sid))
@@ -99,18 +99,20 @@ def one_life(store: Store, times: dict[str, list[float]], i: int, now: datetime)
     ))  # fmt: skip
     timed(times, "get_exec", lambda: store.get_exec(sid, eid))
     timed(times, "transition(exit)", lambda: store.transition(
-        sid, SandboxState.EXITED, pid=None, uid_slot=None, ip=None, finished_at=now, exit_code=0
+        sid, LifecycleState.EXITED, pid=None, uid_slot=None, ip=None, finished_at=now, exit_code=0
     ))  # fmt: skip
+    timed(times, "transition(destroying)", lambda: store.transition(sid, LifecycleState.DESTROYING))
     timed(times, "delete_sandbox", lambda: store.delete_sandbox(sid))
     pooled = f"sb_p{i:06d}"
     timed(times, "create_sandbox(pool)", lambda: store.create_sandbox(
         id=pooled, name=None, hostname=pooled, spec=SPEC, max_live=1000, now=now,
         expires_at=None, subnet=SUBNET, pooled=True,
     ))  # fmt: skip
-    store.transition(pooled, SandboxState.RUNNING, pid=4444, pid_start=99, started_at=now)
+    store.transition(pooled, LifecycleState.POOLED, pid=4444, pid_start=99, started_at=now)
     timed(times, "take_pooled", lambda: store.take_pooled(
         pooled, name=name, hostname=name, spec=SPEC, max_live=1000, now=now, expires_at=None
     ))  # fmt: skip
+    store.transition(pooled, LifecycleState.DESTROYING)
     store.delete_sandbox(pooled)
 
 
@@ -130,9 +132,9 @@ def main(argv: list[str]) -> None:
         }
         for label, values in times.items()
     }
-    print(f"{'method':<20} {'p50 ms':>8} {'p90 ms':>8} {'n':>6}")
+    print(f"{'method':<24} {'p50 ms':>8} {'p90 ms':>8} {'n':>6}")
     for label, row in rows.items():
-        print(f"{label:<20} {row['p50']:>8.3f} {row['p90']:>8.3f} {row['n']:>6}")
+        print(f"{label:<24} {row['p50']:>8.3f} {row['p90']:>8.3f} {row['n']:>6}")
     if out is not None:
         out.write_text(json.dumps(rows, indent=2) + "\n")
 

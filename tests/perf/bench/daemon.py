@@ -42,8 +42,10 @@ class DaemonError(RuntimeError):
 class PrivateDaemon:
     """One `sandboxd serve` on a temporary directory: socket, state and run directories."""
 
-    def __init__(self, max_sandboxes: int, pool: int = 0) -> None:
+    def __init__(self, max_sandboxes: int, pool: int = 0, program: list[str] | None = None) -> None:
         self.max_sandboxes, self.pool = max_sandboxes, pool
+        # What runs `serve`: sandboxd itself, or a wrapper that becomes it (tests/perf/steps.py).
+        self.program = program or [sys.executable, "-m", "api"]
         self.root = Path(tempfile.mkdtemp(prefix="sandboxd-bench-"))
         os.chmod(self.root, 0o755)
         self.cgroup_name = self.root.name
@@ -66,7 +68,7 @@ class PrivateDaemon:
             f'bridge_name = "{self.bridge}"\nbridge_subnet = "{self.subnet}"\n'
         )
         command = [
-            sys.executable, "-m", "api", "serve", "--config", str(config),
+            *self.program, "serve", "--config", str(config),
             "--listen", self.url,
             "--state-dir", str(self.root / "state"), "--run-dir", str(self.root / "run"),
             "--max-sandboxes", str(self.max_sandboxes), "--pool-size", str(self.pool),

@@ -22,7 +22,9 @@ time, after a few untimed warm-up rounds):
   throughput        execs of `true` per second by 1, 4, 16 workers, each with its own
                     connection and its own sandbox, for a few seconds each
   idle memory       N idle sandboxes alive: MemAvailable lost, kernel memory, the PSS of the
-                    daemon, its zygote and every supervisor; /healthz latency meanwhile
+                    daemon, its zygotes and every supervisor (what the N added, and all of it
+                    over N: each one's share of the service too), the service's PSS before
+                    and with them alive; /healthz latency meanwhile
   file transfer     PUT then GET /sandboxes/ID/files of N MiB of random bytes (200 by
                     default), MB/s each way (best of a few rounds); the bytes checked
 """
@@ -395,17 +397,21 @@ class Bench:
         available_after = memory.mem_available_kib()
         kernel_after = memory.kernel_kib()
         supervisors = [int(s["pid"]) for s in self.ours() if s["pid"] is not None]
-        project = [daemon_pid, *memory.descendants(daemon_pid)]
-        for pid in supervisors:
-            project += [pid, *memory.descendants(pid)]
-        pss_after, readable = memory.pss_kib(project)
+        # Each process once: the service (daemon, zygotes) and the sandboxes' own, apart.
+        sandboxes = {p for pid in supervisors for p in (pid, *memory.descendants(pid))}
+        service = {daemon_pid, *memory.descendants(daemon_pid)} - sandboxes
+        pss_after, readable = memory.pss_kib(service | sandboxes)
+        service_alive = memory.pss_kib(service)[0]
         healthz = measure("healthz", "/healthz", self._healthz, _HEALTHZ_SAMPLES).samples
         row |= {
             "supervisors": len(supervisors),
             "mem_available_mib_per_sandbox": _mib((available_before - available_after) / count),
             "kernel_mib_per_sandbox": _mib((kernel_after - kernel_before) / count),
             "pss_mib_per_sandbox": _mib((pss_after - service_before) / count) if local else None,
-            "service_pss_mib": _mib(service_before) if local else None,
+            # The whole cost of each: the service's PSS too, shared among the N alive.
+            "pss_total_mib_per_sandbox": _mib(pss_after / count) if local else None,
+            "service_pss_mib": _mib(service_before) if local else None,  # before they were made
+            "service_pss_alive_mib": _mib(service_alive) if local else None,
             "processes_counted": readable,
             "healthz_p50_ms": round(percentile(healthz, 50), 3),
             "healthz_p99_ms": round(percentile(healthz, 99), 3),
@@ -618,12 +624,14 @@ def render(report: dict[str, Any]) -> str:
                 continue
             rows.append([
                 r["sandboxes"], r["mem_available_mib_per_sandbox"], r["kernel_mib_per_sandbox"],
-                r["pss_mib_per_sandbox"], r["service_pss_mib"], r["healthz_p50_ms"],
+                r["pss_mib_per_sandbox"], r.get("pss_total_mib_per_sandbox"),
+                r["service_pss_mib"], r.get("service_pss_alive_mib"), r["healthz_p50_ms"],
                 r["healthz_p99_ms"], r["create_seconds"],
             ])  # fmt: skip
         headers = [
             "idle sandboxes", "MemAvailable MiB each", "kernel MiB each", "PSS MiB each",
-            "service PSS MiB", "/healthz p50 ms", "p99 ms", "created in s",
+            "with the service's share", "service PSS MiB before", "with them alive",
+            "/healthz p50 ms", "p99 ms", "created in s",
         ]  # fmt: skip
         lines += [format_table(headers, rows), ""]
     if report.get("transfer"):
