@@ -225,6 +225,7 @@ class Removals:
         tasks = set(self._tasks.values())
         if not tasks:
             return 0
+        log.info("waiting up to %gs for %d removals to finish", deadline, len(tasks))
         _done, pending = await asyncio.wait(tasks, timeout=deadline)
         for task in pending:
             task.cancel()
