@@ -730,15 +730,21 @@ class Store:
 
     def remove_sandbox(self, sandbox_id: str, *, expired: bool = False) -> SandboxRecord:
         """A sandbox being torn down is forgotten by the API (removing): a 404 from now on, its
-        name free for another, its uid slot and address held till delete_sandbox lets them go.
-        It is told destroyed now (and expired first, given `expired`, unless its end said so)."""
+        name free for another and its image deletable (nothing of it runs to use it), its uid
+        slot and address held till delete_sandbox lets them go. It is told destroyed now (and
+        expired first, given `expired`, unless its end said so)."""
         with self._write() as conn:
             state = conn.execute(_SANDBOX_STATE, {"sandbox_id": sandbox_id}).scalar_one_or_none()
             if state is None:
                 raise NotFound(f"no sandbox {sandbox_id!r}")
             check_transition(state, LifecycleState.REMOVING)
             before = conn.execute(_GET_SANDBOX, {"sandbox_id": sandbox_id}).one()
-            params = {"sandbox_id": sandbox_id, "state": LifecycleState.REMOVING, "name": None}
+            params = {
+                "sandbox_id": sandbox_id,
+                "state": LifecycleState.REMOVING,
+                "name": None,
+                "image_id": None,
+            }
             row = conn.execute(_UPDATE_SANDBOX, params).one()
             # One never announced (forgotten while creating: bad input found in its setup)
             # leaves no trace.

@@ -27,7 +27,7 @@ import migrations
 from daemon.config import ConfigError
 from daemon.errors import Conflict, InvalidTransition, LimitReached, NotFound
 from daemon.lifecycle.states import ExecState, ExitReason, LifecycleState
-from daemon.store.database import Base, Store, migrate
+from daemon.store.database import Base, ImageRecord, Store, migrate
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -768,7 +768,11 @@ def test_ended_records_holding_leases_are_unreleased(store: Store) -> None:
 
 def test_a_removing_record_is_gone_for_the_api_but_holds_its_leases(store: Store) -> None:
     subnet = IPv4Network("10.9.0.0/24")
-    create(store, "a", "named", subnet=subnet, max_live=1)
+    image = ImageRecord(
+        id="sha256:c", digest="sha256:m", names=[], layers=[], size=0, config={}, created_at=T0
+    )
+    store.save_image(image)
+    create(store, "a", "named", subnet=subnet, max_live=1, image_id=image.id)
     store.transition("a", LifecycleState.RUNNING)
     store.transition("a", LifecycleState.DESTROYING)
     held = store.remove_sandbox("a")
@@ -780,6 +784,7 @@ def test_a_removing_record_is_gone_for_the_api_but_holds_its_leases(store: Store
             store.get_sandbox(ref, pooled_too=True)
     assert store.list_sandboxes() == [] and store.count_sandboxes() == (0, 0)
     assert store.count_by_state() == {}
+    assert store.delete_image(image.id) == []  # nothing of it runs to use the image
     # Its name is free, and it does not count towards max_live; its uid slot and address
     # are not handed out till it is deleted.
     again = create(store, "b", "named", subnet=subnet, max_live=1)
