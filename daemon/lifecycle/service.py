@@ -30,13 +30,14 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from daemon import logs
 from daemon.config import UID_RANGE, Config, ConfigError
 from daemon.errors import (
     Conflict,
     Invalid,
+    LeasesHeld,
     NotFound,
     SandboxError,
     SetupFailed,
@@ -426,7 +427,7 @@ class SandboxManager:
         ports = PublishedPorts.bind(spec.network.ports) if spec.network.ports else None
         # 3. allocate: the record, its uid range, its address, its name (409 and 503 from here)
         try:
-            record = self.store.create_sandbox(
+            record = await self._allocate(
                 id=sandbox_id,
                 name=spec.name,
                 hostname=hostname,
@@ -477,6 +478,19 @@ class SandboxManager:
             self._schedule_expiry(sandbox_id, record.expires_at)
         log.info("sandbox %s created", sandbox_id, extra={"pooled": pooled, "pid": record.pid})
         return record
+
+    async def _allocate(self, **fields: Any) -> SandboxRecord:
+        """store.create_sandbox; when every uid range or address is held, after the removals
+        under way: a deleted sandbox holds its leases till its removal is done, and a create
+        right after a DELETE at the limit must not be refused for what that DELETE lets go."""
+        while True:
+            try:
+                return self.store.create_sandbox(**fields)
+            except LeasesHeld:
+                if not self.removals:
+                    raise
+                log.info("every lease is held: waiting for a removal to let one go")
+                await self.removals.one_done()
 
     def _take_pooled(self, spec: SandboxCreate) -> Sandbox | None:
         """Serve a create from the pool: the oldest pooled sandbox becomes the asker's, with

@@ -219,6 +219,11 @@ class Removals:
                 os.close(fd)
             await asyncio.sleep(0.05)
 
+    async def one_done(self) -> None:
+        """Wait till one of the removals under way or queued is done (at once if none is)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks.values()), return_when=asyncio.FIRST_COMPLETED)
+
     async def drain(self, deadline: float = STOP_DEADLINE) -> int:
         """Wait up to `deadline` seconds for every removal under way or queued; those left
         are cancelled (their records say so: the next start finishes them). How many."""

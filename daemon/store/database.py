@@ -53,7 +53,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 import migrations
 from daemon.config import ConfigError
-from daemon.errors import Conflict, Invalid, LimitReached, NotFound
+from daemon.errors import Conflict, Invalid, LeasesHeld, LimitReached, NotFound
 from daemon.lifecycle.events import Event, EventType
 from daemon.lifecycle.states import (
     HIDDEN_STATES,
@@ -602,7 +602,7 @@ class Store:
             }
             row = conn.execute(_INSERT_SANDBOX, values).one()
             if slots is not None and row.uid_slot >= slots:  # rolled back with the insert
-                raise LimitReached(f"all {slots} uid ranges are held, some by ending sandboxes")
+                raise LeasesHeld(f"all {slots} uid ranges are held, some by ending sandboxes")
         return _record(SandboxRecord, row)
 
     def restore_sandbox(self, **fields: Any) -> SandboxRecord:
@@ -1035,7 +1035,7 @@ def _lowest_free_address(conn: Connection, subnet: IPv4Network) -> str:
         address = str(IPv4Address(number))
         if address not in held:
             return address
-    raise LimitReached(f"every address of the bridge's subnet {subnet} is in use")
+    raise LeasesHeld(f"every address of the bridge's subnet {subnet} is in use")
 
 
 # -- events, written in the transaction of the change they tell of ---------------------------

@@ -185,3 +185,28 @@ def test_many_deletes_at_once_all_complete_and_leave_nothing(daemon: Daemon) -> 
     with sqlite3.connect(daemon.state_dir / "sandboxd.db") as db:
         assert db.execute("SELECT count(*) FROM sandboxes").fetchone() == (0,)
     assert not daemon.leaks()
+
+
+def test_a_create_at_the_limit_right_after_a_delete_waits_for_its_leases(
+    daemons: Daemons, hold_file: Path
+) -> None:
+    small = daemons.new("--max-sandboxes", "1")  # one uid range in all
+    try:
+        first = small.create()
+        slot = row(small, first["id"])[2]  # type: ignore[index]
+        held = Hold(hold_file)
+        assert small.client.delete(f"/sandboxes/{first['id']}").status_code == 204
+        assert row(small, first["id"])[0] == "removing"  # type: ignore[index]
+        with ThreadPoolExecutor(1) as pool:
+            creating = pool.submit(small.client.post, "/sandboxes", json={})
+            assert wait_for(lambda: "waiting for a removal to let one go" in small.log_text())
+            held.release()
+            response = creating.result()
+        # Not a 503: it got the one uid range, once the DELETE's removal let it go.
+        assert response.status_code == 201, response.text
+        second = response.json()
+        assert row(small, first["id"]) is None and row(small, second["id"])[2] == slot  # type: ignore[index]
+        assert small.client.delete(f"/sandboxes/{second['id']}").status_code == 204
+        assert not small.leaks()
+    finally:
+        small.stop()
