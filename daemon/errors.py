@@ -53,6 +53,11 @@ class LimitReached(SandboxError):
     slug = "limit-reached"
 
 
+class LeasesHeld(LimitReached):
+    """Every uid range (or bridge address) is held, some perhaps by sandboxes whose removal
+    has not let theirs go yet: a create may wait for those removals before it says so."""
+
+
 class SetupFailed(SandboxError):
     """The kernel refused a step of building a sandbox; the sandbox is left `failed`."""
 

@@ -796,6 +796,11 @@ class SandboxStats(BaseModel):
 class SandboxCounts(BaseModel):
     running: int
     total: int
+    removing: int = Field(
+        0,
+        description="Deleted or ended sandboxes whose files, cgroups and leases are still "
+        "being removed in the background (not in `total`).",
+    )
 
 
 class PoolCounts(BaseModel):

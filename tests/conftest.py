@@ -134,13 +134,23 @@ class Daemon:
         return code
 
     def leaks(self) -> list[str]:
-        """What is left of deleted or ended sandboxes while the daemon (and its zygote) run."""
+        """What is left of deleted or ended sandboxes while the daemon (and its zygote) run,
+        once it has finished removing them (a DELETE answers before their files are gone)."""
         assert self.proc is not None
+        self.settled()
         own = {self.proc.pid} | {pid for pid in _pids() if _parent(pid) == self.proc.pid}
         leaks = find_leaks(self.root, self.uid_base, frozenset(own), self.bridge, self.created)
         ports = listening_ports(self.proc.pid) - self.listening
         leaks.extend(f"the daemon listens on TCP port {port}" for port in sorted(ports))
         return leaks
+
+    def settled(self, timeout: float = 60) -> None:
+        """Wait till the daemon has no removal under way or queued (GET /info)."""
+
+        def idle() -> bool:
+            return self.client.get("/info").json()["sandboxes"]["removing"] == 0  # type: ignore[no-any-return]
+
+        assert wait_for(idle, timeout), "the daemon's removals never finished"
 
     def cleanup(self) -> subprocess.CompletedProcess[str]:
         """`sandboxd cleanup` for this daemon's state directory and bridge."""

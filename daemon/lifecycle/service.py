@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -31,13 +30,14 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from daemon import logs
 from daemon.config import UID_RANGE, Config, ConfigError
 from daemon.errors import (
     Conflict,
     Invalid,
+    LeasesHeld,
     NotFound,
     SandboxError,
     SetupFailed,
@@ -74,7 +74,7 @@ from daemon.lifecycle.supervisor_link import (
     open_pidfd,
     wait_readable,
 )
-from daemon.lifecycle.teardown import Host, Outcome, teardown
+from daemon.lifecycle.teardown import HOLD_VARIABLE, Host, Outcome, Removals, teardown
 from daemon.lifecycle.views import sandbox_view
 from daemon.linux import cgroups, disk, limits
 from daemon.network.bridge import BridgeNetwork
@@ -157,6 +157,9 @@ class SandboxManager:
         self.network = BridgeNetwork(config)
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
+        # Steps 6 and 7 of the teardowns that answer before them (daemon/lifecycle/teardown.py).
+        hold = os.environ.get(HOLD_VARIABLE)
+        self.removals = Removals(hold=Path(hold) if hold else None)
         self._store: Store | None = None
         self.generation = ""  # the database's, once it is open
         self.base_dir = Path()
@@ -248,6 +251,9 @@ class SandboxManager:
         for timer in self.timers.values():
             timer.cancel()
         await self.pool.stop()
+        left = await self.removals.drain()
+        if left:
+            log.warning("%d sandboxes are left to be removed at the next start", left)
         if self.housekeeping is not None:
             self.housekeeping.cancel()
         for live in list(self.live.values()):
@@ -278,7 +284,7 @@ class SandboxManager:
             version=package_version(),
             kernel=kernel_release(),
             cgroup=self.limits.layout,
-            sandboxes=SandboxCounts(running=running, total=total),
+            sandboxes=SandboxCounts(running=running, total=total, removing=len(self.removals)),
             pool=PoolCounts(size=self.pool.size, ready=len(self.pool.ready)),
             pid=os.getpid(),
             state_dir=str(self.config.state_dir),
@@ -420,7 +426,7 @@ class SandboxManager:
         ports = PublishedPorts.bind(spec.network.ports) if spec.network.ports else None
         # 3. allocate: the record, its uid range, its address, its name (409 and 503 from here)
         try:
-            record = self.store.create_sandbox(
+            record = await self._allocate(
                 id=sandbox_id,
                 name=spec.name,
                 hostname=hostname,
@@ -471,6 +477,19 @@ class SandboxManager:
             self._schedule_expiry(sandbox_id, record.expires_at)
         log.info("sandbox %s created", sandbox_id, extra={"pooled": pooled, "pid": record.pid})
         return record
+
+    async def _allocate(self, **fields: Any) -> SandboxRecord:
+        """store.create_sandbox; when every uid range or address is held, after the removals
+        under way: a deleted sandbox holds its leases till its removal is done, and a create
+        right after a DELETE at the limit must not be refused for what that DELETE lets go."""
+        while True:
+            try:
+                return self.store.create_sandbox(**fields)
+            except LeasesHeld:
+                if not self.removals:
+                    raise
+                log.info("every lease is held: waiting for a removal to let one go")
+                await self.removals.one_done()
 
     def _take_pooled(self, spec: SandboxCreate) -> Sandbox | None:
         """Serve a create from the pool: the oldest pooled sandbox becomes the asker's, with
@@ -674,13 +693,16 @@ class SandboxManager:
         logs.bind(sandbox_id=record.id)  # a request's task, the ttl's or the pool's
         live = self.live.get(record.id)
         if live is None:
-            await self._teardown(record, outcome, None)
+            await self._teardown(record, outcome, None, background=True)
         else:
             async with live.lock:
                 # As it is now: it may have ended, or been destroyed, while we waited.
                 record = self.store.get_sandbox(record.id, pooled_too=True)
                 await self._teardown(
-                    record, outcome, live if self.live.get(record.id) is live else None
+                    record,
+                    outcome,
+                    live if self.live.get(record.id) is live else None,
+                    background=True,
                 )
         log.info("sandbox %s destroyed", record.id, extra={"expired": outcome == Outcome.EXPIRED})
 
@@ -692,11 +714,24 @@ class SandboxManager:
         *,
         message: str = "",
         forget: bool = False,
+        background: bool = False,
     ) -> None:
-        """daemon/lifecycle/teardown.py's teardown, with this record's steps (RecordSteps)."""
+        """daemon/lifecycle/teardown.py's teardown, with this record's steps (RecordSteps).
+
+        `background`: steps 6 and 7 are left to self.removals, for a sandbox the API asked
+        for (the pool's are let go whole, so that a refill never waits on their leases)."""
         steps = RecordSteps(self, record, outcome, live, message=message, forget=forget)
         bridged = record.spec.get("network", {}).get("mode") == "bridge"
-        await teardown(self.host, record.id, outcome, live=live, record=steps, bridged=bridged)
+        removals = self.removals if background and not record.pooled else None
+        await teardown(
+            self.host,
+            record.id,
+            outcome,
+            live=live,
+            record=steps,
+            bridged=bridged,
+            removals=removals,
+        )
 
     # -- the supervisor is gone ---------------------------------------------------------------
 
@@ -708,7 +743,7 @@ class SandboxManager:
             if live.pidfd is not None and not await wait_readable(live.pidfd, _GONE_TIMEOUT):
                 log.warning("sandbox %s: link closed but supervisor alive; killing", live.id)
             record = self.store.get_sandbox(live.id, pooled_too=True)
-            await self._teardown(record, Outcome.EXITED, live)
+            await self._teardown(record, Outcome.EXITED, live, background=True)
 
     async def _remove_strays(self) -> None:
         """What is left of sandboxes that are not live (a crash mid-create, -delete, -retire).
@@ -910,11 +945,18 @@ class RecordSteps:
             self.record = store.transition(self.record.id, LifecycleState.DESTROYING)
 
     def end(self) -> None:
-        """5. One to be kept: how it ended, from what its dead supervisor left in its mailbox."""
+        """5. One to be kept: how it ended, from what its dead supervisor left in its mailbox.
+        One the API showed, to be forgotten: removing, a 404 from here on."""
         if self.live is not None:
             self.manager.live.pop(self.record.id, None)
-        if self.forget or self.record.state in (LifecycleState.EXITED, LifecycleState.FAILED):
-            return  # to be forgotten, or ended already (a teardown finished at start)
+        if self.forget:
+            if self.record.state in (LifecycleState.DESTROYING, LifecycleState.EXPIRING):
+                self.manager._cancel_expiry(self.record.id)
+                expired = self.outcome == Outcome.EXPIRED
+                self.record = self.manager.store.remove_sandbox(self.record.id, expired=expired)
+            return
+        if self.record.state in (LifecycleState.EXITED, LifecycleState.FAILED):
+            return  # ended already (a teardown finished at start)
         if self.outcome == Outcome.EXITED:
             self._exited()
         else:  # failed, or interrupted by a restart: its setup did not finish
@@ -964,11 +1006,7 @@ class RecordSteps:
             self.manager._cancel_expiry(self.record.id)
             await self.manager.main_logs.remove(self.record.id)  # before: strays are swept
             # Off the event loop: deleting much stored output takes SQLite a while.
-            expired = self.outcome == Outcome.EXPIRED
-            await asyncio.to_thread(
-                functools.partial(self.manager.store.delete_sandbox, expired=expired),
-                self.record.id,
-            )
+            await asyncio.to_thread(self.manager.store.delete_sandbox, self.record.id)
         else:
             self.manager.store.update_sandbox(self.record.id, uid_slot=None, ip=None, pid=None)
 

@@ -7,14 +7,15 @@ and the check that the store runs on every write of a state.
       │                       └──────► expiring (its ttl ran out)
       └─────► warming ──► pooled ──► running    (made for the warm pool; a create takes it)
 
-    creating, running, exited, failed ──► destroying ──► (gone)    (daemon/lifecycle/teardown.py)
-    expiring ──► (gone);  warming, pooled ──► (gone)
+    creating, running, exited, failed ──► destroying ──► removing ──► (gone)
+    expiring ──► removing ──► (gone);  warming, pooled ──► (gone)    (daemon/lifecycle/teardown.py)
 
 The stored state (LifecycleState) is richer than the public one (SandboxState, the API's
-`state`): warming and pooled are hidden from the API, and expiring and destroying show as the
-state the sandbox had, which its exit fields tell (public_state). A record is deleted only from
-expiring or destroying, so that a daemon that dies while tearing a sandbox down finds the
-record saying so, and finishes the teardown at its next start.
+`state`): warming, pooled and removing are hidden from the API, and expiring and destroying
+show as the state the sandbox had, which its exit fields tell (public_state). A record the API
+showed is deleted only from removing (reached once its processes are dead: the API has
+forgotten it, its files and leases are still being let go), so that a daemon that dies while
+tearing a sandbox down finds the record saying so, and finishes the teardown at its next start.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class LifecycleState(enum.StrEnum):
     FAILED = "failed"  # its setup failed, or its supervisor was lost
     EXPIRING = "expiring"  # its ttl ran out while it ran: being torn down, then forgotten
     DESTROYING = "destroying"  # being torn down, then forgotten
+    REMOVING = "removing"  # dead and forgotten by the API: its files and leases being let go
 
 
 class ExecState(enum.StrEnum):
@@ -93,18 +95,21 @@ TRANSITIONS: dict[LifecycleState | None, dict[LifecycleState | None, str]] = {
     },
     S.EXITED: {S.DESTROYING: "DELETE, or its ttl ran out"},
     S.FAILED: {S.DESTROYING: "DELETE, or its ttl ran out"},
-    S.EXPIRING: {None: "torn down"},
-    S.DESTROYING: {None: "torn down"},
+    S.EXPIRING: {S.REMOVING: "its processes are dead and its link gone (DELETE answers)"},
+    S.DESTROYING: {S.REMOVING: "its processes are dead and its link gone (DELETE answers)"},
+    S.REMOVING: {None: "its files removed, its uid range and address let go"},
 }
 
 # Sandboxes a restart must adopt (creating, warming: to fail or forget them), or whose
-# teardown it must finish (expiring, destroying).
+# teardown it must finish (expiring, destroying, removing).
 LIVE_STATES = frozenset({S.CREATING, S.WARMING, S.POOLED, S.RUNNING})
-UNFINISHED_STATES = LIVE_STATES | {S.EXPIRING, S.DESTROYING}
+UNFINISHED_STATES = LIVE_STATES | {S.EXPIRING, S.DESTROYING, S.REMOVING}
 # The warm pool's: hidden from the API, not counted towards the daemon's limit.
 POOL_STATES = frozenset({S.WARMING, S.POOLED})
 # Being torn down: no ttl to set, nothing to start in it.
-DYING_STATES = frozenset({S.EXPIRING, S.DESTROYING})
+DYING_STATES = frozenset({S.EXPIRING, S.DESTROYING, S.REMOVING})
+# What the API never shows (404): the pool's, and the deleted whose removal is not done.
+HIDDEN_STATES = POOL_STATES | {S.REMOVING}
 
 _FAILED_REASONS = frozenset({ExitReason.SETUP_FAILED, ExitReason.SUPERVISOR_LOST})
 
@@ -140,7 +145,7 @@ def stored_states(wanted: SandboxState) -> frozenset[LifecycleState]:
     return frozenset(
         s
         for s in LifecycleState
-        if s not in POOL_STATES
+        if s not in HIDDEN_STATES
         and (s in DYING_STATES or public_state(s, None, True).value == wanted.value)
     )
 

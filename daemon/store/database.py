@@ -53,9 +53,10 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 import migrations
 from daemon.config import ConfigError
-from daemon.errors import Conflict, Invalid, LimitReached, NotFound
+from daemon.errors import Conflict, Invalid, LeasesHeld, LimitReached, NotFound
 from daemon.lifecycle.events import Event, EventType
 from daemon.lifecycle.states import (
+    HIDDEN_STATES,
     POOL_STATES,
     UNFINISHED_STATES,
     ExecState,
@@ -357,7 +358,7 @@ _EXECS = Base.metadata.tables["execs"]
 _S, _X = _SANDBOXES.c, _EXECS.c
 # The states are ORed, not IN (...): a list is an expanding parameter, which SQLAlchemy
 # renders again at every execution.
-_ASKED_FOR = sa.and_(*(_S.state != state for state in sorted(POOL_STATES)))
+_ASKED_FOR = sa.and_(*(_S.state != state for state in sorted(HIDDEN_STATES)))
 
 # By id, else by name: both match at most one row each, and the id's match sorts first.
 _FIND_SANDBOX = (
@@ -421,11 +422,7 @@ _TAKE_POOLED = (
 _UPDATE_SANDBOX = (
     update(_SANDBOXES).where(_S.id == bindparam("sandbox_id")).returning(*_SANDBOXES.c)
 )
-_DELETE_SANDBOX = (
-    delete(_SANDBOXES)
-    .where(_S.id == bindparam("sandbox_id"))
-    .returning(_S.name, _S.spec, _S.state, _S.exit_reason, _S.started_at, _S.finished_at)
-)
+_DELETE_SANDBOX = delete(_SANDBOXES).where(_S.id == bindparam("sandbox_id"))
 
 _GET_EXEC = select(_EXECS).where(_X.id == bindparam("exec_id"))
 _INSERT_EXEC = (
@@ -605,7 +602,7 @@ class Store:
             }
             row = conn.execute(_INSERT_SANDBOX, values).one()
             if slots is not None and row.uid_slot >= slots:  # rolled back with the insert
-                raise LimitReached(f"all {slots} uid ranges are held, some by ending sandboxes")
+                raise LeasesHeld(f"all {slots} uid ranges are held, some by ending sandboxes")
         return _record(SandboxRecord, row)
 
     def restore_sandbox(self, **fields: Any) -> SandboxRecord:
@@ -662,6 +659,8 @@ class Store:
         with self._engine.connect() as conn:
             row = conn.execute(_FIND_SANDBOX, {"ref": ref}).one_or_none()
         if row is None or (row.state in POOL_STATES and not pooled_too):
+            raise NotFound(f"no sandbox {ref!r}")
+        if row.state == LifecycleState.REMOVING:  # deleted: only its leases are left
             raise NotFound(f"no sandbox {ref!r}")
         return _record(SandboxRecord, row)
 
@@ -729,23 +728,43 @@ class Store:
             raise NotFound(f"no sandbox {sandbox_id!r}")
         return _record(SandboxRecord, row)
 
-    def delete_sandbox(self, sandbox_id: str, *, expired: bool = False) -> None:
+    def remove_sandbox(self, sandbox_id: str, *, expired: bool = False) -> SandboxRecord:
+        """A sandbox being torn down is forgotten by the API (removing): a 404 from now on, its
+        name free for another and its image deletable (nothing of it runs to use it), its uid
+        slot and address held till delete_sandbox lets them go. It is told destroyed now (and
+        expired first, given `expired`, unless its end said so)."""
+        with self._write() as conn:
+            state = conn.execute(_SANDBOX_STATE, {"sandbox_id": sandbox_id}).scalar_one_or_none()
+            if state is None:
+                raise NotFound(f"no sandbox {sandbox_id!r}")
+            check_transition(state, LifecycleState.REMOVING)
+            before = conn.execute(_GET_SANDBOX, {"sandbox_id": sandbox_id}).one()
+            params = {
+                "sandbox_id": sandbox_id,
+                "state": LifecycleState.REMOVING,
+                "name": None,
+                "image_id": None,
+            }
+            row = conn.execute(_UPDATE_SANDBOX, params).one()
+            # One never announced (forgotten while creating: bad input found in its setup)
+            # leaves no trace.
+            if _announced(before):
+                data = {"name": before.name, "labels": before.spec.get("labels") or {}}
+                if expired and before.exit_reason != ExitReason.TTL_EXPIRED:
+                    _emit(conn, EventType.SANDBOX_EXPIRED, sandbox_id=sandbox_id, data=data)
+                _emit(conn, EventType.SANDBOX_DESTROYED, sandbox_id=sandbox_id, data=data)
+        return _record(SandboxRecord, row)
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
         """Forget a sandbox, if the lifecycle allows it in its state (else InvalidTransition:
-        one the API shows is marked destroying first); its execs go with it (ON DELETE
-        CASCADE). `expired`: its ttl ran out (sandbox.expired, unless its end said so)."""
+        one the API showed is removing first, and was told destroyed then); its execs go with
+        it (ON DELETE CASCADE), and its uid slot and address are free."""
         with self._write() as conn:
             state = conn.execute(_SANDBOX_STATE, {"sandbox_id": sandbox_id}).scalar_one_or_none()
             if state is None:
                 raise NotFound(f"no sandbox {sandbox_id!r}")
             check_transition(state, None)
-            row = conn.execute(_DELETE_SANDBOX, {"sandbox_id": sandbox_id}).one()
-            # One never announced (pooled, or forgotten while creating: bad input found in
-            # its setup) leaves no trace.
-            if _announced(row):
-                data = {"name": row.name, "labels": row.spec.get("labels") or {}}
-                if expired and row.exit_reason != ExitReason.TTL_EXPIRED:
-                    _emit(conn, EventType.SANDBOX_EXPIRED, sandbox_id=sandbox_id, data=data)
-                _emit(conn, EventType.SANDBOX_DESTROYED, sandbox_id=sandbox_id, data=data)
+            conn.execute(_DELETE_SANDBOX, {"sandbox_id": sandbox_id})
 
     # Execs.
 
@@ -1016,7 +1035,7 @@ def _lowest_free_address(conn: Connection, subnet: IPv4Network) -> str:
         address = str(IPv4Address(number))
         if address not in held:
             return address
-    raise LimitReached(f"every address of the bridge's subnet {subnet} is in use")
+    raise LeasesHeld(f"every address of the bridge's subnet {subnet} is in use")
 
 
 # -- events, written in the transaction of the change they tell of ---------------------------
@@ -1074,7 +1093,7 @@ def _emit_transition(conn: Connection, row: sa.Row[Any], oom_kills: int) -> None
     """The event of a sandbox that reached row.state: running → created; exited → exited
     (expired when its ttl ended it); failed → failed; each OOM kill of its main cmd → oom."""
     if row.state in (LifecycleState.WARMING, LifecycleState.POOLED, LifecycleState.DESTROYING):
-        return  # the pool's (nobody asked for it: nobody is told), or told when deleted
+        return  # the pool's (nobody asked for it: nobody is told), or told when removing
     if row.state == LifecycleState.RUNNING:
         _emit_sandbox(conn, EventType.SANDBOX_CREATED, row)
         return

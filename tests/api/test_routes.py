@@ -28,7 +28,7 @@ def test_healthz_answers_ok(client: TestClient) -> None:
 def test_info_reports_versions_and_counts(client: TestClient) -> None:
     create(client)
     info = client.get("/info").json()
-    assert info["sandboxes"] == {"running": 1, "total": 1}
+    assert info["sandboxes"] == {"running": 1, "total": 1, "removing": 0}
     assert {"version", "kernel", "cgroup"} <= info.keys()
 
 

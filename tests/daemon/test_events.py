@@ -46,7 +46,8 @@ def test_each_change_writes_its_event_and_publishes_it_after_commit(
     store.finish_exec("ex1", **finished(exit_code=4))  # a second report: ignored, no event
     store.transition("sb1", LifecycleState.EXITED, exit_reason=ExitReason.OOM, oom_kills=2)
     store.transition("sb1", LifecycleState.DESTROYING)  # marked: tells nothing yet
-    store.delete_sandbox("sb1")
+    store.remove_sandbox("sb1")  # gone for the API: told now
+    store.delete_sandbox("sb1")  # its leases let go: nothing more to tell
     assert types(published) == [
         "sandbox.created",
         "exec.started",
@@ -86,6 +87,7 @@ def test_a_sandbox_forgotten_while_creating_leaves_no_event(
 ) -> None:
     create(store, "sb1")  # its setup found its mounts bad: a 422, and nothing stored
     store.transition("sb1", LifecycleState.DESTROYING)
+    store.remove_sandbox("sb1")
     store.delete_sandbox("sb1")
     assert published == [] and store.events_after(0) == []
 
@@ -105,11 +107,13 @@ def test_expiry_is_told_once(store: Store, published: list[Event]) -> None:
     create(store, "sb1")
     store.transition("sb1", LifecycleState.RUNNING)
     store.transition("sb1", LifecycleState.EXPIRING, exit_reason=ExitReason.TTL_EXPIRED)
-    store.delete_sandbox("sb1", expired=True)
+    store.remove_sandbox("sb1", expired=True)
+    store.delete_sandbox("sb1")
     create(store, "sb2")
     store.transition("sb2", LifecycleState.FAILED, exit_reason=ExitReason.SETUP_FAILED)
     store.transition("sb2", LifecycleState.DESTROYING)
-    store.delete_sandbox("sb2", expired=True)  # ended before its ttl ran out
+    store.remove_sandbox("sb2", expired=True)  # ended before its ttl ran out
+    store.delete_sandbox("sb2")
     assert types(published) == [
         "sandbox.created",
         "sandbox.expired",

@@ -80,7 +80,7 @@ def test_every_state_the_code_writes_is_a_target_of_the_table_and_every_target_i
 def test_the_table_names_every_state_and_only_the_dying_are_forgotten_with_no_trace() -> None:
     assert set(TRANSITIONS) == {None, *S}
     forgettable = {s for s, edges in TRANSITIONS.items() if None in edges}
-    assert forgettable == DYING_STATES | {S.WARMING, S.POOLED}  # the pool's: never shown
+    assert forgettable == {S.REMOVING, S.WARMING, S.POOLED}  # the pool's: never shown
     assert not TRANSITIONS[S.EXITED].keys() - {S.DESTROYING}
 
 
@@ -126,7 +126,7 @@ def test_every_stored_state_shows_as_one_of_the_four() -> None:
     assert public_state(S.EXPIRING, ExitReason.TTL_EXPIRED, True) == SandboxState.EXITED
     assert public_state(S.DESTROYING, None, True) == SandboxState.RUNNING
     assert public_state(S.DESTROYING, ExitReason.SUPERVISOR_LOST, True) == SandboxState.FAILED
-    assert stored_states(SandboxState.RUNNING) == {S.RUNNING, *DYING_STATES}
+    assert stored_states(SandboxState.RUNNING) == {S.RUNNING, *DYING_STATES} - {S.REMOVING}
 
 
 # The record steps of every teardown (RecordSteps, daemon/lifecycle/service.py), on a real
@@ -149,9 +149,12 @@ def new(store: Store, id: str, state: S) -> None:
         S.FAILED: [S.FAILED],
         S.EXPIRING: [S.RUNNING, S.EXPIRING],
         S.DESTROYING: [S.RUNNING, S.DESTROYING],
+        S.REMOVING: [S.RUNNING, S.DESTROYING],
     }[state]
     for step in path:
         store.transition(id, step, pid=1)
+    if state == S.REMOVING:
+        store.remove_sandbox(id)
 
 
 MET = [
@@ -164,6 +167,7 @@ MET = [
     (S.EXITED, Outcome.EXPIRED, None),
     (S.FAILED, Outcome.EXPIRED, None),
     (S.EXPIRING, Outcome.EXPIRED, None),
+    (S.REMOVING, Outcome.DELETED, None),  # a removal finished at start
     (S.CREATING, Outcome.EXITED, S.FAILED),  # no mailbox here: its supervisor was lost
     (S.RUNNING, Outcome.EXITED, S.FAILED),
     (S.POOLED, Outcome.EXITED, None),
@@ -193,7 +197,8 @@ def test_record_steps_take_only_transitions_of_the_table(
         _cancel_expiry=lambda _id: None,
         main_logs=SimpleNamespace(remove=_nothing),
     )
-    steps = RecordSteps(manager, store.get_sandbox("a", pooled_too=True), outcome, None)
+    (record,) = store.list_sandboxes(pooled_too=True)  # a removing one too, as at start
+    steps = RecordSteps(manager, record, outcome, None)
     steps.mark()
     steps.end()
     asyncio.run(steps.release())

@@ -27,7 +27,7 @@ import migrations
 from daemon.config import ConfigError
 from daemon.errors import Conflict, InvalidTransition, LimitReached, NotFound
 from daemon.lifecycle.states import ExecState, ExitReason, LifecycleState
-from daemon.store.database import Base, Store, migrate
+from daemon.store.database import Base, ImageRecord, Store, migrate
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -45,8 +45,9 @@ def store(db: Path) -> Iterator[Store]:
 
 
 def forget(store: Store, id: str) -> None:
-    """Delete a record as the teardown does: marked destroying first."""
+    """Delete a record as the teardown does: marked destroying, then removing."""
     store.transition(id, LifecycleState.DESTROYING)
+    store.remove_sandbox(id)
     store.delete_sandbox(id)
 
 
@@ -744,6 +745,9 @@ def test_a_record_the_api_shows_is_forgotten_only_once_marked(store: Store, db: 
         store.delete_sandbox("a")
     assert raw(db, "SELECT * FROM sandboxes") == before
     store.transition("a", LifecycleState.DESTROYING)
+    with pytest.raises(InvalidTransition, match="forgotten while destroying"):
+        store.delete_sandbox("a")
+    store.remove_sandbox("a")
     store.delete_sandbox("a")
     pooled(store, "p")
     store.delete_sandbox("p")  # nobody saw it: forgotten as it is
@@ -760,6 +764,34 @@ def test_ended_records_holding_leases_are_unreleased(store: Store) -> None:
     store.transition("c", LifecycleState.FAILED)
     store.update_sandbox("c", uid_slot=None, ip=None)
     assert [r.id for r in store.unreleased_sandboxes()] == ["a"]
+
+
+def test_a_removing_record_is_gone_for_the_api_but_holds_its_leases(store: Store) -> None:
+    subnet = IPv4Network("10.9.0.0/24")
+    image = ImageRecord(
+        id="sha256:c", digest="sha256:m", names=[], layers=[], size=0, config={}, created_at=T0
+    )
+    store.save_image(image)
+    create(store, "a", "named", subnet=subnet, max_live=1, image_id=image.id)
+    store.transition("a", LifecycleState.RUNNING)
+    store.transition("a", LifecycleState.DESTROYING)
+    held = store.remove_sandbox("a")
+    assert (held.state, held.name, held.uid_slot, held.ip) == ("removing", None, 0, "10.9.0.2")
+    for ref in ("a", "named"):
+        with pytest.raises(NotFound):
+            store.get_sandbox(ref)
+        with pytest.raises(NotFound):
+            store.get_sandbox(ref, pooled_too=True)
+    assert store.list_sandboxes() == [] and store.count_sandboxes() == (0, 0)
+    assert store.count_by_state() == {}
+    assert store.delete_image(image.id) == []  # nothing of it runs to use the image
+    # Its name is free, and it does not count towards max_live; its uid slot and address
+    # are not handed out till it is deleted.
+    again = create(store, "b", "named", subnet=subnet, max_live=1)
+    assert (again.uid_slot, again.ip) == (1, "10.9.0.3")
+    assert [r.id for r in store.live_sandboxes()] == ["a", "b"]  # a restart finishes it
+    store.delete_sandbox("a")
+    assert create(store, "c", subnet=subnet).uid_slot == 0
 
 
 def test_0007_downgrades_to_the_pooled_column(db: Path) -> None:

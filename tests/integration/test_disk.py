@@ -137,6 +137,7 @@ def test_destroy_leaves_no_mount(daemon: Daemon) -> None:
     assert mounted_anywhere(path), "its tmpfs is mounted on the host"
     write(daemon, box["id"], "/root/data", 8)
     assert daemon.client.delete(f"/sandboxes/{box['id']}").status_code == 204
+    daemon.settled()  # its removal comes after the answer
     assert not path.exists()
     assert mounted_anywhere(path) == []
 
@@ -154,6 +155,7 @@ def test_the_disk_and_its_files_survive_a_restart(daemon: Daemon) -> None:
     assert record["limits"]["disk_bytes"] == 32 * MiB
     path = daemon.state_dir / "sandboxes" / box["id"]
     assert daemon.client.delete(f"/sandboxes/{box['id']}").status_code == 204
+    daemon.settled()
     assert mounted_anywhere(path) == []
 
 

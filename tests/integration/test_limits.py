@@ -379,6 +379,7 @@ def test_destroy_leaves_no_cgroup_in_any_hierarchy(daemon: Daemon) -> None:
     dirs = sandbox_cgroups(daemon, box["id"])
     assert all(path.is_dir() for path in dirs.values()), dirs
     assert daemon.client.delete(f"/sandboxes/{box['id']}").status_code == 204
+    daemon.settled()  # its removal comes after the answer
     assert [path for path in dirs.values() if path.exists()] == []
     assert not list(CGROUP.glob(f"*/{daemon.cgroup_name}/{box['id']}"))
     assert not daemon.leaks()

@@ -133,6 +133,7 @@ def test_a_big_output_keeps_only_the_last_log_limit_bytes(daemon: Daemon) -> Non
     assert sorted(p.name for p in files) == ["stderr", "stdout", "stdout.1"]
     assert sum(p.stat().st_size for p in files) < 2 * MIB + 64 * 1024
     daemon.client.delete(f"/sandboxes/{box['id']}")
+    daemon.settled()  # its removal comes after the answer
     assert not (daemon.state_dir / "logs" / box["id"]).exists()
 
 

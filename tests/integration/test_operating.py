@@ -455,6 +455,7 @@ def test_delegated_sandboxes_live_under_the_daemons_own_cgroup(daemons: Daemons)
         assert sorted(p.name for p in own.iterdir() if p.is_dir()) == ["daemon", "sandboxes"]
         assert _cgroup(box["pid"]) == sandbox_cgroup / "init"
         daemon.client.delete(f"/sandboxes/{box['id']}")
+        daemon.settled()  # its removal comes after the answer
         assert not sandbox_cgroup.exists()
     finally:
         try:

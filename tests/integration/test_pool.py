@@ -62,7 +62,7 @@ def pooled(daemon: Daemon) -> set[str]:
 
 def test_the_api_does_not_see_pooled_sandboxes(daemon: Daemon) -> None:
     info = wait_until_ready(daemon)
-    assert info["sandboxes"] == {"running": 0, "total": 0}
+    assert info["sandboxes"] == {"running": 0, "total": 0, "removing": 0}
     assert daemon.client.get("/sandboxes").json()["items"] == []
     ids = pooled(daemon)
     assert len(ids) == POOL

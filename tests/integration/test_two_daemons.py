@@ -134,6 +134,7 @@ def test_each_serves_bridged_sandboxes_at_its_own_address(pair: tuple[Daemon, Da
     for daemon, box in zip(pair, boxes, strict=True):
         daemon.client.delete(f"/sandboxes/{box['id']}")
         assert host_ifname(box["id"]) not in bridge_ports(daemon.bridge)
+        daemon.settled()  # its removal comes after the answer
         assert not any((d / box["id"]).exists() for d in cgroup_dirs(daemon.cgroup_name))
 
 
