@@ -148,8 +148,13 @@ class SandboxManager:
         self.runtime_dir = config.run_dir / "sandboxes"
         # Two zygotes: bridged sandboxes need netlink (pyroute2, 20 MB of a process); the
         # others are forked from one without it, so their supervisors fork their execs lean.
+        # The netlink one starts with the first bridged sandbox (Zygote.spawn starts a zygote
+        # that is not running), and stops again once no bridged sandbox was made for a while.
         self.zygote = Zygote(str(config.run_dir))
         self.net_zygote = Zygote(str(config.run_dir), net=True)
+        self.net_spawning = 0  # bridged spawns in flight: the netlink zygote is not idle
+        self.net_idle: asyncio.TimerHandle | None = None
+        self.net_stopping: asyncio.Task[None] | None = None
         self.tree = cgroups.ProcessTree(
             config.cgroup_name, config.run_dir, delegated=config.cgroup_parent == "delegated"
         )
@@ -211,7 +216,6 @@ class SandboxManager:
         self.base_dir = default_root.prepare(self.config.state_dir / "bases")
         await self.network.start()
         await self.zygote.start()
-        await self.net_zygote.start()
         adopted = ended = 0
         # The sandboxes the last daemon left alive, or whose teardown it did not finish.
         for record in self.store.live_sandboxes():
@@ -260,6 +264,10 @@ class SandboxManager:
                 await live.ports.close()
             live.release_waiters()
         self.live.clear()
+        if self.net_idle is not None:
+            self.net_idle.cancel()
+        if self.net_stopping is not None:
+            await self.net_stopping
         await self.zygote.stop()
         await self.net_zygote.stop()
         self.limits.stop()
@@ -270,6 +278,39 @@ class SandboxManager:
         if self._lock is not None:
             recovery.unlock(self.config.state_dir)
             self._lock = None
+
+    async def _spawn(self, request: SpawnRequest) -> tuple[int, int]:
+        """Build a sandbox through its zygote: B's host pid and start time."""
+        if request.network is None:
+            return await self.zygote.spawn(request)
+        if self.net_idle is not None:
+            self.net_idle.cancel()
+        self.net_spawning += 1
+        try:
+            return await self.net_zygote.spawn(request)
+        finally:
+            self.net_spawning -= 1
+            if self.net_spawning == 0 and self.config.net_zygote_idle:
+                self.net_idle = asyncio.get_running_loop().call_later(
+                    self.config.net_zygote_idle, self._net_zygote_idle
+                )
+
+    def _net_zygote_idle(self) -> None:
+        """No bridged sandbox for net_zygote_idle seconds: give its zygote's memory back."""
+        self.net_idle = None
+        if self.net_spawning or self.net_stopping is not None:
+            return
+
+        async def stop() -> None:
+            try:
+                async with self.net_zygote.lock:  # after a spawn that got in first
+                    if not self.net_spawning:
+                        await self.net_zygote.stop()
+                        log.info("stopped the idle zygote of bridged sandboxes")
+            finally:
+                self.net_stopping = None
+
+        self.net_stopping = asyncio.create_task(stop())
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -448,8 +489,7 @@ class SandboxManager:
                 self.tree.create(sandbox_id)
                 placement = self.limits.create(sandbox_id, spec.limits)
                 request = self._prepare_files(record, spec, placement)
-                zygote = self.net_zygote if request.network else self.zygote
-                pid, start_time = await zygote.spawn(request)
+                pid, start_time = await self._spawn(request)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
                 # 6. the record says running (pooled, for the pool), with the supervisor's pid

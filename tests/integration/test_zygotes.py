@@ -1,0 +1,85 @@
+"""The daemon's zygotes: the lean one runs from the start; the one with netlink (pyroute2) only
+while bridged sandboxes are being made, and a bridged sandbox works whichever way it started.
+
+Traffic goes only to the addresses of the sandboxes made here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import Daemon, Daemons, bridge_ports, host_ifname, wait_for
+
+SERVE = "cd /tmp && echo {text} > index.html && exec python3 -m http.server 80"
+
+
+def zygotes(daemon: Daemon) -> list[str]:
+    """The daemon's zygotes by kind, "lean" or "net" (its last argument), sorted."""
+    assert daemon.proc is not None
+    kinds = []
+    children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text()
+    for pid in children.split():
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        except FileNotFoundError:
+            continue
+        if b"daemon.sandbox.zygote" in words:
+            kinds.append("net" if words[-1] == b"net" else "lean")
+    return sorted(kinds)
+
+
+def serves(daemon: Daemon, box: dict[str, Any], text: str) -> bool:
+    """The bridged sandbox serves a page on its address, and the host fetches it."""
+    daemon.sh(box["id"], SERVE.format(text=text), wait=False)
+
+    def page() -> str | None:
+        try:
+            response = httpx.get(f"http://{box['network']['ip']}/index.html", timeout=2)
+        except httpx.TransportError:
+            return None
+        return response.text if response.status_code == 200 else None
+
+    return wait_for(page) == f"{text}\n"
+
+
+def test_the_netlink_zygote_starts_with_the_first_bridged_sandbox_and_stops_when_idle(
+    daemons: Daemons,
+) -> None:
+    daemon = daemons.new("--net-zygote-idle", "1")
+    boxes = []
+    try:
+        assert zygotes(daemon) == ["lean"]
+        # A sandbox without a bridge needs no netlink.
+        boxes.append(daemon.create())
+        assert zygotes(daemon) == ["lean"]
+        # The first bridged one starts the netlink zygote, and has its address and link.
+        boxes.append(daemon.create(network={"mode": "bridge"}))
+        assert zygotes(daemon) == ["lean", "net"]
+        assert host_ifname(boxes[-1]["id"]) in bridge_ports(daemon.bridge)
+        assert serves(daemon, boxes[-1], "first")
+        # Idle for a second: it stops; the sandboxes it made do not notice.
+        assert wait_for(lambda: zygotes(daemon) == ["lean"], timeout=15)
+        assert serves(daemon, boxes[-1], "again")
+        # The next bridged create starts it again.
+        boxes.append(daemon.create(network={"mode": "bridge"}))
+        assert boxes[-1]["state"] == "running"
+        assert serves(daemon, boxes[-1], "second")
+    finally:
+        for box in boxes:
+            daemon.client.delete(f"/sandboxes/{box['id']}")
+    assert "stopped the idle zygote of bridged sandboxes" in daemon.log_text()
+
+
+def test_without_idle_stop_the_netlink_zygote_stays(daemons: Daemons) -> None:
+    daemon = daemons.new("--net-zygote-idle", "0")
+    box = daemon.create(network={"mode": "bridge"})
+    try:
+        assert zygotes(daemon) == ["lean", "net"]
+        # Creating, and destroying, is long past any idle time a check could wait for.
+        assert serves(daemon, box, "kept")
+        assert zygotes(daemon) == ["lean", "net"]
+    finally:
+        daemon.client.delete(f"/sandboxes/{box['id']}")
