@@ -16,6 +16,7 @@ import contextlib
 import enum
 import json
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     Connection,
     Dialect,
@@ -299,6 +298,12 @@ def migrate(database: Path) -> None:
     """Bring `database` to the newest schema (alembic upgrade head), creating it if missing."""
     engine = _engine(database)
     try:
+        if _revisions(engine) == [newest_revision()]:
+            return  # nothing to do: and Alembic (9 MiB of a process) is not even loaded
+        # Imported here: a daemon whose database is current never needs it.
+        from alembic import command
+        from alembic.config import Config
+
         config = Config()  # no ini file: Alembic then leaves the daemon's logging alone
         config.set_main_option("script_location", str(Path(migrations.__file__).parent))
         with engine.begin() as connection:
@@ -306,6 +311,35 @@ def migrate(database: Path) -> None:
             command.upgrade(config, "head")
     finally:
         engine.dispose()
+
+
+_REVISION = re.compile(r"""^(down_)?revision(?:: [^=]+)? = (?:"([^"]+)"|'([^']+)'|None)$""", re.M)
+
+
+def newest_revision() -> str | None:
+    """The head of migrations/versions, read from the files as text (not by Alembic): the
+    revision that no other names as its down_revision; None if that is not exactly one."""
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    for path in (Path(migrations.__file__).parent / "versions").glob("[!_]*.py"):
+        found = {m[1] or "": m[2] or m[3] for m in _REVISION.finditer(path.read_text())}
+        if not found.get(""):
+            return None  # not a migration we can read: let Alembic decide
+        revisions.add(found[""])
+        if found.get("down_"):
+            downs.add(found["down_"])
+    heads = revisions - downs
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _revisions(engine: Engine) -> list[str]:
+    """The revisions the database is at (Alembic's table), none when it has no schema yet."""
+    with engine.connect() as conn:
+        try:
+            rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+        except sa.exc.OperationalError:  # no such table: a new database
+            return []
+    return [str(row[0]) for row in rows]
 
 
 @dataclass(frozen=True)
