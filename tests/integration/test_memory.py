@@ -1,5 +1,7 @@
-"""The daemon's zygotes: the lean one runs from the start; the one with netlink (pyroute2) only
-while bridged sandboxes are being made, and a bridged sandbox works whichever way it started.
+"""What an idle daemon holds: the lean zygote runs from the start, the one with netlink
+(pyroute2) only while bridged sandboxes are being made (and a bridged sandbox works whichever
+way it started); the daemon loads no module of a rare path (migrations, the client, the
+dashboard's templates) before it takes that path.
 
 Traffic goes only to the addresses of the sandboxes made here.
 """
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import Daemon, Daemons, bridge_ports, host_ifname, wait_for
 
@@ -83,3 +86,38 @@ def test_without_idle_stop_the_netlink_zygote_stays(daemons: Daemons) -> None:
         assert zygotes(daemon) == ["lean", "net"]
     finally:
         daemon.client.delete(f"/sandboxes/{box['id']}")
+
+
+def imported(daemon: Daemon, after: int = 0) -> set[str]:
+    """The modules the daemon imported, from its log past byte `after` (PYTHONPROFILEIMPORTTIME
+    writes a line for each to its stderr)."""
+    text = daemon.log.read_bytes()[after:].decode(errors="replace")
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in text.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+
+
+RARE = ("alembic", "httpx", "api.client", "jinja2")  # click: uvicorn imports it
+
+
+def test_a_restarted_daemon_loads_no_module_of_a_rare_path(
+    daemons: Daemons, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    daemon = daemons.new()
+    # A new database is made by Alembic; the restart finds it current.
+    assert "alembic" in imported(daemon)
+    daemon.stop()
+    restarted = daemon.log.stat().st_size
+    daemon.start()
+    box = daemon.create()
+    assert daemon.sh(box["id"], "true")["exit_code"] == 0
+    daemon.client.delete(f"/sandboxes/{box['id']}")
+    modules = imported(daemon, restarted)
+    assert {"sqlalchemy", "fastapi", "daemon.lifecycle.service"} <= modules  # the profile works
+    assert [m for m in RARE if m in modules] == []
+    # The dashboard's first visit loads its templates.
+    assert daemon.client.get("/ui").status_code == 200
+    assert "jinja2" in imported(daemon, restarted)
