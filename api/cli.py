@@ -124,6 +124,10 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # structlog draws tracebacks with rich when it can import it (5 MiB the daemon would hold
+    # for good): the daemon's logs use plain_traceback, and this process never runs the client.
+    if "structlog" not in sys.modules:
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     from daemon import logs
 
     # Logging first, as the flags and environment ask (the file is not read yet), so that a
