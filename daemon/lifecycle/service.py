@@ -112,7 +112,7 @@ from daemon.shapes import (
     package_version,
     stored_spec,
 )
-from daemon.store.database import SandboxRecord, Store
+from daemon.store.database import SandboxRecord, Store, migrate_apart
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,9 @@ class SandboxManager:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
         self.events.start()
-        self._store = Store(self.config.state_dir / recovery.DATABASE, self.events.publish)
+        database = self.config.state_dir / recovery.DATABASE
+        await asyncio.to_thread(migrate_apart, database)  # Store then finds nothing to migrate
+        self._store = Store(database, self.events.publish)
         self.generation = self.store.generation()
         recovery.claim(self.config.state_dir, self.generation)
         self.images.start()

@@ -18,6 +18,8 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -311,6 +313,37 @@ def migrate(database: Path) -> None:
             command.upgrade(config, "head")
     finally:
         engine.dispose()
+
+
+def migrate_apart(database: Path) -> None:
+    """migrate() in a short-lived process of its own, if there is anything to migrate: the
+    daemon then never loads Alembic (9 MiB it would hold for the rest of its life)."""
+    if database.exists():
+        engine = _engine(database)
+        try:
+            if _revisions(engine) == [newest_revision()]:
+                return
+        finally:
+            engine.dispose()
+    # This package's directory first on the child's path: it migrates with this code.
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    code = "import sys, pathlib, daemon.store.database as d; d.migrate(pathlib.Path(sys.argv[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(database)],
+        env={"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": path, "LANG": "C.UTF-8"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise MigrationFailed(f"cannot migrate {database}: {lines[-1]}")
+
+
+class MigrationFailed(Exception):
+    """The database could not be brought to the newest schema (the last line says why)."""
 
 
 _REVISION = re.compile(r"""^(down_)?revision(?:: [^=]+)? = (?:"([^"]+)"|'([^']+)'|None)$""", re.M)

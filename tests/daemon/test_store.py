@@ -228,6 +228,30 @@ def test_a_current_database_opens_without_loading_alembic(db: Path) -> None:
     assert opened(older) == "False"
 
 
+def test_migrate_apart_upgrades_in_a_child_and_says_why_it_could_not(db: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; import daemon.store.database as d; "
+        "d.migrate_apart(Path(sys.argv[1])); print('alembic' in sys.modules)"
+    )
+
+    def apart(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            cwd=Path(migrations.__file__).parent.parent,
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+
+    assert apart(db).stdout.strip() == "False"  # a new database, made by the child
+    assert raw(db, "SELECT version_num FROM alembic_version") == [(migration_head(),)]
+    older = db.parent / "older.db"
+    migrated_to(older, "0009")
+    assert apart(older).stdout.strip() == "False"
+    assert raw(older, "SELECT version_num FROM alembic_version") == [(migration_head(),)]
+    raw(older, "UPDATE alembic_version SET version_num = 'ffff'")  # a newer daemon's
+    with pytest.raises(daemon.store.database.MigrationFailed, match="ffff"):
+        daemon.store.database.migrate_apart(older)
+
+
 def test_migrate_twice_keeps_the_data(db: Path) -> None:
     store = Store(db)
     create(store, "a", "keep")

@@ -381,6 +381,7 @@ class Bench:
         available_before = memory.mem_available_kib()
         kernel_before = memory.kernel_kib()
         service_before = memory.pss_kib([daemon_pid, *memory.descendants(daemon_pid)])[0]
+        daemon_before = memory.pss_kib([daemon_pid])[0]
         ids: list[str] = []
         started = time.perf_counter()
         try:
@@ -399,6 +400,7 @@ class Bench:
         for pid in supervisors:
             project += [pid, *memory.descendants(pid)]
         pss_after, readable = memory.pss_kib(project)
+        daemon_after = memory.pss_kib([daemon_pid])[0]
         healthz = measure("healthz", "/healthz", self._healthz, _HEALTHZ_SAMPLES).samples
         row |= {
             "supervisors": len(supervisors),
@@ -406,6 +408,10 @@ class Bench:
             "kernel_mib_per_sandbox": _mib((kernel_after - kernel_before) / count),
             "pss_mib_per_sandbox": _mib((pss_after - service_before) / count) if local else None,
             "service_pss_mib": _mib(service_before) if local else None,
+            # The service's share: the daemon alone (the rest are its zygotes), before the
+            # sandboxes and with them alive (what each costs the daemon's own memory).
+            "daemon_pss_mib": _mib(daemon_before) if local else None,
+            "daemon_pss_mib_after": _mib(daemon_after) if local else None,
             "processes_counted": readable,
             "healthz_p50_ms": round(percentile(healthz, 50), 3),
             "healthz_p99_ms": round(percentile(healthz, 99), 3),
@@ -618,12 +624,14 @@ def render(report: dict[str, Any]) -> str:
                 continue
             rows.append([
                 r["sandboxes"], r["mem_available_mib_per_sandbox"], r["kernel_mib_per_sandbox"],
-                r["pss_mib_per_sandbox"], r["service_pss_mib"], r["healthz_p50_ms"],
-                r["healthz_p99_ms"], r["create_seconds"],
+                r["pss_mib_per_sandbox"], r["service_pss_mib"], r.get("daemon_pss_mib"),
+                r.get("daemon_pss_mib_after"), r["healthz_p50_ms"], r["healthz_p99_ms"],
+                r["create_seconds"],
             ])  # fmt: skip
         headers = [
             "idle sandboxes", "MemAvailable MiB each", "kernel MiB each", "PSS MiB each",
-            "service PSS MiB", "/healthz p50 ms", "p99 ms", "created in s",
+            "service PSS MiB", "daemon PSS MiB", "… with them", "/healthz p50 ms", "p99 ms",
+            "created in s",
         ]  # fmt: skip
         lines += [format_table(headers, rows), ""]
     if report.get("transfer"):
