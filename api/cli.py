@@ -3,10 +3,12 @@
 sandboxes of a lost database, print the `settings` reference) and the client's (`ps`, `run`,
 `exec`, `cp`, `logs`, … in api/client/).
 
-The root is a Click group (the client's commands are Click commands, with its completion and
-help). The daemon's side stays argparse, handed the arguments as they came: its flags are
-generated from the settings' declaration (daemon/config.py `add_flags`), so `sandboxd serve
---help` lists every setting and a setting added there needs nothing here.
+The root is a Click group (api/client/root.py; the client's commands are Click commands, with
+its completion and help). The daemon's side stays argparse, handed the arguments as they
+came: its flags are generated from the settings' declaration (daemon/config.py `add_flags`),
+so `sandboxd serve --help` lists every setting and a setting added there needs nothing here.
+A daemon's command is run here directly, without the Click root, so `serve` never loads the
+client.
 
 Exit codes: 0 done, 1 a runtime failure (such as a socket in use, or an error the daemon
 answered), 2 a usage or configuration error (or `serve` started without root), reported in
@@ -22,15 +24,8 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-import click
-
-from api.client import events, execs, files, images, sandboxes, system
-from api.client.base import Connection, examples
-from api.client.transport import HOST_VARIABLE, TOKEN_VARIABLE, ClientError
 from daemon.config import (
-    DEFAULT_SOCKET,
     LOG_FORMATS,
     LOG_LEVELS,
     ConfigError,
@@ -129,6 +124,10 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # structlog draws tracebacks with rich when it can import it (5 MiB the daemon would hold
+    # for good): the daemon's logs use plain_traceback, and this process never runs the client.
+    if "structlog" not in sys.modules:
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     from daemon import logs
 
     # Logging first, as the flags and environment ask (the file is not read yet), so that a
@@ -283,120 +282,22 @@ def _openapi(_args: argparse.Namespace) -> int:
 
 # -- the root: a Click group over the daemon's side and the client's ----------------------------
 
-# The daemon's subcommands, handed to argparse untouched (`--help` included).
-_AS_IS = {
-    "ignore_unknown_options": True,
-    "allow_extra_args": True,
-    "allow_interspersed_args": False,
-    "help_option_names": [],
-}
 
-
-class _Root(click.Group):
-    """Every client failure as one line on stderr and a non-zero exit, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ClientError as exc:
-            click.echo(f"sandboxd: error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            ctx.exit(130)
-        except click.UsageError:
-            raise
-        except click.ClickException as exc:
-            click.echo(f"sandboxd: error: {exc.format_message()}", err=True)
-            ctx.exit(exc.exit_code)
-
-
-@click.group(
-    cls=_Root,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog=examples(
-        "sandboxd run -d --name web -p 8080:80 python3 -m http.server 80",
-        "sandboxd exec -it web sh",
-        "sandboxd --host tcp://10.0.0.5:7070 ps -a     # with SANDBOXD_TOKEN set",
-        'eval "$(sandboxd completion bash)"',
-    ),
-)
-@click.option(
-    "-H",
-    "--host",
-    envvar=HOST_VARIABLE,
-    metavar="URL",
-    help=f"The daemon: unix:///path, tcp://HOST:PORT or http(s)://HOST[:PORT] "
-    f"[{HOST_VARIABLE}; default {DEFAULT_SOCKET}]. The token is read from {TOKEN_VARIABLE}.",
-)
-@click.pass_context
-def sandboxd(ctx: click.Context, host: str | None) -> None:
-    """A daemon that hands out Linux sandboxes over HTTP, and its client.
-
-    The client's commands behave as their Docker namesakes do; the daemon's (serve, cleanup,
-    recover, migrate, openapi, settings) run on the daemon's host, as root.
-    """
-    # The token only from the environment: on the command line every user's `ps` would show it.
-    ctx.obj = Connection(host, os.environ.get(TOKEN_VARIABLE))
-
-
-def _daemon_command(name: str, summary: str) -> click.Command:
-    def run(args: tuple[str, ...]) -> int:
-        return daemon_main([name, *args])
-
-    return click.Command(
-        name,
-        callback=run,
-        params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
-        help=f"{summary[0].upper()}{summary[1:]}. See `sandboxd {name} --help`.",
-        short_help=f"{summary[0].upper()}{summary[1:]}",
-        context_settings=_AS_IS,
-        add_help_option=False,
-    )
-
-
-def _daemon_summaries() -> dict[str, str]:
-    """Each daemon subcommand's one-line help, as its argparse parser says it."""
+def daemon_commands() -> set[str]:
+    """The names of the daemon's subcommands."""
     for action in _parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return {choice.dest: choice.help or "" for choice in action._choices_actions}
-    return {}
-
-
-for _name, _summary in _daemon_summaries().items():
-    sandboxd.add_command(_daemon_command(_name, _summary))
-for _command in (
-    sandboxes.ps,
-    sandboxes.run,
-    execs.exec_command,
-    sandboxes.logs,
-    files.cp,
-    sandboxes.stats,
-    events.events,
-    sandboxes.inspect,
-    sandboxes.rm,
-    images.images,
-    images.pull,
-    images.import_image,
-    images.rmi,
-    system.info,
-    system.completion,
-):
-    sandboxd.add_command(_command)
+            return set(action.choices)
+    return set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `sandboxd` command; its exit status."""
-    try:
-        result = sandboxd.main(
-            args=list(argv) if argv is not None else None,
-            prog_name="sandboxd",
-            complete_var="_SANDBOXD_COMPLETE",
-            standalone_mode=False,
-        )
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    return result if isinstance(result, int) else 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    # The daemon's commands straight to argparse, as the Click root would hand them: a daemon
+    # then never loads the client (Click, httpx, rich, websockets: 3 MiB it would hold).
+    if args and args[0] in daemon_commands():
+        return daemon_main(args)
+    from api.client.root import main as client_main
+
+    return client_main(argv)

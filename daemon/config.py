@@ -355,6 +355,15 @@ class Config(BaseSettings):
             "SECONDS",
         ),
     ] = 5
+    net_zygote_idle: Annotated[
+        Count,
+        Doc(
+            "seconds without a new bridged sandbox before the daemon stops the process that "
+            "builds them (pyroute2 loaded, about 20 MiB); the next bridged create starts it "
+            "again; 0 keeps it running once started",
+            "SECONDS",
+        ),
+    ] = 60
     metrics_public: Annotated[
         Flag,
         Doc(

@@ -8,15 +8,19 @@ browser from the JSON endpoints (api/ui/static/dashboard.js).
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 
 from api.deps import Service
+
+if TYPE_CHECKING:
+    from fastapi.templating import Jinja2Templates
 
 HERE = Path(__file__).resolve().parent
 # The page holds the token: it runs only its own scripts, talks only to the daemon, and is
@@ -28,8 +32,6 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
-templates = Jinja2Templates(directory=HERE / "templates")
-
 # Not operations of the API: left out of the OpenAPI document (the tag names their ids only).
 router = APIRouter(prefix="/ui", tags=["dashboard"], include_in_schema=False)
 
@@ -60,14 +62,22 @@ def _bytes(value: int | None) -> str:
     return f"{value} B"
 
 
-templates.env.filters["ago"] = _ago
-templates.env.filters["bytes"] = _bytes
+@functools.cache
+def templates() -> Jinja2Templates:
+    """The pages' templates, loaded by the first visit: a daemon nobody opens the dashboard
+    of never holds Jinja (2 MiB)."""
+    from fastapi.templating import Jinja2Templates
+
+    loaded = Jinja2Templates(directory=HERE / "templates")
+    loaded.env.filters["ago"] = _ago
+    loaded.env.filters["bytes"] = _bytes
+    return loaded
 
 
 @router.get("", response_class=HTMLResponse)
 async def page(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "").rstrip("/")  # behind a proxy's prefix
-    return templates.TemplateResponse(request, "index.html", {"root": root}, headers=PAGE_HEADERS)
+    return templates().TemplateResponse(request, "index.html", {"root": root}, headers=PAGE_HEADERS)
 
 
 @router.get("/")
@@ -80,10 +90,10 @@ async def page_with_a_slash(request: Request) -> RedirectResponse:
 async def sandbox_rows(request: Request, service: Service) -> HTMLResponse:
     sandboxes = await service.list([], {})
     newest_first = sorted(sandboxes, key=lambda s: s.created_at, reverse=True)
-    return templates.TemplateResponse(request, "_sandboxes.html", {"sandboxes": newest_first})
+    return templates().TemplateResponse(request, "_sandboxes.html", {"sandboxes": newest_first})
 
 
 @router.get("/fragments/sandboxes/{ref}", response_class=HTMLResponse)
 async def sandbox_details(request: Request, ref: str, service: Service) -> HTMLResponse:
     sandbox = await service.get(ref)
-    return templates.TemplateResponse(request, "_sandbox.html", {"sandbox": sandbox})
+    return templates().TemplateResponse(request, "_sandbox.html", {"sandbox": sandbox})

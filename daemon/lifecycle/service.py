@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -111,7 +112,7 @@ from daemon.shapes import (
     package_version,
     stored_spec,
 )
-from daemon.store.database import SandboxRecord, Store
+from daemon.store.database import SandboxRecord, Store, migrate_apart
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,24 @@ _CONNECT_TIMEOUT = 30.0
 # How long an Idempotency-Key of POST /sandboxes is remembered (Stripe's 24 hours).
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 _LOST_EXEC_MESSAGE = "sandboxd: the exec was lost: the daemon stopped before it could start\n"
+
+
+# How often the daemon hands the free pages of its heap back to the kernel.
+TRIM_INTERVAL = 30.0
+
+
+async def give_back_memory() -> None:
+    """Every TRIM_INTERVAL seconds, malloc_trim(0): glibc keeps what big buffers freed (an
+    exec's output, a file's chunks) in its heap, and only the top of one arena goes back by
+    itself; twenty execs of 1 MiB output left the daemon 27 MiB larger, 4 MiB after a trim.
+    Off the event loop: a trim walks every arena. Not glibc (no malloc_trim): nothing to do.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is None:
+        return
+    while True:
+        await asyncio.sleep(TRIM_INTERVAL)
+        await asyncio.to_thread(trim, 0)
 
 
 class SandboxManager:
@@ -147,13 +166,19 @@ class SandboxManager:
         self.runtime_dir = config.run_dir / "sandboxes"
         # Two zygotes: bridged sandboxes need netlink (pyroute2, 20 MB of a process); the
         # others are forked from one without it, so their supervisors fork their execs lean.
+        # The netlink one starts with the first bridged sandbox (Zygote.spawn starts a zygote
+        # that is not running), and stops again once no bridged sandbox was made for a while.
         self.zygote = Zygote(str(config.run_dir))
         self.net_zygote = Zygote(str(config.run_dir), net=True)
+        self.net_spawning = 0  # bridged spawns in flight: the netlink zygote is not idle
+        self.net_idle: asyncio.TimerHandle | None = None
+        self.net_stopping: asyncio.Task[None] | None = None
         self.tree = cgroups.ProcessTree(
             config.cgroup_name, config.run_dir, delegated=config.cgroup_parent == "delegated"
         )
         self.limits: limits.ResourceControl = limits.NoControllers(self.tree)
         self.housekeeping: asyncio.Task[None] | None = None
+        self.trimming: asyncio.Task[None] | None = None
         self.network = BridgeNetwork(config)
         self.live: dict[str, LiveSandbox] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -203,7 +228,9 @@ class SandboxManager:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
         self.events.start()
-        self._store = Store(self.config.state_dir / recovery.DATABASE, self.events.publish)
+        database = self.config.state_dir / recovery.DATABASE
+        await asyncio.to_thread(migrate_apart, database)  # Store then finds nothing to migrate
+        self._store = Store(database, self.events.publish)
         self.generation = self.store.generation()
         recovery.claim(self.config.state_dir, self.generation)
         self.images.start()
@@ -213,7 +240,6 @@ class SandboxManager:
         self.base_dir = default_root.prepare(self.config.state_dir / "bases")
         await self.network.start()
         await self.zygote.start()
-        await self.net_zygote.start()
         adopted = ended = 0
         # The sandboxes the last daemon left alive, or whose teardown it did not finish.
         for record in self.store.live_sandboxes():
@@ -243,6 +269,7 @@ class SandboxManager:
             if record.expires_at is not None:
                 self._schedule_expiry(record.id, record.expires_at)
         self.housekeeping = asyncio.create_task(self.execs.forget_old())
+        self.trimming = asyncio.create_task(give_back_memory())
         self.pool.start()
 
     async def stop(self) -> None:
@@ -256,6 +283,8 @@ class SandboxManager:
             log.warning("%d sandboxes are left to be removed at the next start", left)
         if self.housekeeping is not None:
             self.housekeeping.cancel()
+        if self.trimming is not None:
+            self.trimming.cancel()
         for live in list(self.live.values()):
             if live.link is not None:
                 await live.link.aclose()
@@ -265,6 +294,10 @@ class SandboxManager:
                 await live.ports.close()
             live.release_waiters()
         self.live.clear()
+        if self.net_idle is not None:
+            self.net_idle.cancel()
+        if self.net_stopping is not None:
+            await self.net_stopping
         await self.zygote.stop()
         await self.net_zygote.stop()
         self.limits.stop()
@@ -275,6 +308,39 @@ class SandboxManager:
         if self._lock is not None:
             recovery.unlock(self.config.state_dir)
             self._lock = None
+
+    async def _spawn(self, request: SpawnRequest) -> tuple[int, int]:
+        """Build a sandbox through its zygote: B's host pid and start time."""
+        if request.network is None:
+            return await self.zygote.spawn(request)
+        if self.net_idle is not None:
+            self.net_idle.cancel()
+        self.net_spawning += 1
+        try:
+            return await self.net_zygote.spawn(request)
+        finally:
+            self.net_spawning -= 1
+            if self.net_spawning == 0 and self.config.net_zygote_idle:
+                self.net_idle = asyncio.get_running_loop().call_later(
+                    self.config.net_zygote_idle, self._net_zygote_idle
+                )
+
+    def _net_zygote_idle(self) -> None:
+        """No bridged sandbox for net_zygote_idle seconds: give its zygote's memory back."""
+        self.net_idle = None
+        if self.net_spawning or self.net_stopping is not None:
+            return
+
+        async def stop() -> None:
+            try:
+                async with self.net_zygote.lock:  # after a spawn that got in first
+                    if not self.net_spawning:
+                        await self.net_zygote.stop()
+                        log.info("stopped the idle zygote of bridged sandboxes")
+            finally:
+                self.net_stopping = None
+
+        self.net_stopping = asyncio.create_task(stop())
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -453,8 +519,7 @@ class SandboxManager:
                 self.tree.create(sandbox_id)
                 placement = self.limits.create(sandbox_id, spec.limits)
                 request = self._prepare_files(record, spec, placement)
-                zygote = self.net_zygote if request.network else self.zygote
-                pid, start_time = await zygote.spawn(request)
+                pid, start_time = await self._spawn(request)
                 live.pidfd = open_pidfd(pid, start_time)
                 await self._connect(live)
                 # 6. the record says running (pooled, for the pool), with the supervisor's pid

@@ -43,6 +43,8 @@ _LINE_LIMIT = 1 << 20
 MAX_UNREAD = 4 << 20
 
 T = TypeVar("T")
+# The directory the daemon package was imported from: the lean zygote imports it from there.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class SpawnError(Exception):
@@ -68,7 +70,15 @@ class Zygote:
         ours, theirs = socket.socketpair()
         # Supervisors inherit the zygote's environment: nothing of the daemon's (its token!).
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH")}
-        command = [sys.executable, "-m", "daemon.sandbox.zygote", str(theirs.fileno()), self.label]
+        python = [sys.executable]
+        if not self.net:
+            # The lean one needs nothing of site-packages: no `site` (whose .pth files may
+            # import MiBs of modules it keeps), only this package's directory on its path.
+            python.append("-S")
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, (_PACKAGE_ROOT, env.get("PYTHONPATH")))
+            )
+        command = [*python, "-m", "daemon.sandbox.zygote", str(theirs.fileno()), self.label]
         self.process = subprocess.Popen(
             command + ([NET] if self.net else []),
             pass_fds=[theirs.fileno()],

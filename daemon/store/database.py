@@ -16,7 +16,10 @@ import contextlib
 import enum
 import json
 import os
+import re
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +29,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     Connection,
     Dialect,
@@ -300,6 +301,12 @@ def migrate(database: Path) -> None:
     """Bring `database` to the newest schema (alembic upgrade head), creating it if missing."""
     engine = _engine(database)
     try:
+        if _revisions(engine) == [newest_revision()]:
+            return  # nothing to do: and Alembic (9 MiB of a process) is not even loaded
+        # Imported here: a daemon whose database is current never needs it.
+        from alembic import command
+        from alembic.config import Config
+
         config = Config()  # no ini file: Alembic then leaves the daemon's logging alone
         config.set_main_option("script_location", str(Path(migrations.__file__).parent))
         with engine.begin() as connection:
@@ -307,6 +314,66 @@ def migrate(database: Path) -> None:
             command.upgrade(config, "head")
     finally:
         engine.dispose()
+
+
+def migrate_apart(database: Path) -> None:
+    """migrate() in a short-lived process of its own, if there is anything to migrate: the
+    daemon then never loads Alembic (9 MiB it would hold for the rest of its life)."""
+    if database.exists():
+        engine = _engine(database)
+        try:
+            if _revisions(engine) == [newest_revision()]:
+                return
+        finally:
+            engine.dispose()
+    # This package's directory first on the child's path: it migrates with this code.
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    code = "import sys, pathlib, daemon.store.database as d; d.migrate(pathlib.Path(sys.argv[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(database)],
+        env={"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": path, "LANG": "C.UTF-8"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise MigrationFailed(f"cannot migrate {database}: {lines[-1]}")
+
+
+class MigrationFailed(Exception):
+    """The database could not be brought to the newest schema (the last line says why)."""
+
+
+_REVISION = re.compile(r"""^(down_)?revision(?:: [^=]+)? = (?:"([^"]+)"|'([^']+)'|None)$""", re.M)
+
+
+def newest_revision() -> str | None:
+    """The head of migrations/versions, read from the files as text (not by Alembic): the
+    revision that no other names as its down_revision; None if that is not exactly one."""
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    for path in (Path(migrations.__file__).parent / "versions").glob("[!_]*.py"):
+        found = {m[1] or "": m[2] or m[3] for m in _REVISION.finditer(path.read_text())}
+        if not found.get(""):
+            return None  # not a migration we can read: let Alembic decide
+        revisions.add(found[""])
+        if found.get("down_"):
+            downs.add(found["down_"])
+    heads = revisions - downs
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _revisions(engine: Engine) -> list[str]:
+    """The revisions the database is at (Alembic's table), none when it has no schema yet."""
+    with engine.connect() as conn:
+        try:
+            rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+        except sa.exc.OperationalError:  # no such table: a new database
+            return []
+    return [str(row[0]) for row in rows]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import logging
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -199,6 +201,56 @@ def test_a_0001_database_with_sandboxes_upgrades(db: Path) -> None:
     assert store.get_sandbox("old").ip is None
     assert create(store, "new", subnet=IPv4Network("10.9.0.0/24")).ip == "10.9.0.2"
     store.close()
+
+
+def test_the_newest_revision_read_as_text_is_alembics_head() -> None:
+    assert daemon.store.database.newest_revision() == migration_head()
+
+
+def test_a_current_database_opens_without_loading_alembic(db: Path) -> None:
+    """Alembic is 9 MiB of the daemon's memory: loaded only when there is a migration to run."""
+    code = (
+        "import sys; from pathlib import Path; from daemon.store.database import Store; "
+        "Store(Path(sys.argv[1])).close(); print('alembic' in sys.modules)"
+    )
+
+    def opened(path: Path = db) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            cwd=Path(migrations.__file__).parent.parent,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    assert opened() == "True"  # a new database: Alembic makes its schema
+    assert opened() == "False"  # now current
+    older = db.parent / "older.db"
+    migrated_to(older, "0009")
+    assert opened(older) == "True"  # an older one: upgraded
+    assert opened(older) == "False"
+
+
+def test_migrate_apart_upgrades_in_a_child_and_says_why_it_could_not(db: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; import daemon.store.database as d; "
+        "d.migrate_apart(Path(sys.argv[1])); print('alembic' in sys.modules)"
+    )
+
+    def apart(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            cwd=Path(migrations.__file__).parent.parent,
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+
+    assert apart(db).stdout.strip() == "False"  # a new database, made by the child
+    assert raw(db, "SELECT version_num FROM alembic_version") == [(migration_head(),)]
+    older = db.parent / "older.db"
+    migrated_to(older, "0009")
+    assert apart(older).stdout.strip() == "False"
+    assert raw(older, "SELECT version_num FROM alembic_version") == [(migration_head(),)]
+    raw(older, "UPDATE alembic_version SET version_num = 'ffff'")  # a newer daemon's
+    with pytest.raises(daemon.store.database.MigrationFailed, match="ffff"):
+        daemon.store.database.migrate_apart(older)
 
 
 def test_migrate_twice_keeps_the_data(db: Path) -> None:

@@ -383,6 +383,7 @@ class Bench:
         available_before = memory.mem_available_kib()
         kernel_before = memory.kernel_kib()
         service_before = memory.pss_kib([daemon_pid, *memory.descendants(daemon_pid)])[0]
+        daemon_before = memory.pss_kib([daemon_pid])[0]
         ids: list[str] = []
         started = time.perf_counter()
         try:
@@ -402,6 +403,7 @@ class Bench:
         service = {daemon_pid, *memory.descendants(daemon_pid)} - sandboxes
         pss_after, readable = memory.pss_kib(service | sandboxes)
         service_alive = memory.pss_kib(service)[0]
+        daemon_after = memory.pss_kib([daemon_pid])[0]
         healthz = measure("healthz", "/healthz", self._healthz, _HEALTHZ_SAMPLES).samples
         row |= {
             "supervisors": len(supervisors),
@@ -412,6 +414,10 @@ class Bench:
             "pss_total_mib_per_sandbox": _mib(pss_after / count) if local else None,
             "service_pss_mib": _mib(service_before) if local else None,  # before they were made
             "service_pss_alive_mib": _mib(service_alive) if local else None,
+            # The daemon alone (the rest are its zygotes), before the sandboxes and with them
+            # alive: what each costs the daemon's own memory.
+            "daemon_pss_mib": _mib(daemon_before) if local else None,
+            "daemon_pss_mib_after": _mib(daemon_after) if local else None,
             "processes_counted": readable,
             "healthz_p50_ms": round(percentile(healthz, 50), 3),
             "healthz_p99_ms": round(percentile(healthz, 99), 3),
@@ -625,13 +631,14 @@ def render(report: dict[str, Any]) -> str:
             rows.append([
                 r["sandboxes"], r["mem_available_mib_per_sandbox"], r["kernel_mib_per_sandbox"],
                 r["pss_mib_per_sandbox"], r.get("pss_total_mib_per_sandbox"),
-                r["service_pss_mib"], r.get("service_pss_alive_mib"), r["healthz_p50_ms"],
-                r["healthz_p99_ms"], r["create_seconds"],
+                r["service_pss_mib"], r.get("service_pss_alive_mib"), r.get("daemon_pss_mib"),
+                r.get("daemon_pss_mib_after"), r["healthz_p50_ms"], r["healthz_p99_ms"],
+                r["create_seconds"],
             ])  # fmt: skip
         headers = [
             "idle sandboxes", "MemAvailable MiB each", "kernel MiB each", "PSS MiB each",
             "with the service's share", "service PSS MiB before", "with them alive",
-            "/healthz p50 ms", "p99 ms", "created in s",
+            "daemon PSS MiB", "… with them", "/healthz p50 ms", "p99 ms", "created in s",
         ]  # fmt: skip
         lines += [format_table(headers, rows), ""]
     if report.get("transfer"):
