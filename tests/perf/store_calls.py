@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from daemon.lifecycle.states import SandboxState  # noqa: E402
+from daemon.lifecycle.states import LifecycleState, SandboxState  # noqa: E402
 from daemon.store.database import Store  # noqa: E402
 
 T = TypeVar("T")
@@ -101,16 +101,18 @@ def one_life(store: Store, times: dict[str, list[float]], i: int, now: datetime)
     timed(times, "transition(exit)", lambda: store.transition(
         sid, SandboxState.EXITED, pid=None, uid_slot=None, ip=None, finished_at=now, exit_code=0
     ))  # fmt: skip
+    store.transition(sid, LifecycleState.DESTROYING)  # DELETE marks it first
     timed(times, "delete_sandbox", lambda: store.delete_sandbox(sid))
     pooled = f"sb_p{i:06d}"
     timed(times, "create_sandbox(pool)", lambda: store.create_sandbox(
         id=pooled, name=None, hostname=pooled, spec=SPEC, max_live=1000, now=now,
         expires_at=None, subnet=SUBNET, pooled=True,
     ))  # fmt: skip
-    store.transition(pooled, SandboxState.RUNNING, pid=4444, pid_start=99, started_at=now)
+    store.transition(pooled, LifecycleState.POOLED, pid=4444, pid_start=99, started_at=now)
     timed(times, "take_pooled", lambda: store.take_pooled(
         pooled, name=name, hostname=name, spec=SPEC, max_live=1000, now=now, expires_at=None
     ))  # fmt: skip
+    store.transition(pooled, LifecycleState.DESTROYING)
     store.delete_sandbox(pooled)
 
 
