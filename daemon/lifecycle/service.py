@@ -260,6 +260,7 @@ class SandboxManager:
                 await live.ports.close()
             live.release_waiters()
         self.live.clear()
+        await asyncio.to_thread(self.execs.sweeper.stop)
         await self.zygote.stop()
         await self.net_zygote.stop()
         self.limits.stop()
@@ -461,6 +462,7 @@ class SandboxManager:
                     started_at=utcnow(),
                 )
                 self._keep(record)
+                self._mark_live(live, record)
                 # 7. the published ports relay to its address
                 if live.ports is not None and record.ip is not None:
                     await live.ports.start(record.ip)
@@ -513,6 +515,7 @@ class SandboxManager:
                 continue
             self.pool.taken(sandbox_id)
             self._keep(record)
+            self._mark_live(live, record)
             if record.expires_at is not None:
                 self._schedule_expiry(sandbox_id, record.expires_at)
             logs.bind(sandbox_id=sandbox_id)  # the request's task
@@ -639,6 +642,12 @@ class SandboxManager:
         if record.state in (LifecycleState.RUNNING, LifecycleState.POOLED):
             recovery.keep(self.sandboxes_dir / record.id, record, self.generation)
 
+    @staticmethod
+    def _mark_live(live: LiveSandbox, record: SandboxRecord) -> None:
+        """What an exec needs of its sandbox, kept with its live state (Execs.running)."""
+        live.running = record.state == LifecycleState.RUNNING
+        live.image_id = record.image_id
+
     def _uid_base(self, record: SandboxRecord) -> int:
         """The first host uid of the range its user namespace maps (its root inside)."""
         assert record.uid_slot is not None
@@ -695,6 +704,8 @@ class SandboxManager:
         forget: bool = False,
     ) -> None:
         """daemon/lifecycle/teardown.py's teardown, with this record's steps (RecordSteps)."""
+        if live is not None:
+            live.running = False  # no exec starts from memory in what is being torn down
         steps = RecordSteps(self, record, outcome, live, message=message, forget=forget)
         bridged = record.spec.get("network", {}).get("mode") == "bridge"
         await teardown(self.host, record.id, outcome, live=live, record=steps, bridged=bridged)
@@ -766,6 +777,7 @@ class SandboxManager:
         if record.pooled:
             self.pool.add(record.id)
         self._keep(record)  # marked with this database's generation, if it was not yet
+        self._mark_live(live, record)
         await self._publish_again(live, record)
         running = hello.running
         for exec_id in hello.finished:
@@ -792,9 +804,12 @@ class SandboxManager:
     # -- execs (daemon/lifecycle/execs.py) ----------------------------------------------------
 
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
-        image_id = self.store.get_sandbox(ref).image_id
-        if image_id is not None:  # the image's working_dir and user, where the exec names none
-            spec = await self.images.exec_defaults(image_id, spec)
+        live = self.execs.running(ref)
+        if live.image_id is None:
+            return await self.execs.exec(live, spec)
+        # The image's working_dir and user, where the exec names none; the sandbox is looked
+        # up again after: it may have ended meanwhile.
+        spec = await self.images.exec_defaults(live.image_id, spec)
         return await self.execs.exec(ref, spec)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
