@@ -65,45 +65,52 @@ def empty_slot(path: Path) -> None:
 class Sweeper:
     """Empties stored execs' slots on a thread of its own, in the order they were stored:
     a few unlinks that cost the event loop up to milliseconds each on a disk's file system.
-    The thread wakes at most every BATCH seconds, so that a burst of execs costs the loop a
-    deque append each, not a thread's wake-up each. A slot not emptied yet (the daemon
-    stopped first) is harmless: its exec is stored, and the next daemon's collect finds it
-    stored already (the first result wins) and empties it.
+    The thread looks every BATCH seconds, so that a burst of execs costs the loop a deque
+    append each, not a wake-up each; it ends once LINGER seconds pass with nothing to do,
+    and the next slot starts another. A slot not emptied yet (the daemon stopped first) is
+    harmless: its exec is stored, and the next daemon's collect finds it stored already (the
+    first result wins) and empties it.
 
     Runs in: the daemon; `empty` on the event loop, the removals on the thread it starts."""
 
     BATCH = 0.02
+    LINGER = 1.0
 
     def __init__(self) -> None:
         self._slots: deque[Path] = deque()
-        self._wake = threading.Event()
-        self._stopping = False
+        # Taken to add a slot and by the thread to decide to end: no slot is left behind
+        # by a thread that had just found the deque empty.
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def empty(self, path: Path) -> None:
-        self._slots.append(path)
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="mailbox-sweeper", daemon=True)
-            self._thread.start()
-        if not self._wake.is_set():  # set: the thread will look at the deque before it waits
-            self._wake.set()
+        with self._lock:
+            self._slots.append(path)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mailbox-sweeper")
+                self._thread.daemon = True
+                self._thread.start()
 
     def _run(self) -> None:
-        while not self._stopping:
-            self._wake.wait()
+        idle = 0.0
+        while True:
             time.sleep(self.BATCH)
-            self._wake.clear()
+            idle = 0.0 if self._slots else idle + self.BATCH
             while self._slots:
                 empty_slot(self._slots.popleft())
+            with self._lock:
+                if not self._slots and (self._stopping or idle >= self.LINGER):
+                    self._thread = None
+                    return
 
     def stop(self) -> None:
         """Empty what was asked for, then end the thread."""
-        if self._thread is not None:
-            self._stopping = True
-            self._wake.set()
-            self._thread.join()
-            self._thread = None
+        with self._lock:
+            thread, self._stopping = self._thread, True
+        if thread is not None:
+            thread.join()
+        self._stopping = False
 
 
 def killed_exec_fields() -> dict[str, Any]:
