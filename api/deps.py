@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from daemon.shapes import SandboxService
 
 
-def _service(request: Request) -> SandboxService:
+async def _service(request: Request) -> SandboxService:
+    # async: FastAPI runs a plain def dependency on a worker thread, a hop every request paid.
     return cast(SandboxService, request.app.state.service)
 
 

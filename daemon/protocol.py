@@ -75,6 +75,7 @@ of a supervisor that crashed after its setup, when there is no one to tell).
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import signal
@@ -404,10 +405,10 @@ M = TypeVar("M")
 
 def encode(message: Message) -> bytes:
     """One message as one line."""
-    return (
-        json.dumps({"type": message.TYPE.value, **asdict(message)}, separators=(",", ":")).encode()
-        + b"\n"
-    )
+    # A message with no nested dataclass is its own fields: asdict's deep copy of them (an
+    # EXEC's env and cmd) cost more than the JSON, on every exec.
+    body = asdict(message) if getattr(message, "NESTED", None) else vars(message)
+    return json.dumps({"type": message.TYPE.value, **body}, separators=(",", ":")).encode() + b"\n"
 
 
 def decode(line: bytes) -> Message:
@@ -434,15 +435,11 @@ def decode(line: bytes) -> Message:
 def _build(cls: type[M], raw: dict[str, Any]) -> M:
     """A dataclass from a JSON object with exactly its fields (nested ones built too)."""
     name = getattr(cls, "TYPE", cls.__name__)
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(raw.keys() - known.keys())
+    known, required = _shape(cls)  # type: ignore[arg-type]
+    unknown = sorted(raw.keys() - known)
     if unknown:
         raise ProtocolError(f"{name} has no field {', '.join(unknown)}")
-    missing = sorted(
-        n
-        for n, f in known.items()
-        if n not in raw and f.default is MISSING and f.default_factory is MISSING
-    )
+    missing = sorted(required - raw.keys())
     if missing:
         raise ProtocolError(f"{name} lacks the field {', '.join(missing)}")
     nested: dict[str, type] = getattr(cls, "NESTED", {})
@@ -453,6 +450,14 @@ def _build(cls: type[M], raw: dict[str, Any]) -> M:
         elif value is not None:
             raw[key] = _build(inner, _object(name, key, value))
     return cls(**raw)
+
+
+@functools.cache
+def _shape(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+    """A message class's field names, and those without a default: read once per class."""
+    known = fields(cls)
+    required = (f.name for f in known if f.default is MISSING and f.default_factory is MISSING)
+    return frozenset(f.name for f in known), frozenset(required)
 
 
 def _object(name: object, key: str, value: object) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from daemon.lifecycle.following import (
     Subscription,
     read_prefix,
 )
-from daemon.lifecycle.mailbox import empty_slot, killed_exec_fields, read_output, read_status
+from daemon.lifecycle.mailbox import Sweeper, killed_exec_fields, read_output, read_status
 from daemon.lifecycle.running import LiveSandbox, new_id, utcnow
 from daemon.lifecycle.states import ExecState, LifecycleState
 from daemon.lifecycle.supervisor_link import SupervisorLink
@@ -78,6 +78,7 @@ class Execs:
         self.live = live
         self.retention = retention
         self.cgroup = cgroup  # a sandbox's cgroup2 directory, which holds a leaf per exec
+        self.sweeper = Sweeper()  # stored execs' mailbox slots, emptied off the event loop
 
     @property
     def store(self) -> Store:
@@ -91,14 +92,28 @@ class Execs:
         record = self.store.get_sandbox(ref)
         return exec_view(self.store.get_exec(record.id, exec_id))
 
-    async def exec(self, ref: str, spec: ExecCreate) -> Exec:
+    def running(self, ref: str) -> LiveSandbox:
+        """The running sandbox `ref` names, to start an exec in: from memory when `ref` is
+        the id of one this daemon runs and nothing holds it (no create, no teardown, whose
+        steps hold its lock); else as the store has it, which raises NotFound or Conflict."""
+        live = self.live.get(ref)
+        if live is not None and live.running and live.link is not None and not live.lock.locked():
+            return live
         record = self.store.get_sandbox(ref)
         live = self.live.get(record.id)
         if record.state != LifecycleState.RUNNING or live is None or live.link is None:
             raise Conflict(f"sandbox {record.id} is {record.state}, not running")
+        return live
+
+    async def exec(self, ref: str | LiveSandbox, spec: ExecCreate) -> Exec:
+        """Start an exec in the sandbox `ref` names (or in the one `running` has just found,
+        nothing awaited since)."""
+        live = self.running(ref) if isinstance(ref, str) else ref
+        sandbox_id, link = live.id, live.link
+        assert link is not None  # as `running` found it
         uid, _, gid = spec.user.partition(":")
         exec_id = new_id("ex")
-        logs.bind(sandbox_id=record.id, exec_id=exec_id)  # the request's task
+        logs.bind(sandbox_id=sandbox_id, exec_id=exec_id)  # the request's task
         loop = asyncio.get_running_loop()
         started: asyncio.Future[int | None] = loop.create_future()
         finished: asyncio.Future[ExecRecord | None] = loop.create_future()
@@ -106,12 +121,11 @@ class Execs:
         if spec.wait:
             live.quiet.add(exec_id)
         self.store.insert_exec(
-            id=exec_id, sandbox_id=record.id, cmd=spec.cmd, now=utcnow(), encoding=spec.encoding
+            id=exec_id, sandbox_id=sandbox_id, cmd=spec.cmd, now=utcnow(), encoding=spec.encoding
         )
         # Bytes that are not text reach stdin as INPUT once the process runs: an EXEC's stdin
         # is a string. Its pipe stays open until then, as for an interactive exec.
         raw_stdin = spec.stdin if spec.encoding == "base64" else None
-        link = live.link
         try:
             await link.post(
                 ExecRequest(
@@ -134,7 +148,7 @@ class Execs:
             live.started.pop(exec_id, None)
             live.finished.pop(exec_id, None)
             self.store.delete_exec(exec_id)
-            raise Conflict(f"sandbox {record.id} is no longer running") from exc
+            raise Conflict(f"sandbox {sandbox_id} is no longer running") from exc
         except SupervisorUnresponsive as exc:
             self._abandon(live, link, exec_id, exc)
             raise
@@ -152,7 +166,7 @@ class Execs:
             ended = await self._ended(live, link, exec_id, finished, spec)
             if ended is not None:
                 return exec_view(ended)
-        return exec_view(self.store.get_exec(record.id, exec_id))
+        return exec_view(self.store.get_exec(sandbox_id, exec_id))
 
     async def _ended(
         self,
@@ -328,7 +342,7 @@ class Execs:
                     path = Path(exec_dir(str(live.run_dir), message.id))
                     follower.subscribed.set_result(Subscription.read(path, message.offsets))
         elif isinstance(message, Exited) and message.id != MAIN_EXEC:
-            self.collect(live, message.id)
+            self.collect(live, message.id, message.status)
         elif isinstance(message, ErrorReply):
             future = live.started.pop(str(message.id), None)
             if future is not None and not future.done():
@@ -337,11 +351,16 @@ class Execs:
             else:  # about no exec of ours (a CONFIGURE, a bad line): the log must show it
                 log.error("sandbox %s: its supervisor reports: %s", live.id, message.message)
 
-    def collect(self, live: LiveSandbox, exec_id: str) -> None:
-        """Move a finished exec from the mailbox to the store, then empty its mailbox slot."""
-        status = read_status(live.run_dir, exec_id)
+    def collect(self, live: LiveSandbox, exec_id: str, status: ExitStatus | None = None) -> None:
+        """Move a finished exec from the mailbox to the store, then empty its mailbox slot.
+
+        `status` is the one its EXITED carried: the supervisor wrote the same to status.json
+        before sending it, so the file is read only when there was no message to carry it (a
+        HELLO's `finished`, a teardown). Its output is always read from the files."""
         if status is None:
-            return
+            status = read_status(live.run_dir, exec_id)
+            if status is None:
+                return
         path = Path(exec_dir(str(live.run_dir), exec_id))
         ended = None
         with contextlib.suppress(SandboxError):
@@ -361,7 +380,7 @@ class Execs:
             )
         with logs.bound(exec_id=exec_id):
             _log_end(exec_id, status)
-        empty_slot(path)
+        self.sweeper.empty(path)  # stored: the slot is no longer needed
         live.quiet.discard(exec_id)
         future = live.finished.pop(exec_id, None)
         if future is not None and not future.done():

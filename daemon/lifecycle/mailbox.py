@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
+import time
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,15 +50,67 @@ def read_output(path: Path) -> bytes:
 def empty_slot(path: Path) -> None:
     """Remove a stored exec's mailbox slot: its few files, then itself. Unlinks by name, as
     rmtree's careful walk costs ten times more on the exec's hot path."""
+    slot = os.fspath(path)  # strings: a Path per file costs more than its unlink on tmpfs
     try:
-        for name in os.listdir(path):
-            os.unlink(path / name)
-        os.rmdir(path)
+        for name in os.listdir(slot):
+            os.unlink(os.path.join(slot, name))
+        os.rmdir(slot)
     except FileNotFoundError:
         pass
     except OSError:  # not what a supervisor leaves: the careful way
         with contextlib.suppress(OSError):
             shutil.rmtree(path)
+
+
+class Sweeper:
+    """Empties stored execs' slots on a thread of its own, in the order they were stored:
+    a few unlinks that cost the event loop up to milliseconds each on a disk's file system.
+    The thread looks every BATCH seconds, so that a burst of execs costs the loop a deque
+    append each, not a wake-up each; it ends once LINGER seconds pass with nothing to do,
+    and the next slot starts another. A slot not emptied yet (the daemon stopped first) is
+    harmless: its exec is stored, and the next daemon's collect finds it stored already (the
+    first result wins) and empties it.
+
+    Runs in: the daemon; `empty` on the event loop, the removals on the thread it starts."""
+
+    BATCH = 0.02
+    LINGER = 1.0
+
+    def __init__(self) -> None:
+        self._slots: deque[Path] = deque()
+        # Taken to add a slot and by the thread to decide to end: no slot is left behind
+        # by a thread that had just found the deque empty.
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def empty(self, path: Path) -> None:
+        with self._lock:
+            self._slots.append(path)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mailbox-sweeper")
+                self._thread.daemon = True
+                self._thread.start()
+
+    def _run(self) -> None:
+        idle = 0.0
+        while True:
+            time.sleep(self.BATCH)
+            idle = 0.0 if self._slots else idle + self.BATCH
+            while self._slots:
+                empty_slot(self._slots.popleft())
+            with self._lock:
+                if not self._slots and (self._stopping or idle >= self.LINGER):
+                    self._thread = None
+                    return
+
+    def stop(self) -> None:
+        """Empty what was asked for, then end the thread."""
+        with self._lock:
+            thread, self._stopping = self._thread, True
+        if thread is not None:
+            thread.join()
+        self._stopping = False
 
 
 def killed_exec_fields() -> dict[str, Any]:

@@ -28,6 +28,11 @@ class LiveSandbox:
     link: SupervisorLink | None = None
     ports: PublishedPorts | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Its record said `running` when this daemon last moved it there (create, a pool's take,
+    # adoption), and its image: what an exec needs to know of it without a store read. A
+    # teardown holds `lock`, and the sandbox leaves `live` before releasing it.
+    running: bool = False
+    image_id: str | None = None
     started: dict[str, asyncio.Future[int | None]] = field(default_factory=dict)
     finished: dict[str, asyncio.Future[ExecRecord | None]] = field(default_factory=dict)
     # Waited-for execs: their pid is stored with their end (one write fewer), kept here till then.

@@ -298,6 +298,7 @@ class SandboxManager:
             self.net_idle.cancel()
         if self.net_stopping is not None:
             await self.net_stopping
+        await asyncio.to_thread(self.execs.sweeper.stop)
         await self.zygote.stop()
         await self.net_zygote.stop()
         self.limits.stop()
@@ -531,6 +532,7 @@ class SandboxManager:
                     started_at=utcnow(),
                 )
                 self._keep(record)
+                self._mark_live(live, record)
                 # 7. the published ports relay to its address
                 if live.ports is not None and record.ip is not None:
                     await live.ports.start(record.ip)
@@ -596,6 +598,7 @@ class SandboxManager:
                 continue
             self.pool.taken(sandbox_id)
             self._keep(record)
+            self._mark_live(live, record)
             if record.expires_at is not None:
                 self._schedule_expiry(sandbox_id, record.expires_at)
             logs.bind(sandbox_id=sandbox_id)  # the request's task
@@ -722,6 +725,12 @@ class SandboxManager:
         if record.state in (LifecycleState.RUNNING, LifecycleState.POOLED):
             recovery.keep(self.sandboxes_dir / record.id, record, self.generation)
 
+    @staticmethod
+    def _mark_live(live: LiveSandbox, record: SandboxRecord) -> None:
+        """What an exec needs of its sandbox, kept with its live state (Execs.running)."""
+        live.running = record.state == LifecycleState.RUNNING
+        live.image_id = record.image_id
+
     def _uid_base(self, record: SandboxRecord) -> int:
         """The first host uid of the range its user namespace maps (its root inside)."""
         assert record.uid_slot is not None
@@ -785,6 +794,8 @@ class SandboxManager:
 
         `background`: steps 6 and 7 are left to self.removals, for a sandbox the API asked
         for (the pool's are let go whole, so that a refill never waits on their leases)."""
+        if live is not None:
+            live.running = False  # no exec starts from memory in what is being torn down
         steps = RecordSteps(self, record, outcome, live, message=message, forget=forget)
         bridged = record.spec.get("network", {}).get("mode") == "bridge"
         removals = self.removals if background and not record.pooled else None
@@ -865,6 +876,7 @@ class SandboxManager:
         if record.pooled:
             self.pool.add(record.id)
         self._keep(record)  # marked with this database's generation, if it was not yet
+        self._mark_live(live, record)
         await self._publish_again(live, record)
         running = hello.running
         for exec_id in hello.finished:
@@ -891,9 +903,12 @@ class SandboxManager:
     # -- execs (daemon/lifecycle/execs.py) ----------------------------------------------------
 
     async def exec(self, ref: str, spec: ExecCreate) -> Exec:
-        image_id = self.store.get_sandbox(ref).image_id
-        if image_id is not None:  # the image's working_dir and user, where the exec names none
-            spec = await self.images.exec_defaults(image_id, spec)
+        live = self.execs.running(ref)
+        if live.image_id is None:
+            return await self.execs.exec(live, spec)
+        # The image's working_dir and user, where the exec names none; the sandbox is looked
+        # up again after: it may have ended meanwhile.
+        spec = await self.images.exec_defaults(live.image_id, spec)
         return await self.execs.exec(ref, spec)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:

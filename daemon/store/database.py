@@ -8,6 +8,11 @@ another writer's, even across processes. The schema changes only through Alembic
 The steps are SQLAlchemy Core statements on a Connection, built once at import; the ORM classes
 give the schema and the records' shape, but no Session is used: its identity map and unit
 of work cost more than the SQL itself (each step took two to three times as long).
+
+The two steps every exec takes (recorded started, recorded ended) go straight to sqlite3 on a
+connection of their own (_ExecLane): SQLAlchemy's statement execution, result and type
+processing cost three times the SQL there (tests/perf/store_calls.py). They write the same
+values SQLAlchemy would (tests/daemon/test_exec_lane.py reads them back through it).
 """
 
 from __future__ import annotations
@@ -492,19 +497,7 @@ _UPDATE_SANDBOX = (
 _DELETE_SANDBOX = delete(_SANDBOXES).where(_S.id == bindparam("sandbox_id"))
 
 _GET_EXEC = select(_EXECS).where(_X.id == bindparam("exec_id"))
-_INSERT_EXEC = (
-    insert(_EXECS)
-    .values(seq=select(func.coalesce(func.max(_X.seq), 0) + 1).scalar_subquery())
-    .returning(*_EXECS.c)
-)
 _SET_EXEC_PID = update(_EXECS).where(_X.id == bindparam("exec_id"))
-# Only a running exec takes a result: a second report of the same exit matches no row.
-_FINISH_EXEC = (
-    update(_EXECS)
-    .where(_X.id == bindparam("exec_id"), _X.state == ExecState.RUNNING)
-    .values(pid=func.coalesce(bindparam("new_pid", type_=sa.Integer), _X.pid))
-    .returning(*_EXECS.c)
-)
 _DELETE_EXEC = delete(_EXECS).where(_X.id == bindparam("exec_id"))
 _EXEC_ROWID: sa.Select[Any] = (
     select(sa.literal_column("rowid")).select_from(_EXECS).where(_X.id == bindparam("exec_id"))
@@ -528,10 +521,6 @@ EVENTS_KEPT = 10_000
 TRIM_EVERY = 128
 _TRIM_EVENTS = delete(_EVENTS).where(_V.seq <= bindparam("below"))
 _EVENTS_AFTER = select(_EVENTS).where(_V.seq > bindparam("since")).order_by(_V.seq)
-# What an exec's events say of its sandbox, read in the exec's own transaction.
-_SANDBOX_FACTS = select(_S.name, func.json_extract(_S.spec, "$.labels")).where(
-    _S.id == bindparam("sandbox_id")
-)
 _PENDING = "sandboxd_events"  # conn.info key: the events of the open transaction
 _IMAGES = Base.metadata.tables["images"]
 _I = _IMAGES.c
@@ -540,6 +529,131 @@ _IMAGE_USERS = select(_S.id).where(_S.image_id == bindparam("image_id")).limit(1
 
 
 _SQLITE_NEEDED = (3, 35, 0)
+
+
+# -- the exec lane: an exec's two steps in plain sqlite3 ------------------------------------
+
+_EXEC_COLUMNS = tuple(_EXECS.c.keys())
+_LANE_RETURNING = ", ".join(_EXEC_COLUMNS)
+# The values SQLAlchemy would write for a new exec: its defaults (false, empty) spelled out.
+_LANE_INSERT_EXEC = f"""
+INSERT INTO execs (id, seq, sandbox_id, cmd, state, timed_out, stdout, stderr, encoding,
+                   stdout_truncated, stderr_truncated, oom_killed, started_at)
+VALUES (:id, (SELECT coalesce(max(seq), 0) + 1 FROM execs), :sandbox_id, :cmd,
+        '{ExecState.RUNNING.value}', 0, X'', X'', :encoding, 0, 0, 0, :started_at)
+RETURNING {_LANE_RETURNING}"""
+# Only a running exec takes a result: a second report of the same exit matches no row.
+_LANE_FINISH_EXEC = f"""
+UPDATE execs SET pid = coalesce(:new_pid, pid), state = '{ExecState.EXITED.value}',
+    exit_code = :exit_code, signal = :signal, timed_out = :timed_out, stdout = :stdout,
+    stderr = :stderr, stdout_truncated = :stdout_truncated,
+    stderr_truncated = :stderr_truncated, oom_killed = :oom_killed, finished_at = :finished_at
+WHERE id = :exec_id AND state = '{ExecState.RUNNING.value}'
+RETURNING {_LANE_RETURNING}"""
+_LANE_GET_EXEC = f"SELECT {_LANE_RETURNING} FROM execs WHERE id = :exec_id"
+# What an exec's events say of its sandbox, read in the exec's own transaction.
+_LANE_FACTS = "SELECT name, json_extract(spec, '$.labels') FROM sandboxes WHERE id = ?"
+_LANE_INSERT_EVENT = (
+    "INSERT INTO events (time, type, sandbox_id, exec_id, image_id, data) "
+    "VALUES (?, ?, ?, ?, NULL, ?) RETURNING seq"
+)
+_LANE_TRIM_EVENTS = "DELETE FROM events WHERE seq <= ?"
+_BOOLEANS = frozenset({"timed_out", "stdout_truncated", "stderr_truncated", "oom_killed"})
+
+
+class _ExecLane:
+    """A plain sqlite3 connection for the exec's steps, set up as the engine's are
+    (_on_connect). sqlite3 keeps each statement prepared (its statement cache), so a step
+    costs its SQL and little else. Used under Store._ordered, from any thread."""
+
+    def __init__(self, database: Path) -> None:
+        self.db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        _on_connect(self.db, None)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on an error (the database unchanged)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _stored_time(value: datetime) -> str:
+    """An aware datetime as UTCDateTime stores it: naive UTC in SQLAlchemy's SQLite format."""
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: the store keeps aware UTC times only")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _read_time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _lane_exec(row: tuple[Any, ...]) -> ExecRecord:
+    """A row of _LANE_RETURNING as the record _record would make of SQLAlchemy's."""
+    values = dict(zip(_EXEC_COLUMNS, row, strict=True))
+    values["cmd"] = json.loads(values["cmd"])
+    values["state"] = ExecState(values["state"])
+    values["started_at"] = _read_time(values["started_at"])
+    values["finished_at"] = _read_time(values["finished_at"])
+    for name in _BOOLEANS:
+        values[name] = bool(values[name])
+    record = sa.inspect(ExecRecord).class_manager.new_instance()
+    record.__dict__.update(values)
+    make_transient_to_detached(record)
+    return record
+
+
+def _lane_facts(db: sqlite3.Connection, sandbox_id: str) -> dict[str, Any]:
+    """The sandbox's name and labels, which its execs' events carry (for the filters)."""
+    found = db.execute(_LANE_FACTS, (sandbox_id,)).fetchone()
+    if found is None:
+        return {"name": None, "labels": {}}
+    return {"name": found[0], "labels": json.loads(found[1]) if found[1] else {}}
+
+
+def _lane_emit(
+    db: sqlite3.Connection,
+    events: list[Event],
+    type: EventType,
+    sandbox_id: str,
+    exec_id: str,
+    data: dict[str, Any],
+) -> None:
+    """_emit on the lane: one event of an exec, trimming as _emit does."""
+    now = datetime.now(UTC)
+    values = (_stored_time(now), str(type), sandbox_id, exec_id, json.dumps(data))
+    seq = db.execute(_LANE_INSERT_EVENT, values).fetchone()[0]
+    if seq % TRIM_EVERY == 0:
+        db.execute(_LANE_TRIM_EVENTS, (seq - EVENTS_KEPT,))
+    events.append(Event(seq, now, type, sandbox_id, exec_id, None, data))
+
+
+def _lane_exec_end(
+    db: sqlite3.Connection, events: list[Event], ended: ExecRecord, oom_kills: int
+) -> None:
+    """_emit_exec_end on the lane."""
+    facts = _lane_facts(db, ended.sandbox_id)
+    for _ in range(min(oom_kills, _OOM_EVENTS_MAX)):
+        data = {**facts, "victim": "exec"}
+        _lane_emit(db, events, EventType.SANDBOX_OOM, ended.sandbox_id, ended.id, data)
+    seconds = (ended.finished_at - ended.started_at).total_seconds() if ended.finished_at else None
+    data = {
+        **facts,
+        "exit_code": ended.exit_code,
+        "signal": ended.signal,
+        "timed_out": ended.timed_out,
+        "oom_killed": ended.oom_killed,
+        "duration_seconds": seconds,
+    }
+    _lane_emit(db, events, EventType.EXEC_EXITED, ended.sandbox_id, ended.id, data)
 
 
 class Store:
@@ -563,6 +677,7 @@ class Store:
         # commits of this process's threads and their publishing in one order (seq order).
         self.publish = publish
         self._ordered = threading.Lock()
+        self._lane = _ExecLane(database)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -573,6 +688,17 @@ class Store:
                 conn.info[_PENDING] = []
                 yield conn
                 events: list[Event] = conn.info.pop(_PENDING)
+            if events and self.publish is not None:
+                self.publish(events)
+
+    @contextlib.contextmanager
+    def _write_lane(self) -> Iterator[tuple[sqlite3.Connection, list[Event]]]:
+        """A write transaction on the exec lane, as _write: its events published once it
+        has committed, in the same order as every other write's."""
+        with self._ordered:
+            with self._lane.transaction() as db:
+                events: list[Event] = []
+                yield db, events
             if events and self.publish is not None:
                 self.publish(events)
 
@@ -616,6 +742,7 @@ class Store:
         return counts
 
     def close(self) -> None:
+        self._lane.close()
         self._engine.dispose()
 
     def generation(self) -> str:
@@ -849,27 +976,19 @@ class Store:
         values = {
             "id": id,
             "sandbox_id": sandbox_id,
-            "cmd": list(cmd),
-            "state": ExecState.RUNNING,
-            "started_at": now,
+            "cmd": json.dumps(list(cmd)),
+            "started_at": _stored_time(now),
             "encoding": encoding,
-            "stdout": b"",
-            "stderr": b"",
         }
         try:
-            with self._write() as conn:
-                row = conn.execute(_INSERT_EXEC, values).one()
-                facts = _sandbox_facts(conn, sandbox_id)
-                _emit(
-                    conn,
-                    EventType.EXEC_STARTED,
-                    sandbox_id=sandbox_id,
-                    exec_id=id,
-                    data={**facts, "cmd": list(cmd)},
-                )
-        except IntegrityError as exc:
+            with self._write_lane() as (db, events):
+                row = db.execute(_LANE_INSERT_EXEC, values).fetchone()
+                facts = _lane_facts(db, sandbox_id)
+                data = {**facts, "cmd": list(cmd)}
+                _lane_emit(db, events, EventType.EXEC_STARTED, sandbox_id, id, data)
+        except sqlite3.IntegrityError as exc:
             raise NotFound(f"no sandbox {sandbox_id}") from exc
-        return _record(ExecRecord, row)
+        return _lane_exec(row)
 
     def set_exec_pid(self, exec_id: str, pid: int) -> None:
         with self._writer.begin() as conn:
@@ -898,7 +1017,6 @@ class Store:
         result = {
             "exec_id": exec_id,
             "new_pid": pid,  # None keeps the pid already stored
-            "state": ExecState.EXITED,
             "exit_code": exit_code,
             "signal": signal,
             "timed_out": timed_out,
@@ -907,17 +1025,18 @@ class Store:
             "stdout_truncated": stdout_truncated,
             "stderr_truncated": stderr_truncated,
             "oom_killed": oom_killed,
-            "finished_at": finished_at,
+            "finished_at": _stored_time(finished_at),
         }
-        with self._write() as conn:
-            row = conn.execute(_FINISH_EXEC, result).one_or_none()
+        with self._write_lane() as (db, events):
+            row = db.execute(_LANE_FINISH_EXEC, result).fetchone()
             if row is None:  # finished already, or no such exec
-                row = conn.execute(_GET_EXEC, {"exec_id": exec_id}).one_or_none()
-            else:
-                _emit_exec_end(conn, row, max(oom_kills, int(oom_killed)))
-        if row is None:
-            raise NotFound(f"no exec {exec_id!r}")
-        return _record(ExecRecord, row)
+                row = db.execute(_LANE_GET_EXEC, {"exec_id": exec_id}).fetchone()
+                if row is None:
+                    raise NotFound(f"no exec {exec_id!r}")
+                return _lane_exec(row)
+            ended = _lane_exec(row)
+            _lane_exec_end(db, events, ended, max(oom_kills, int(oom_killed)))
+        return ended
 
     def get_exec(self, sandbox_id: str, exec_id: str) -> ExecRecord:
         with self._engine.connect() as conn:
@@ -1135,14 +1254,6 @@ def _emit(
     conn.info[_PENDING].append(event)
 
 
-def _sandbox_facts(conn: Connection, sandbox_id: str) -> dict[str, Any]:
-    """The sandbox's name and labels, which its execs' events carry (for the filters)."""
-    found = conn.execute(_SANDBOX_FACTS, {"sandbox_id": sandbox_id}).one_or_none()
-    if found is None:
-        return {"name": None, "labels": {}}
-    return {"name": found[0], "labels": json.loads(found[1]) if found[1] else {}}
-
-
 def _emit_sandbox(conn: Connection, type: EventType, row: sa.Row[Any], **data: Any) -> None:
     facts = {"name": row.name, "labels": row.spec.get("labels") or {}, "state": str(row.state)}
     _emit(conn, type, sandbox_id=row.id, data={**facts, **data})
@@ -1185,23 +1296,6 @@ def _emit_transition(conn: Connection, row: sa.Row[Any], oom_kills: int) -> None
 
 # One report may count many kills (a fork bomb under a memory limit): at most this many events.
 _OOM_EVENTS_MAX = 16
-
-
-def _emit_exec_end(conn: Connection, row: sa.Row[Any], oom_kills: int) -> None:
-    facts = _sandbox_facts(conn, row.sandbox_id)
-    ids = {"sandbox_id": row.sandbox_id, "exec_id": row.id}
-    for _ in range(min(oom_kills, _OOM_EVENTS_MAX)):
-        _emit(conn, EventType.SANDBOX_OOM, **ids, data={**facts, "victim": "exec"})
-    seconds = (row.finished_at - row.started_at).total_seconds() if row.finished_at else None
-    data = {
-        **facts,
-        "exit_code": row.exit_code,
-        "signal": row.signal,
-        "timed_out": row.timed_out,
-        "oom_killed": row.oom_killed,
-        "duration_seconds": seconds,
-    }
-    _emit(conn, EventType.EXEC_EXITED, **ids, data=data)
 
 
 def _check_fields(fields: Mapping[str, Any]) -> None:

@@ -102,6 +102,7 @@ def one_life(store: Store, times: dict[str, list[float]], i: int, now: datetime)
         sid, LifecycleState.EXITED, pid=None, uid_slot=None, ip=None, finished_at=now, exit_code=0
     ))  # fmt: skip
     timed(times, "transition(destroying)", lambda: store.transition(sid, LifecycleState.DESTROYING))
+    timed(times, "remove_sandbox", lambda: store.remove_sandbox(sid))  # DELETE answers
     timed(times, "delete_sandbox", lambda: store.delete_sandbox(sid))
     pooled = f"sb_p{i:06d}"
     timed(times, "create_sandbox(pool)", lambda: store.create_sandbox(
@@ -113,6 +114,7 @@ def one_life(store: Store, times: dict[str, list[float]], i: int, now: datetime)
         pooled, name=name, hostname=name, spec=SPEC, max_live=1000, now=now, expires_at=None
     ))  # fmt: skip
     store.transition(pooled, LifecycleState.DESTROYING)
+    store.remove_sandbox(pooled)
     store.delete_sandbox(pooled)
 
 
