@@ -129,7 +129,15 @@ def request(owner: Any, name: str, operation: str) -> None:
 
 def instrument() -> None:
     """Timers around every step worth one; see the module's docstring."""
-    from daemon.lifecycle import default_root, execs, recovery, service, supervisor_link, teardown
+    from daemon.lifecycle import (
+        default_root,
+        execs,
+        mailbox,
+        recovery,
+        service,
+        supervisor_link,
+        teardown,
+    )
     from daemon.lifecycle.cmd_logs import MainLogs
     from daemon.linux import cgroup_v1, cgroup_v2, cgroups, disk, limits
     from daemon.network.bridge import BridgeNetwork
@@ -168,7 +176,7 @@ def instrument() -> None:
     timed(execs.Execs, "collect", "collect: mailbox → store (Execs.collect)")
     timed(execs, "read_status", "read the status file")
     timed(execs, "read_output", "read an output file")
-    timed(execs, "empty_slot", "empty the mailbox slot")
+    timed(mailbox.Sweeper, "empty", "hand the mailbox slot to the sweeper")
     timed(execs, "exec_view", "the answer's view (exec_view)")
     # destroy: the teardown's seven steps
     timed(manager, "_destroy", "SandboxManager._destroy")
