@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -55,6 +56,7 @@ from daemon.protocol import (
     Subscribed,
     Unsubscribe,
     exec_dir,
+    valid_exec_id,
 )
 from daemon.shapes import Exec, ExecCreate, ExecExit, ExecOutput
 from daemon.store.database import ExecRecord, Store
@@ -357,13 +359,16 @@ class Execs:
         `status` is the one its EXITED carried: the supervisor wrote the same to status.json
         before sending it, so the file is read only when there was no message to carry it (a
         HELLO's `finished`, a teardown). Its output is always read from the files."""
+        if not valid_exec_id(exec_id):  # named by PID 1: never a path out of its mailbox
+            log.error("a supervisor named an exec %r: ignored", exec_id[:80])
+            return
         if status is None:
             status = read_status(live.run_dir, exec_id)
             if status is None:
                 return
         path = Path(exec_dir(str(live.run_dir), exec_id))
-        ended = None
-        with contextlib.suppress(SandboxError):
+        ended, stored = None, True
+        try:
             ended = self.store.finish_exec(
                 exec_id,
                 pid=live.pids.pop(exec_id, None),
@@ -378,9 +383,15 @@ class Execs:
                 oom_killed=status.oom_killed,
                 oom_kills=status.oom_kills,
             )
+        except SandboxError:  # not this daemon's exec (any more)
+            pass
+        except sqlite3.Error as exc:  # a full disk, a lock held past the busy timeout
+            stored = False
+            log.error("exec %s: its end is not stored (%s); its mailbox keeps it", exec_id, exc)
         with logs.bound(exec_id=exec_id):
             _log_end(exec_id, status)
-        self.sweeper.empty(path)  # stored: the slot is no longer needed
+        if stored:  # else the next start stores it from the mailbox
+            self.sweeper.empty(path)
         live.quiet.discard(exec_id)
         future = live.finished.pop(exec_id, None)
         if future is not None and not future.done():

@@ -907,9 +907,10 @@ class SandboxManager:
         if live.image_id is None:
             return await self.execs.exec(live, spec)
         # The image's working_dir and user, where the exec names none; the sandbox is looked
-        # up again after: it may have ended meanwhile.
+        # up again after, by its id (its name may have gone to another meanwhile): it may
+        # have ended.
         spec = await self.images.exec_defaults(live.image_id, spec)
-        return await self.execs.exec(ref, spec)
+        return await self.execs.exec(live.id, spec)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
         return await self.execs.signal_exec(ref, exec_id, signal)

@@ -70,14 +70,14 @@ class Zygote:
         ours, theirs = socket.socketpair()
         # Supervisors inherit the zygote's environment: nothing of the daemon's (its token!).
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH")}
-        python = [sys.executable]
+        # This package's directory first on its path, and never the daemon's working
+        # directory (-P): it imports the daemon's own code, from nowhere anyone else writes.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT, env.get("PYTHONPATH"))))
+        python = [sys.executable, "-P"]
         if not self.net:
             # The lean one needs nothing of site-packages: no `site` (whose .pth files may
-            # import MiBs of modules it keeps), only this package's directory on its path.
+            # import MiBs of modules it keeps).
             python.append("-S")
-            env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, (_PACKAGE_ROOT, env.get("PYTHONPATH")))
-            )
         command = [*python, "-m", "daemon.sandbox.zygote", str(theirs.fileno()), self.label]
         self.process = subprocess.Popen(
             command + ([NET] if self.net else []),

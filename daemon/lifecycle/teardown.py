@@ -156,9 +156,13 @@ async def teardown(
 async def remove(host: Host, sandbox_id: str, record: RecordSteps | None) -> None:
     """Steps 6 and 7, of a sandbox whose processes are dead and whose record is final."""
     # 6. remove
-    await remove_files(host, sandbox_id)
-    # 7. release
-    if record is not None:
+    emptied = await remove_files(host, sandbox_id)
+    # 7. release: never while a process of it may live (its cgroup2 tree would not go),
+    # or its uid range, and the user namespace kept for it, could be handed to another
+    # sandbox beside it. The record keeps its leases; the next start tries again.
+    if not emptied:
+        log.error("sandbox %s: its uid range and address stay held", sandbox_id)
+    elif record is not None:
         await record.release()
 
 
@@ -254,8 +258,9 @@ async def kill(tree: cgroups.ProcessTree, sandbox_id: str, live: LiveSandbox | N
     live.pidfd = None
 
 
-async def remove_files(host: Host, sandbox_id: str) -> None:
-    """Step 6: everything of a sandbox on the host but its record and link."""
+async def remove_files(host: Host, sandbox_id: str) -> bool:
+    """Step 6: everything of a sandbox on the host but its record and link. Whether its
+    cgroup2 tree is gone: only then is every process of it surely dead."""
 
     def remove_layers() -> None:
         # Its tmpfs first: unmounted, its pages are freed at once and nothing is left to
@@ -267,17 +272,20 @@ async def remove_files(host: Host, sandbox_id: str) -> None:
             log.error("sandbox %s: its disk stays mounted: %s", sandbox_id, exc)
         shutil.rmtree(path, ignore_errors=True)
 
-    def remove_cgroups(remove: Callable[[str], None]) -> None:
+    def remove_cgroups(remove: Callable[[str], None]) -> bool:
         try:
             remove(sandbox_id)
         except OSError as exc:
             log.error("sandbox %s: its cgroups stay: %s", sandbox_id, exc)
+            return False
+        return True
 
     # First its cgroup2 tree: that kills what is left and waits till it is gone. Then, side
     # by side and off the event loop (a writable layer may hold many files), the rest.
-    await asyncio.to_thread(remove_cgroups, host.tree.remove)
+    emptied = await asyncio.to_thread(remove_cgroups, host.tree.remove)
     await asyncio.gather(
         asyncio.to_thread(remove_cgroups, host.limits.remove),
         asyncio.to_thread(shutil.rmtree, host.runtime_dir / sandbox_id, ignore_errors=True),
         asyncio.to_thread(remove_layers),
     )
+    return emptied

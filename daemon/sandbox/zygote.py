@@ -17,6 +17,7 @@ import gc
 import importlib.machinery
 import linecache
 import os
+import resource
 import signal
 import socket
 import sys
@@ -46,10 +47,14 @@ OOM_SCORE_SUPERVISOR = -1000  # never chosen by the OOM killer
 # namespace keeps nothing of a process once the process is gone, and a sandbox can give it
 # nothing that lasts: every other namespace of a sandbox is made new and owned by the host's,
 # and the keyring calls, the one way to leave state in a user namespace, are denied by the
-# seccomp filter (daemon/sandbox/hardening.py). A range is handed out again only once every
-# process of its last sandbox is dead (the teardown's release step). Bounded, the least
-# recently used let go first: each is an fd, and B closes all but its own.
-_USERNS_MAX = 512
+# seccomp filter (daemon/sandbox/hardening.py). A sandbox without an IPC namespace of its own
+# gets new ones, used once: its SysV objects and message queues outlive it in the host's,
+# charged in its user namespace. A range is handed out again only once its last sandbox's
+# cgroup is empty (the teardown's release step). Bounded, the least recently used let go
+# first: each is an fd (a quarter of the fds the zygote may open at most), and B closes all
+# but its own.
+_FDS = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+_USERNS_MAX = 512 if _FDS == resource.RLIM_INFINITY else max(2, min(512, _FDS // 4))
 _usernses: dict[tuple[int, int], int] = {}  # (uid base, count) -> fd
 
 
@@ -79,10 +84,26 @@ def main() -> None:
 
 def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
     """Fork A, which forks B (the supervisor): B's host pid and start time, or why not."""
+    fresh: list[int] = []  # made for this sandbox alone, closed here once A has them
+    try:
+        return _spawn(req, zygote_fd, fresh)
+    finally:
+        for fd in fresh:
+            os.close(fd)
+
+
+def _spawn(req: SpawnRequest, zygote_fd: int, fresh: list[int]) -> Spawned | SetupError:
     usernses: tuple[int | None, int | None] = (None, None)
     if req.uid_base is not None:
         try:
-            usernses = (_userns(req.uid_base, req.id_range), _userns(req.uid_base, 1))
+            if "ipc" in req.namespaces:
+                usernses = (_userns(req.uid_base, req.id_range), _userns(req.uid_base, 1))
+            else:
+                # In the host's IPC namespace what it leaves (SysV objects, message queues)
+                # outlives it, charged in its user namespace: never one its successor gets.
+                fresh.append(build.create_user_namespace(req.uid_base, req.id_range))
+                fresh.append(build.create_user_namespace(req.uid_base, 1))
+                usernses = (fresh[0], fresh[1])
         except OSError as exc:
             return SetupError.of("user namespace", exc)
     setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
@@ -111,7 +132,7 @@ def _userns(uid_base: int, count: int) -> int:
     """The fd of the user namespace mapping 0..count-1 to uid_base.., made on first use."""
     fd = _usernses.pop((uid_base, count), None)
     if fd is None:
-        if len(_usernses) >= _USERNS_MAX:  # the least recently used (dicts keep order)
+        while _usernses and len(_usernses) >= _USERNS_MAX:  # the least recently used first
             os.close(_usernses.pop(next(iter(_usernses))))
         fd = build.create_user_namespace(uid_base, count)
     _usernses[uid_base, count] = fd  # the most recently used, last

@@ -335,8 +335,8 @@ def migrate_apart(database: Path) -> None:
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
     code = "import sys, pathlib, daemon.store.database as d; d.migrate(pathlib.Path(sys.argv[1]))"
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(database)],
+    done = subprocess.run(  # -P: not the daemon's working directory first on its path
+        [sys.executable, "-P", "-c", code, str(database)],
         env={"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": path, "LANG": "C.UTF-8"},
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -576,10 +576,13 @@ class _ExecLane:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # A failed COMMIT (a full disk) leaves the transaction open, holding the write
+            # lock every other writer waits for: rolled back like any other failure.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()

@@ -5,12 +5,13 @@ stand-ins here; tests/integration/test_removal.py runs the real ones."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from daemon.lifecycle.teardown import REMOVALS_AT_ONCE, Removals
+from daemon.lifecycle.teardown import REMOVALS_AT_ONCE, Host, Removals, remove
 
 
 class Steps:
@@ -120,3 +121,42 @@ def test_the_hold_file_holds_removals_while_another_holds_its_lock(tmp_path: Pat
         assert steps.started == ["sb"]
 
     asyncio.run(main())
+
+
+class Tree:
+    """A stand-in cgroup2 tree whose removal fails (a process that would not die) or not."""
+
+    def __init__(self, stuck: bool) -> None:
+        self.stuck = stuck
+
+    def remove(self, sandbox_id: str) -> None:
+        if self.stuck:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+
+
+class Nothing:
+    def remove(self, sandbox_id: str) -> None:
+        pass
+
+
+class Record:
+    def __init__(self) -> None:
+        self.released = False
+
+    async def release(self) -> None:
+        self.released = True
+
+
+def test_a_range_is_not_released_while_its_cgroup_tree_stays(tmp_path: Path) -> None:
+    """Step 7 lets the uid range go only once step 6 emptied the cgroup2 tree: a process
+    that outlived the kill must not share the range (and its user namespace) with the
+    sandbox given it next. The record keeps its leases for the next start to finish."""
+
+    def removed(stuck: bool) -> bool:
+        host = Host(Tree(stuck), Nothing(), None, tmp_path / "run", tmp_path / "state")  # type: ignore[arg-type]
+        record = Record()
+        asyncio.run(remove(host, "sb1", record))  # type: ignore[arg-type]
+        return record.released
+
+    assert not removed(stuck=True)
+    assert removed(stuck=False)

@@ -157,6 +157,18 @@ def test_user_namespaces_are_made_once_per_uid_range(daemon: Daemon) -> None:
         daemon.client.delete(f"/sandboxes/{again['id']}")
 
 
+def test_without_its_own_ipc_namespace_its_user_namespace_is_its_own(daemon: Daemon) -> None:
+    """In the host's IPC namespace what a sandbox leaves outlives it, charged in its user
+    namespace: such a sandbox gets new user namespaces, never ones kept for its range."""
+    box = daemon.create(namespaces=["pid", "mnt", "uts", "net", "user"])
+    try:
+        lives_in = out(daemon, box, "readlink /proc/self/ns/user").strip()
+        assert lives_in.startswith("user:[")
+        assert lives_in not in _lean_zygote_usernses(daemon)
+    finally:
+        daemon.client.delete(f"/sandboxes/{box['id']}")
+
+
 def test_host_is_seen_only_as_an_unprivileged_user_would(
     daemon: Daemon, box: dict[str, Any]
 ) -> None:
