@@ -154,7 +154,11 @@ def _intermediate(
         if not joined:
             cgroups.write_file(f"{req.cgroup}/{cgroups.INIT_LEAF}/cgroup.procs", b"0")
         for path in req.join:
-            cgroups.write_file(f"{path}/cgroup.procs", b"0")
+            # Its one thread through `tasks`, not cgroup.procs: moving the current thread alone
+            # skips the kernel's global threadgroup lock, whose first taker after a quiet
+            # moment waits out an RCU grace period (7 ms a create here, 0.4 ms this way). A is
+            # a fork of the thread-free zygote: its one thread is all of it.
+            cgroups.write_file(f"{path}/tasks", b"0")
         cgroup_fds = cgroups.SandboxCgroups.open(req.cgroup, req.memory_cgroup, req.memory_per_exec)
         step = "supervisor socket"
         listener = build.listen_supervisor_socket(req.run_dir)
