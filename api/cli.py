@@ -200,7 +200,7 @@ def _migrate(args: argparse.Namespace) -> int:
         return 1
     try:
         recovery.preflight(config)
-        migrate(config.state_dir / "sandboxd.db")
+        migrate(config.state_dir / recovery.DATABASE)
     except recovery.RecoveryNeeded as exc:
         print(f"sandboxd: error: refusing to migrate: {exc}", file=sys.stderr)
         return 1
@@ -212,14 +212,14 @@ def _migrate(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     import asyncio
 
-    from daemon.lifecycle import claims
+    from daemon.lifecycle import claims, recovery
     from daemon.network.bridge import NetworkError, cleanup
     from daemon.store.database import Store
 
     config = load_config(_settings(args), os.environ)
     if not config.state_dir.is_dir():
         return 0  # no daemon ever ran there: nothing of it on the host
-    database = config.state_dir / "sandboxd.db"
+    database = config.state_dir / recovery.DATABASE
     try:
         # Held until the process ends: no daemon starts on the state directory meanwhile.
         lock = claims.lock_state_dir(config.state_dir)  # noqa: F841 (held, never read)

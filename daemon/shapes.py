@@ -798,8 +798,8 @@ class SandboxCounts(BaseModel):
     total: int
     removing: int = Field(
         0,
-        description="Deleted or ended sandboxes whose files, cgroups and leases are still "
-        "being removed in the background (not in `total`).",
+        description="Deleted or ended sandboxes whose files, cgroups and leases this daemon "
+        "is still removing in the background (a deleted one is not in `total`).",
     )
 
 

@@ -185,7 +185,9 @@ async def logs(
     ] = "utf-8",
 ) -> Response:
     after = None if since is None else _rfc3339(since)
-    lines = service.logs(ref, LogQuery(follow, tail, after, stream, encoding))
+    lines = service.logs(
+        ref, LogQuery(follow=follow, tail=tail, since=after, stream=stream, encoding=encoding)
+    )
     return StreamingResponse(_as_ndjson(lines), media_type=NDJSON)
 
 

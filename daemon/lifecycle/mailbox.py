@@ -48,9 +48,9 @@ def read_output(path: Path) -> bytes:
 
 
 def empty_slot(path: Path) -> None:
-    """Remove a stored exec's mailbox slot: its few files, then itself. Unlinks by name, as
-    rmtree's careful walk costs ten times more on the exec's hot path."""
-    slot = os.fspath(path)  # strings: a Path per file costs more than its unlink on tmpfs
+    """Remove a stored exec's mailbox slot: its few files, then itself (on the Sweeper's
+    thread). Unlinks by name: rmtree's careful walk costs ten times more."""
+    slot = os.fspath(path)
     try:
         for name in os.listdir(slot):
             os.unlink(os.path.join(slot, name))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import ctypes
 import hashlib
 import json
 import logging
@@ -78,6 +77,7 @@ from daemon.lifecycle.supervisor_link import (
 from daemon.lifecycle.teardown import HOLD_VARIABLE, Host, Outcome, Removals, teardown
 from daemon.lifecycle.views import sandbox_view
 from daemon.linux import cgroups, disk, limits
+from daemon.linux import syscalls as sc
 from daemon.network.bridge import BridgeNetwork
 from daemon.network.ports import PublishedPorts
 from daemon.protocol import (
@@ -133,12 +133,11 @@ async def give_back_memory() -> None:
     itself; twenty execs of 1 MiB output left the daemon 27 MiB larger, 4 MiB after a trim.
     Off the event loop: a trim walks every arena. Not glibc (no malloc_trim): nothing to do.
     """
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is None:
+    if not sc.can_trim_heap():
         return
     while True:
         await asyncio.sleep(TRIM_INTERVAL)
-        await asyncio.to_thread(trim, 0)
+        await asyncio.to_thread(sc.trim_heap)
 
 
 class SandboxManager:

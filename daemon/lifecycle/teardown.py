@@ -24,8 +24,8 @@ The steps, and why in this order:
                  cgroups, its run directory, and its writable layers' tmpfs (unmounted first,
                  so its pages are freed at once) with its state directory.
     7. release   the record deleted, or its uid range, address and pid let go: last, so that
-                 a 404 means everything is gone, and a uid range or address is never handed
-                 out while something of its last holder is left.
+                 a uid range or address is never handed out while something of its last
+                 holder is left (and not at all while its cgroup2 tree stays).
 
 Once step 5 is done nothing of the sandbox runs and its record is final: a DELETE (or the
 ttl's expiry) has the record `removing`, which the API shows as gone (404), and a main cmd's

@@ -340,3 +340,13 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
         raise OSError(err, f"clone3: {os.strerror(err)}")
     _pythonapi.PyOS_AfterFork_Parent()
     return int(pid)
+
+
+def can_trim_heap() -> bool:
+    """Whether the C library has malloc_trim (glibc does; musl does not)."""
+    return hasattr(_libc, "malloc_trim")
+
+
+def trim_heap() -> None:
+    """malloc_trim(0): the free pages of every arena of the heap back to the kernel."""
+    _libc.malloc_trim(0)

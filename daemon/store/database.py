@@ -558,7 +558,8 @@ _LANE_INSERT_EVENT = (
     "VALUES (?, ?, ?, ?, NULL, ?) RETURNING seq"
 )
 _LANE_TRIM_EVENTS = "DELETE FROM events WHERE seq <= ?"
-_BOOLEANS = frozenset({"timed_out", "stdout_truncated", "stderr_truncated", "oom_killed"})
+# The exec columns SQLite keeps as 0/1, read back as bools.
+_BOOLEANS = frozenset(c.name for c in _EXECS.c if isinstance(c.type, sa.Boolean))
 
 
 class _ExecLane:
