@@ -107,10 +107,8 @@ class Execs:
             raise Conflict(f"sandbox {record.id} is {record.state}, not running")
         return live
 
-    async def exec(self, ref: str | LiveSandbox, spec: ExecCreate) -> Exec:
-        """Start an exec in the sandbox `ref` names (or in the one `running` has just found,
-        nothing awaited since)."""
-        live = self.running(ref) if isinstance(ref, str) else ref
+    async def exec(self, live: LiveSandbox, spec: ExecCreate) -> Exec:
+        """Start an exec in the sandbox `running` has just found (nothing awaited since)."""
         sandbox_id, link = live.id, live.link
         assert link is not None  # as `running` found it
         uid, _, gid = spec.user.partition(":")

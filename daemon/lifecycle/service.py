@@ -228,8 +228,8 @@ class SandboxManager:
             os.chmod(path, 0o700)
         self.events.start()
         database = self.config.state_dir / recovery.DATABASE
-        await asyncio.to_thread(migrate_apart, database)  # Store then finds nothing to migrate
-        self._store = Store(database, self.events.publish)
+        await asyncio.to_thread(migrate_apart, database)  # so the Store need not check again
+        self._store = Store(database, self.events.publish, migrated=True)
         self.generation = self.store.generation()
         recovery.claim(self.config.state_dir, self.generation)
         self.images.start()
@@ -909,7 +909,7 @@ class SandboxManager:
         # up again after, by its id (its name may have gone to another meanwhile): it may
         # have ended.
         spec = await self.images.exec_defaults(live.image_id, spec)
-        return await self.execs.exec(live.id, spec)
+        return await self.execs.exec(self.execs.running(live.id), spec)
 
     async def signal_exec(self, ref: str, exec_id: str, signal: int) -> Exec:
         return await self.execs.signal_exec(ref, exec_id, signal)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import os
 import re
@@ -355,6 +356,7 @@ class MigrationFailed(Exception):
 _REVISION = re.compile(r"""^(down_)?revision(?:: [^=]+)? = (?:"([^"]+)"|'([^']+)'|None)$""", re.M)
 
 
+@functools.cache  # the files do not change while a process runs
 def newest_revision() -> str | None:
     """The head of migrations/versions, read from the files as text (not by Alembic): the
     revision that no other names as its down_revision; None if that is not exactly one."""
@@ -664,14 +666,21 @@ class Store:
     """Sandboxes and execs on disk; the only thing the service uses to remember anything."""
 
     def __init__(
-        self, database: Path, publish: Callable[[Sequence[Event]], None] | None = None
+        self,
+        database: Path,
+        publish: Callable[[Sequence[Event]], None] | None = None,
+        *,
+        migrated: bool = False,
     ) -> None:
+        """`migrated`: the caller has brought the database to the newest schema already
+        (migrate_apart), so it is not checked again."""
         if sqlite3.sqlite_version_info < _SQLITE_NEEDED:  # INSERT/UPDATE … RETURNING
             raise ConfigError(
                 f"SQLite {sqlite3.sqlite_version} is too old: sandboxd needs "
                 f"{'.'.join(map(str, _SQLITE_NEEDED))} or later (the library Python links to)"
             )
-        migrate(database)
+        if not migrated:
+            migrate(database)
         self._engine = _engine(database)
         # `with self._writer.begin() as conn`: one write transaction, holding the lock from
         # BEGIN, committed on leaving the block and rolled back, leaving the database
