@@ -219,6 +219,17 @@ def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
     _check(_libc.syscall(_NR["close_range"], first, last, 0), "close_range")
 
 
+def close_all_but(keep: set[int], first: int = 3) -> None:
+    """Close every fd from `first` on but those in `keep`: one close_range per gap, not a
+    close per open fd (a zygote holds hundreds: its kept user namespaces)."""
+    low = first
+    for fd in sorted(fd for fd in keep if fd >= first):
+        if fd > low:
+            close_range(low, fd - 1)
+        low = fd + 1
+    close_range(low)
+
+
 def pidfd_send_signal(pidfd: int, sig: int) -> None:
     _check(_libc.syscall(_NR["pidfd_send_signal"], pidfd, sig, None, 0), "pidfd_send_signal")
 

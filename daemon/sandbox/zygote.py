@@ -207,10 +207,7 @@ def _supervisor(
         keep = {listener.fileno(), run_fd, *cgroup_fds.fds()}
         keep.update(fd for fd in (*usernses, log_fd) if fd is not None)
         _detach_stdio()
-        for fd in _open_fds():
-            if fd > 2 and fd not in keep:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        syscalls.close_all_but(keep)
         # Not dumpable: no process inside may ptrace it or open its /proc/1 files.
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
         # Under a memory limit the OOM killer should pick the sandbox's processes, never its
@@ -332,10 +329,6 @@ def _detach_stdio() -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-
-
-def _open_fds() -> list[int]:
-    return [int(name) for name in os.listdir("/proc/self/fd")]
 
 
 if __name__ == "__main__":
