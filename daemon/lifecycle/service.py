@@ -660,6 +660,7 @@ class SandboxManager:
         owner = uid_base or 0
         run_dir = self.runtime_dir / record.id
         run_dir.mkdir(mode=0o700)
+        disk.mount_run_fs(run_dir)  # undone by the teardown, as the disk below
         (run_dir / "execs").mkdir(mode=0o700)
         (run_dir / STAGING_DIR).mkdir(mode=0o700)
         # Its disk: one tmpfs holding every writable layer (undone by the teardown).
@@ -762,15 +763,17 @@ class SandboxManager:
 
     async def _destroy(self, record: SandboxRecord, outcome: Outcome) -> None:
         """Tear a sandbox down for DELETE, its ttl or the pool: after what holds it (a
-        create, an exec being started, another teardown) is done with it."""
+        create, an exec being started, another teardown) is done with it. `record` was read
+        by the caller with nothing awaited since."""
         logs.bind(sandbox_id=record.id)  # a request's task, the ttl's or the pool's
         live = self.live.get(record.id)
         if live is None:
             await self._teardown(record, outcome, None, background=True)
         else:
+            waited = live.lock.locked()  # a free asyncio lock is taken without yielding
             async with live.lock:
-                # As it is now: it may have ended, or been destroyed, while we waited.
-                record = self.store.get_sandbox(record.id, pooled_too=True)
+                if waited:  # as it is now: it may have ended, or been destroyed, meanwhile
+                    record = self.store.get_sandbox(record.id, pooled_too=True)
                 await self._teardown(
                     record,
                     outcome,

@@ -21,8 +21,8 @@ The steps, and why in this order:
                  to be kept: read from the mailbox in its run directory, so before step 6.
                  One to be forgotten is removing: gone for the API, its leases still held.
     6. remove    its cgroup2 tree (which kills stragglers and waits), then side by side its v1
-                 cgroups, its run directory, and its writable layers' tmpfs (unmounted first,
-                 so its pages are freed at once) with its state directory.
+                 cgroups, its run directory, and its writable layers' tmpfs with its state
+                 directory (both tmpfs: unmounted first, so their pages are freed at once).
     7. release   the record deleted, or its uid range, address and pid let go: last, so that
                  a uid range or address is never handed out while something of its last
                  holder is left (and not at all while its cgroup2 tree stays).
@@ -262,14 +262,13 @@ async def remove_files(host: Host, sandbox_id: str) -> bool:
     """Step 6: everything of a sandbox on the host but its record and link. Whether its
     cgroup2 tree is gone: only then is every process of it surely dead."""
 
-    def remove_layers() -> None:
+    def remove_mounted(path: Path, what: str) -> None:
         # Its tmpfs first: unmounted, its pages are freed at once and nothing is left to
         # walk (should it fail, the walk empties the tmpfs and the directory stays).
-        path = host.sandboxes_dir / sandbox_id
         try:
             disk.unmount(path)
         except OSError as exc:
-            log.error("sandbox %s: its disk stays mounted: %s", sandbox_id, exc)
+            log.error("sandbox %s: its %s stays mounted: %s", sandbox_id, what, exc)
         shutil.rmtree(path, ignore_errors=True)
 
     def remove_cgroups(remove: Callable[[str], None]) -> bool:
@@ -285,7 +284,7 @@ async def remove_files(host: Host, sandbox_id: str) -> bool:
     emptied = await asyncio.to_thread(remove_cgroups, host.tree.remove)
     await asyncio.gather(
         asyncio.to_thread(remove_cgroups, host.limits.remove),
-        asyncio.to_thread(shutil.rmtree, host.runtime_dir / sandbox_id, ignore_errors=True),
-        asyncio.to_thread(remove_layers),
+        asyncio.to_thread(remove_mounted, host.runtime_dir / sandbox_id, "run directory"),
+        asyncio.to_thread(remove_mounted, host.sandboxes_dir / sandbox_id, "disk"),
     )
     return emptied

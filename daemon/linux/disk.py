@@ -12,6 +12,8 @@ device or project quotas, with the figures: docs/limits.md.
 The mount lives in the host's mount namespace, so it outlives a restart of the daemon (the
 sandbox's overlay keeps using it, and the pool's take still writes identity files into it);
 teardown and the sweep for strays at start unmount it (`unmount`) before removing the directory.
+Its run directory (RUN/sandboxes/ID: the mailbox PID 1 writes each exec's output and status
+to) is a tmpfs of its own too, mounted and unmounted alike (`mount_run_fs`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ def tmpfs_options(size: int, mode: str, owner: int | None = None) -> str:
 def mount_layers_fs(path: Path, size: int) -> None:
     """Mount the sandbox's tmpfs of `size` bytes on the (new, empty) directory `path`."""
     sc.mount("tmpfs", str(path), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, tmpfs_options(size, "0700"))
+
+
+def mount_run_fs(path: Path) -> None:
+    """Mount a tmpfs on the sandbox's (new, empty) run directory `path`: its mailbox, socket
+    and staging root. Each exec leaves a few files there that the daemon reads and removes
+    within milliseconds: on a disk's file system every one of those creates and unlinks is a
+    journal entry, on a tmpfs a few pointer moves. No size= of its own: what PID 1 writes
+    there is bounded by the output limits, and charged to the sandbox's memory cgroup."""
+    sc.mount("tmpfs", str(path), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=0700")
 
 
 def unmount(path: Path) -> None:
