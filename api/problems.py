@@ -124,7 +124,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Pr
     if any(i.type == "json_invalid" for i in issues):
         detail = "; ".join(i.msg for i in issues if i.type == "json_invalid")
         return problem(400, "invalid-json", detail, title="Malformed JSON", errors=issues)
-    if body_issues and content_type is not None and not _is_json(content_type):
+    if body_issues and content_type is not None and not is_json(content_type):
         detail = f"the body must be sent as application/json, not {content_type}"
         return problem(415, "unsupported-media-type", detail)
     if any(i.loc == ["body"] and i.type == "missing" for i in issues):
@@ -203,7 +203,7 @@ def _where(loc: list[str | int]) -> str:
     return ".".join(str(p) for p in parts) if parts else "body"
 
 
-def _is_json(content_type: str) -> bool:
+def is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
