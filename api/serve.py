@@ -134,7 +134,7 @@ async def _run(app: FastAPI, listeners: list[Listener], log_level: str, notifier
         uvicorn.Config(
             app,
             loop="asyncio",  # never uvloop: pyroute2 breaks under it
-            http="h11",
+            http="httptools",
             lifespan="on",
             timeout_graceful_shutdown=5,
             log_level=log_level,
