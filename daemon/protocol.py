@@ -197,6 +197,10 @@ class SpawnRequest:
     # Which PID 1 runs the sandbox: "python" (daemon/sandbox/supervisor.py, a fork of the
     # zygote) or NATIVE (the same protocol in C, exec'd by B once its root is built).
     supervisor: str = "python"
+    # The uid base the next sandbox will most likely get (the slot above this one's), or
+    # None: the zygote makes that range's user namespaces once it has answered, off the next
+    # create's path (daemon/sandbox/zygote.py).
+    next_uid_base: int | None = None
 
 
 @dataclass

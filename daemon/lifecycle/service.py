@@ -696,6 +696,7 @@ class SandboxManager:
             hostname=record.hostname,
             namespaces=list(spec.namespaces),
             uid_base=uid_base,
+            next_uid_base=self._next_uid_base(record) if uid_base is not None else None,
             run_dir=str(run_dir),
             layers=layers,
             mounts=[BindMount(m.source, m.target, m.read_only) for m in spec.mounts],
@@ -735,6 +736,13 @@ class SandboxManager:
         """The first host uid of the range its user namespace maps (its root inside)."""
         assert record.uid_slot is not None
         return self.config.slot_uid_base(record.uid_slot)
+
+    def _next_uid_base(self, record: SandboxRecord) -> int | None:
+        """The uid base of the slot above this one's (the store hands out the lowest free
+        slot, so in a run of creates the next one's), if the daemon has that slot."""
+        assert record.uid_slot is not None
+        following = record.uid_slot + 1
+        return self.config.slot_uid_base(following) if following < self.config.slots else None
 
     def _upper(self, sandbox_id: str, layer: int) -> Path:
         """The writable layer over its `layer`th lower one (0: the root)."""

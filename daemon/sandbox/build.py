@@ -81,7 +81,8 @@ def create_user_namespace(uid_base: int, count: int) -> int:
     """Create a user namespace mapping 0..count-1 inside to uid_base.. on the host; its fd.
 
     A throwaway child unshares it and waits; we (host root) write its maps, which a process
-    inside could not do for itself, then keep the namespace alive through the fd.
+    inside could not do for itself, then keep the namespace alive through the fd. The child
+    is not waited for: the caller collects its children as they exit (the zygote on SIGCHLD).
     """
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
@@ -106,8 +107,7 @@ def create_user_namespace(uid_base: int, count: int) -> int:
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(ready_r)
-        os.close(done_w)
-        os.waitpid(pid, 0)
+        os.close(done_w)  # the child's cue to exit
 
 
 def listen_supervisor_socket(run_dir: str) -> socket.socket:

@@ -61,6 +61,7 @@ _usernses: dict[tuple[int, int], int] = {}  # (uid base, count) -> fd
 def main() -> None:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     syscalls.set_name("sandboxd-zygote")
+    signal.signal(signal.SIGCHLD, _reap)
     conn = socket.socket(fileno=int(sys.argv[1]))
     # The seccomp filter is compiled here, once: a sandboxed process only loads it.
     hardening.prepare()
@@ -80,6 +81,33 @@ def main() -> None:
             except Exception as exc:
                 reply = SetupError.of("zygote", exc)
             conn.sendall(encode(reply))
+            if isinstance(request, SpawnRequest):
+                _prepare_next(request)
+
+
+def _reap(_signum: int = 0, _frame: object = None) -> None:
+    """SIGCHLD: collect every child that has exited. The zygote never waits for one (A once
+    it has answered, a user namespace's throwaway holder once its maps are written): a
+    Python child's exit, its address space torn down, takes a millisecond or more."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _prepare_next(req: SpawnRequest) -> None:
+    """With the answer sent, make the user namespaces of the range the next sandbox will
+    most likely get, so that its create does not wait for their two throwaway forks. A
+    range nobody holds yet: made as its first holder's would be, used by nobody before."""
+    if req.next_uid_base is None or "ipc" not in req.namespaces:
+        return
+    with contextlib.suppress(OSError):
+        for count in (req.id_range, 1):
+            if (req.next_uid_base, count) not in _usernses:
+                _userns(req.next_uid_base, count)
 
 
 def spawn(req: SpawnRequest, zygote_fd: int) -> Spawned | SetupError:
@@ -111,21 +139,32 @@ def _spawn(req: SpawnRequest, zygote_fd: int, fresh: list[int]) -> Spawned | Set
     # are the sandbox's (and, on cgroup v2, under its limits).
     pid, joined = cgroups.fork_into(f"{req.cgroup}/{cgroups.INIT_LEAF}")
     if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # B is A's to know of, not _reap's
         os.close(setup_r)
         os.close(zygote_fd)
         _intermediate(req, setup_w, joined, usernses)
     os.close(setup_w)
     try:
-        with os.fdopen(setup_r, "rb") as pipe:
-            answer = pipe.read()
+        # A's one line, not its exit: SIGCHLD collects A (_reap) once it is gone.
+        answer = _read_line(setup_r)
     finally:
-        os.waitpid(pid, 0)
+        os.close(setup_r)
     if not answer:
         return SetupError("fork", None, "the sandbox's first process died without a word")
     reply = decode(answer)
     if not isinstance(reply, Spawned | SetupError):
         raise TypeError(f"A answered {reply.TYPE}")
     return reply
+
+
+def _read_line(fd: int) -> bytes:
+    """One message from a pipe: up to its newline, or whatever came before EOF."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        chunks.append(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return b"".join(chunks)
 
 
 def _userns(uid_base: int, count: int) -> int:
