@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from api import problems
 from api.auth import BearerAuth
 from api.body_limit import BodyLimit
-from api.fast_exec import FastExec
+from api.fast_paths import FastPaths
 from api.request_id import RequestId
 from api.routes import events, execs, files, images, sandboxes, system
 from api.ui import routes as ui
@@ -93,7 +93,7 @@ def create_app(
     ui.install(app)
     # The last middleware added runs first: authenticate before reading any body, and answer
     # a CORS preflight (which carries no token) before authenticating.
-    app.add_middleware(FastExec, service=lambda: app.state.service)  # inside all but the router
+    app.add_middleware(FastPaths, service=lambda: app.state.service)  # inside all but the router
     app.add_middleware(BodyLimit, max_body=max_body)
     if token:
         open_paths = {"/metrics"} if metrics_public else set()
