@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Iterator
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -217,6 +218,18 @@ def utime_fd(fd: int, atime: int, mtime: int) -> None:
 
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
     _check(_libc.syscall(_NR["close_range"], first, last, 0), "close_range")
+
+
+def exited_children() -> Iterator[tuple[int, int]]:
+    """(pid, wait status) of each child that has exited, collected without waiting."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def close_all_but(keep: set[int], first: int = 3) -> None:

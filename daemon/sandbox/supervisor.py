@@ -26,7 +26,7 @@ import termios
 import time
 from dataclasses import dataclass, field
 
-from daemon.linux import cgroups
+from daemon.linux import cgroups, syscalls
 from daemon.protocol import (
     EXECS_DIR,
     MAIN_EXEC,
@@ -482,13 +482,7 @@ class Supervisor:
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wakeup_r, 4096):
                 pass
-        while True:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for pid, wait_status in syscalls.exited_children():
             running = self.pids.pop(pid, None)
             if running is not None:  # an orphan needs nothing but the reaping
                 running.wait_status = wait_status

@@ -89,13 +89,8 @@ def _reap(_signum: int = 0, _frame: object = None) -> None:
     """SIGCHLD: collect every child that has exited. The zygote never waits for one (A once
     it has answered, a user namespace's throwaway holder once its maps are written): a
     Python child's exit, its address space torn down, takes a millisecond or more."""
-    while True:
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for _child in syscalls.exited_children():
+        pass
 
 
 def _prepare_next(req: SpawnRequest) -> None:

@@ -132,14 +132,22 @@ def test_a_disk_larger_than_memory_is_refused_and_the_default_fits(daemon: Daemo
 
 
 def test_destroy_leaves_no_mount(daemon: Daemon) -> None:
+    """Its disk and its run directory (the mailbox) are each a tmpfs on the host while it
+    runs, and neither is left mounted anywhere once it is destroyed."""
     box = daemon.create(limits={"disk_bytes": 32 * MiB})
     path = daemon.state_dir / "sandboxes" / box["id"]
+    run = daemon.run_dir / "sandboxes" / box["id"]
     assert mounted_anywhere(path), "its tmpfs is mounted on the host"
+    host = Path("/proc/self/mountinfo").read_text().splitlines()
+    assert [line.split(" - ")[1].split()[0] for line in host if line.split()[4] == str(run)] == [
+        "tmpfs"
+    ]
     write(daemon, box["id"], "/root/data", 8)
+    assert daemon.sh(box["id"], "true")["exit_code"] == 0  # an exec, through the mailbox
     assert daemon.client.delete(f"/sandboxes/{box['id']}").status_code == 204
     daemon.settled()  # its removal comes after the answer
-    assert not path.exists()
-    assert mounted_anywhere(path) == []
+    assert not path.exists() and not run.exists()
+    assert mounted_anywhere(path) == [] and mounted_anywhere(run) == []
 
 
 def test_the_disk_and_its_files_survive_a_restart(daemon: Daemon) -> None:
