@@ -23,17 +23,18 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.problems import is_json, problem
+from api.problems import is_json, sandbox_problem
+from api.routes.execs import NDJSON
 from daemon.errors import SandboxError
 from daemon.shapes import ExecCreate, SandboxCreate, SandboxService
 
 M = TypeVar("M", bound=BaseModel)
-_NDJSON = "application/x-ndjson"
 _IDEMPOTENCY_KEY = b"idempotency-key"
 
 
@@ -41,7 +42,7 @@ _IDEMPOTENCY_KEY = b"idempotency-key"
 class Answer:
     status: int
     model: BaseModel | None = None
-    headers: list[tuple[bytes, bytes]] | None = None
+    headers: dict[str, str] | None = None
 
 
 # What a path does with the service, the sandbox reference (None for a create) and the body:
@@ -54,7 +55,7 @@ async def _create(service: SandboxService, _ref: str | None, body: bytes) -> Ans
     if spec is None:
         return None
     sandbox = await service.create(spec, None)
-    return Answer(201, sandbox, [(b"location", f"/sandboxes/{sandbox.id}".encode())])
+    return Answer(201, sandbox, {"Location": f"/sandboxes/{sandbox.id}"})
 
 
 async def _exec(service: SandboxService, ref: str | None, body: bytes) -> Answer | None:
@@ -93,13 +94,12 @@ class FastPaths:
         try:
             answer = None if body is None else await handler(self.service(), ref, body)
         except SandboxError as exc:
-            response = problem(exc.status, exc.slug, exc.detail, title=exc.title)
-            await response(scope, receive, send)
+            await sandbox_problem(exc)(scope, receive, send)
             return
         if answer is None:  # the route's own answer: its 400, 413 or 422, or a gone client
             await self.app(scope, _replay(messages, receive), send)
             return
-        await _send(send, answer)
+        await _response(answer)(scope, receive, send)
 
 
 def _taken(scope: Scope) -> tuple[Handler, str | None] | None:
@@ -113,7 +113,7 @@ def _taken(scope: Scope) -> tuple[Handler, str | None] | None:
     for name, value in scope["headers"]:
         if name == b"content-type" and not is_json(value.decode("latin-1")):
             return None
-        if name == b"accept" and handler is _exec and _NDJSON in value.decode("latin-1").lower():
+        if name == b"accept" and handler is _exec and NDJSON in value.decode("latin-1").lower():
             return None
         if name == _IDEMPOTENCY_KEY and handler is _create:
             return None
@@ -163,18 +163,9 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-async def _send(send: Send, answer: Answer) -> None:
-    """As FastAPI renders a response model (JSONResponse: compact, UTF-8, no NaN), or no
-    body at all."""
-    headers = list(answer.headers or [])
-    encoded = b""
-    if answer.model is not None:
-        content: Any = answer.model.model_dump(mode="json", by_alias=True)
-        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        encoded = text.encode()
-        headers += [
-            (b"content-length", str(len(encoded)).encode()),
-            (b"content-type", b"application/json"),
-        ]
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    await send({"type": "http.response.body", "body": encoded})
+def _response(answer: Answer) -> Response:
+    """As FastAPI answers with a response model (its JSONResponse), or with no body."""
+    if answer.model is None:
+        return Response(status_code=answer.status, headers=answer.headers)
+    content = answer.model.model_dump(mode="json", by_alias=True)
+    return JSONResponse(content, status_code=answer.status, headers=answer.headers)

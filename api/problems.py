@@ -113,8 +113,13 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-async def _sandbox_error(_request: Request, exc: SandboxError) -> ProblemResponse:
+def sandbox_problem(exc: SandboxError) -> ProblemResponse:
+    """The answer to a SandboxError: its own status, slug, title and detail."""
     return problem(exc.status, exc.slug, exc.detail, title=exc.title)
+
+
+async def _sandbox_error(_request: Request, exc: SandboxError) -> ProblemResponse:
+    return sandbox_problem(exc)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> ProblemResponse:

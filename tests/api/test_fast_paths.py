@@ -147,13 +147,13 @@ def test_the_fast_paths_answer_and_call_the_service_once(
     client: TestClient, service: FakeService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answered: list[int] = []
-    send = fast_paths._send
+    response = fast_paths._response
 
-    async def spy(to: Any, answer: fast_paths.Answer) -> None:
+    def spy(answer: fast_paths.Answer) -> Any:
         answered.append(answer.status)
-        await send(to, answer)
+        return response(answer)
 
-    monkeypatch.setattr(fast_paths, "_send", spy)
+    monkeypatch.setattr(fast_paths, "_response", spy)
     create(client, name="box")
     assert client.post("/sandboxes/box/exec", json={"cmd": ["true"]}).status_code == 200
     assert client.post("/sandboxes?x", json={"name": "other"}).status_code == 201
